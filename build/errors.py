@@ -1,0 +1,79 @@
+"""Domain exceptions and the exit codes they map to.
+
+Every error a user can cause is an ``EdgebuildError`` subclass. The CLI boundary
+(``edgebuild.build.cli.main``) turns each into a one-line message on stderr and
+its exit code; nothing else in the code base calls ``sys.exit``.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes. Documented in the README; CI systems act on them."""
+
+    OK = 0                 # the most compressed stage passed and shipped
+    INTERNAL = 1           # a bug: please report it with the traceback (--debug)
+    USAGE = 2              # bad command line (click's own code)
+    CONFIG = 3             # build config file or option values are invalid
+    MODEL = 4              # model cannot be found, fetched or loaded
+    TARGET = 5             # unknown or invalid target spec
+    DATA = 6               # benchmark data missing or malformed
+    DEVICE = 7             # device unreachable, agent protocol or transfer failure
+    PACKAGE = 8            # packed artifact or release package is corrupt or unsafe
+    NETWORK = 9            # a download failed
+    FALLBACK = 10          # a less compressed stage shipped (fallback down the ladder)
+    BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
+    GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
+
+
+class EdgebuildError(Exception):
+    """Base class: ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        msg = " ".join(str(self).split())
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class UsageError(EdgebuildError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(EdgebuildError):
+    exit_code = ExitCode.CONFIG
+
+
+class ModelError(EdgebuildError):
+    exit_code = ExitCode.MODEL
+
+
+class TargetError(EdgebuildError):
+    exit_code = ExitCode.TARGET
+
+
+class DataError(EdgebuildError):
+    exit_code = ExitCode.DATA
+
+
+class DeviceError(EdgebuildError):
+    exit_code = ExitCode.DEVICE
+
+
+class PackageError(EdgebuildError):
+    exit_code = ExitCode.PACKAGE
+
+
+class NetworkError(EdgebuildError):
+    exit_code = ExitCode.NETWORK
+
+
+class UnknownNameError(ConfigError):
+    """A registry lookup failed; the message carries a did-you-mean suggestion."""
