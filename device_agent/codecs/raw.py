@@ -2,7 +2,7 @@
 import numpy as np
 
 
-def decode(params, arrays, shape):
+def decode(params, arrays, shape, tables=None):
     data = arrays["data"]
     if params.get("dtype") == "bfloat16":
         data = (data.astype(np.uint32) << 16).view(np.float32)
