@@ -27,6 +27,23 @@ class ExitCode(enum.IntEnum):
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
 
 
+EXIT_CODE_HELP = {
+    ExitCode.OK: "the most compressed stage passed its gates and shipped",
+    ExitCode.INTERNAL: "internal error (a bug; rerun with --debug)",
+    ExitCode.USAGE: "bad command line",
+    ExitCode.CONFIG: "invalid build config or option value",
+    ExitCode.MODEL: "model not found, not fetched, or not loadable",
+    ExitCode.TARGET: "unknown or invalid target spec",
+    ExitCode.DATA: "benchmark data missing or malformed",
+    ExitCode.DEVICE: "device unreachable or agent failure",
+    ExitCode.PACKAGE: "corrupt or unsafe artifact or package",
+    ExitCode.NETWORK: "a download failed",
+    ExitCode.FALLBACK: "a less compressed stage shipped (fallback)",
+    ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
+    ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
+}
+
+
 class EdgebuildError(Exception):
     """Base class: ``str(err)`` is the one-line message shown to the user."""
 

@@ -64,7 +64,7 @@ def _layout(records):
         names.add(rec.name)
         arrays = {}
         for key, arr in rec.arrays.items():
-            arr = np.ascontiguousarray(arr)
+            arr = np.require(arr, requirements="C")
             offset += _pad(offset)
             arrays[key] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
                            "nbytes": int(arr.nbytes)}

@@ -1,1 +1,13 @@
+"""Exporters: turn a torch causal LM into a device graph whose weights are bound at load time.
 
+``exporters.get("onnx")`` returns the ONNX exporter class (graph with KV cache). Entries are lazy,
+so importing this package pulls in neither torch nor onnx.
+"""
+from edgebuild.build.errors import ConfigError
+from edgebuild.build.registry import Registry
+from edgebuild.export.base import ExportError, Exporter
+
+exporters = Registry("exporter", error=ConfigError)
+exporters.register_lazy("onnx", "edgebuild.export.onnx_graph:OnnxExporter")
+
+__all__ = ["ExportError", "Exporter", "exporters"]

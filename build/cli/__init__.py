@@ -1,1 +1,69 @@
+"""The ``edgebuild`` command line.
 
+Every domain error becomes a one-line message on stderr and its exit code here, and only here.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from edgebuild.build import __version__
+from edgebuild.build.errors import EXIT_CODE_HELP, EdgebuildError, ExitCode
+
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c):>2}  {text}" for c, text in EXIT_CODE_HELP.items())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="edgebuild")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, verbose, debug):
+    """Compress a language model in stages, validate each stage on an edge device, ship the best.
+
+    \b
+    Quick start:
+      edgebuild model fetch smollm2-135m
+      edgebuild all --model smollm2-135m --target local --data-dir DATA
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"debug": debug}
+
+
+def _register() -> None:
+    from edgebuild.build.cli import build_cmds, model_cmds, release_cmds, target_cmds
+    for module in (build_cmds, model_cmds, release_cmds, target_cmds):
+        module.register(cli)
+
+
+_register()
+
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI and map errors to exit codes."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="edgebuild", standalone_mode=False)
+    except EdgebuildError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e.one_line()}", err=True)
+        return int(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished steps are kept in the cache", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns bugs into an exit code
+        if debug:
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        return int(ExitCode.INTERNAL)
+    return int(rv or 0)

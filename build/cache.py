@@ -1,0 +1,102 @@
+"""Content-addressed step cache.
+
+Each step's output is a directory ``<root>/<step>/<key>/`` where ``key`` hashes the step's inputs,
+its config and the version of the code it runs. A finished entry holds ``_done.json``; entries are
+built in a temporary directory and renamed into place, so an interrupted step never leaves a
+half-written entry. A failed step's work dir is kept under ``<root>/_failed/`` for inspection.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from edgebuild.build import __version__
+
+_CODE_DIRS = {}
+
+
+def digest(*parts) -> str:
+    """Stable sha256 of JSON-serialisable parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def code_version(*packages: str) -> str:
+    """Hash of the source files of the given ``edgebuild.*`` packages (and the release number)."""
+    import importlib
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(packages):
+        if name not in _CODE_DIRS:
+            mod = importlib.import_module(f"edgebuild.{name}")
+            root = Path(mod.__file__).parent
+            files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".yaml", ".jsonl"))
+            sub = hashlib.sha256()
+            for p in files:
+                sub.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+            _CODE_DIRS[name] = sub.hexdigest()
+        h.update(f"{name}:{_CODE_DIRS[name]}".encode())
+    return h.hexdigest()
+
+
+class StepCache:
+    def __init__(self, root: Path, force: bool = False):
+        self.root = Path(root)
+        self.force = force
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+
+    def path(self, step: str, key: str) -> Path:
+        return self.root / step / key
+
+    def get(self, step: str, key: str) -> Path | None:
+        """The finished entry's directory, or None (always None under ``force``)."""
+        p = self.path(step, key)
+        if not self.force and (p / "_done.json").exists():
+            self.hits.append(step)
+            return p
+        return None
+
+    @contextlib.contextmanager
+    def build(self, step: str, key: str):
+        """Yield a fresh work dir; on success it becomes the entry, on failure it is kept aside."""
+        final = self.path(step, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
+        t0 = time.time()
+        try:
+            yield work
+        except BaseException:
+            failed = self.root / "_failed" / f"{step.replace('/', '_')}-{key[:12]}-{int(t0)}"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work, failed)
+            raise
+        (work / "_done.json").write_text(json.dumps({"step": step, "key": key, "seconds": time.time() - t0}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(work, final)
+        self.misses.append(step)
+
+    def failed_dir(self) -> Path:
+        return self.root / "_failed"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

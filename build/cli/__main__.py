@@ -1,0 +1,3 @@
+from edgebuild.build.cli import main
+
+raise SystemExit(main())

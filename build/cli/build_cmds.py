@@ -1,0 +1,96 @@
+"""Build commands: all, compress, export, bench, deploy, gate."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from edgebuild.build.cli.options import build_options
+from edgebuild.build.errors import ExitCode
+
+
+def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
+             steps=None, stages=None):
+    from edgebuild.build.config import load_config
+    from edgebuild.build.pipeline import STEPS, BuildRequest
+    from edgebuild.build.progress import Progress
+    cfg = load_config(config_path, profile=profile, stages=stages)
+    return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
+                        from_stage=from_stage, steps=steps or STEPS, progress=Progress())
+
+
+def _run(req, as_json: bool, *, manifest: bool = True):
+    from edgebuild.build.pipeline import Pipeline
+    from edgebuild.build import summary
+    result = Pipeline(req).run()
+    path = None
+    if manifest:
+        from edgebuild.build.manifest import write_manifest
+        from edgebuild.build.report import write_reports
+        path = write_manifest(result)
+        write_reports(result, path)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(result, path), indent=2, default=str))
+    else:
+        summary.print_table(result, path)
+    return result
+
+
+@click.command("all")
+@build_options
+@click.option("--force", is_flag=True, help="Redo every step, ignoring the cache.")
+@click.option("--from", "from_stage", default=None, help="Redo this stage and the ones after it.")
+def all_cmd(model, target, config_path, profile, data_dir, out, as_json, force, from_stage):
+    """Run the whole build: baseline, each compression stage, export, host and device
+    benchmarks, gates; write the manifest and reports; exit with a code CI can act on."""
+    req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage)
+    return int(_run(req, as_json).exit_code)
+
+
+def _partial(name: str, steps: tuple, doc: str):
+    @click.command(name, help=doc)
+    @build_options
+    @click.option("--force", is_flag=True, help="Redo the steps, ignoring the cache.")
+    def cmd(model, target, config_path, profile, data_dir, out, as_json, force):
+        req = _request(model, target, config_path, profile, data_dir, out, force=force, steps=steps)
+        _run(req, as_json, manifest=False)
+        return 0
+    return cmd
+
+
+compress_cmd = _partial("compress", ("pack",), "Compress every configured stage and write its packed weights "
+                        "(bytes and bits/weight are printed); no benchmarks.")
+export_cmd = _partial("export", ("pack", "export"), "Compress and export every stage: ONNX graph + packed weights, "
+                      "checked against torch logits.")
+deploy_cmd = _partial("deploy", ("pack", "export", "device"), "Compress and export each stage and push it to "
+                      "the target's device agent, measuring latency and memory there; no gates.")
+
+
+@click.command("bench")
+@build_options
+def bench_cmd(model, target, config_path, profile, data_dir, out, as_json):
+    """Benchmark the model as it is (no compression) on the host and print each task's score."""
+    req = _request(model, target, config_path, profile, data_dir, out, steps=("pack", "host"), stages=["baseline"])
+    _run(req, as_json, manifest=False)
+    return 0
+
+
+@click.command("gate")
+@build_options
+@click.option("--stage", default=None, help="Stage whose verdict sets the exit code (default: the last).")
+def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, stage):
+    """Evaluate the gates of every stage (reusing cached results) and print each check.
+    Exits 12 when the chosen stage failed."""
+    req = _request(model, target, config_path, profile, data_dir, out)
+    result = _run(req, as_json)
+    name = stage or req.config.stages[-1]
+    runs = [r for r in result.runs if r.stage == name]
+    if not runs:
+        from edgebuild.build.errors import UsageError
+        raise UsageError(f"stage {name!r} is not part of this build ({', '.join(req.config.stages)})")
+    return 0 if runs[-1].status == "passed" else int(ExitCode.GATE_FAILED)
+
+
+def register(group) -> None:
+    for cmd in (all_cmd, compress_cmd, export_cmd, bench_cmd, deploy_cmd, gate_cmd):
+        group.add_command(cmd)

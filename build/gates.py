@@ -1,0 +1,270 @@
+"""Quality and budget gates for one stage.
+
+Retention of a benchmark is computed on items paired with the reference stage (the stage this one
+was compressed from; the baseline for cumulative checks), both as the seed defines it
+(``score / reference``) and chance-normalised (``(score - chance) / (reference - chance)``), with a
+paired bootstrap confidence interval. A check's verdict is ``pass`` when the point estimate meets
+the threshold, ``fail`` when even the interval's upper end misses it, and ``inconclusive`` otherwise
+(counted as configured by ``gates.on_inconclusive``). A benchmark whose reference is not
+significantly above chance cannot tell a broken model from a good one: it is reported as
+``uninformative`` and does not gate, while the KL divergence against the baseline still does.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edgebuild.build.config import GateConfig
+
+PASS, FAIL, INCONCLUSIVE, UNINFORMATIVE, NOT_RUN = "pass", "fail", "inconclusive", "uninformative", "not_run"
+
+
+@dataclass
+class Retention:
+    raw: float | None
+    normalised: float | None
+    raw_ci: tuple | None
+    normalised_ci: tuple | None
+    n: int
+    informative: bool
+
+    def get(self, kind: str):
+        return (self.raw, self.raw_ci) if kind == "raw" else (self.normalised, self.normalised_ci)
+
+
+@dataclass
+class Check:
+    name: str
+    group: str            # core, expert, cumulative, critical, kl, device
+    verdict: str
+    value: float | None = None
+    threshold: float | None = None
+    ci: tuple | None = None
+    detail: str = ""
+
+
+@dataclass
+class GateReport:
+    stage: str
+    passed: bool
+    critical: bool
+    checks: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def failed(self) -> list:
+        return [c for c in self.checks if c.verdict == FAIL]
+
+
+def paired(stage_items, ref_items):
+    """Align two per-item lists ``[[doc_id, correct], ...]`` on doc id; returns two arrays."""
+    ref = {str(d): float(c) for d, c in ref_items}
+    common = [(float(c), ref[str(d)]) for d, c in stage_items if str(d) in ref]
+    if not common:
+        return np.zeros(0), np.zeros(0)
+    a = np.array(common)
+    return a[:, 0], a[:, 1]
+
+
+def retention(stage_items, ref_items, chance: float, *, confidence=0.95, n_boot=1000, seed=0) -> Retention:
+    """Raw and chance-normalised retention with paired bootstrap intervals."""
+    s, b = paired(stage_items, ref_items)
+    n = len(s)
+    if n == 0:
+        return Retention(None, None, None, None, 0, False)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    sb, bb = s[idx].mean(axis=1), b[idx].mean(axis=1)
+    lo_q, hi_q = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
+    informative = bool(np.percentile(bb - chance, lo_q) > 0)
+    raw = _ratio(s.mean(), b.mean())
+    norm = _ratio(s.mean() - chance, b.mean() - chance) if informative else None
+    raw_ci = _ci(sb, bb, lo_q, hi_q)
+    norm_ci = _ci(sb - chance, bb - chance, lo_q, hi_q) if informative else None
+    return Retention(raw, norm, raw_ci, norm_ci, n, informative)
+
+
+def _ratio(num: float, den: float):
+    return float(num / den) if den > 0 else None
+
+
+def _ci(num, den, lo_q, hi_q):
+    ok = den > 0
+    if not ok.any():
+        return None
+    r = num[ok] / den[ok]
+    return (float(np.percentile(r, lo_q)), float(np.percentile(r, hi_q)))
+
+
+def verdict(value, ci, threshold: float) -> str:
+    if value is None:
+        return UNINFORMATIVE
+    if value >= threshold:
+        return PASS
+    if ci is not None and ci[1] < threshold:
+        return FAIL
+    return INCONCLUSIVE if ci is not None else FAIL
+
+
+@dataclass
+class StageEvidence:
+    """Everything the gate looks at for one stage."""
+
+    stage: str
+    host: dict                       # task -> result dict (score, n, chance, kind, items)
+    reference: dict                  # results of the stage this one was compressed from
+    baseline: dict
+    quality: dict | None = None      # {"kl", "top1_agreement", "ppl_ratio"} against the baseline
+    device: dict | None = None       # {"status": "ok"|"unreachable"|..., "prefill_ms": [...], ...}
+    artifact_bytes: int | None = None
+    budgets: dict | None = None      # the target's budgets
+
+
+def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
+    """Run every check for a stage and decide."""
+    checks = []
+    checks += _retention_checks(ev, cfg, seed)
+    checks += _cumulative_check(ev, cfg, seed)
+    checks += _critical_checks(ev, cfg)
+    checks += _kl_check(ev, cfg)
+    if cfg.device_budgets:
+        checks += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {})
+    return _decide(ev.stage, checks, cfg)
+
+
+def _decide(stage: str, checks: list, cfg: GateConfig) -> GateReport:
+    bad = {FAIL} | ({INCONCLUSIVE} if cfg.on_inconclusive == "fail" else set())
+    critical = any(c.group == "critical" and c.verdict == FAIL for c in checks)
+    reasons = [f"{c.name}: {c.detail or c.verdict}" for c in checks if c.verdict in bad]
+    return GateReport(stage, passed=not reasons, critical=critical, checks=checks, reasons=reasons)
+
+
+def _retention_checks(ev, cfg, seed) -> list:
+    out = []
+    for task, res in sorted(ev.host.items()):
+        kind = res.get("kind", "core")
+        table = cfg.core if kind == "core" else cfg.expert if kind == "expert" else None
+        if table is None or task not in ev.reference:
+            continue
+        threshold = table.get(ev.stage, min(table.values()) if table else 0.0)
+        r = retention(res["items"], ev.reference[task]["items"], res["chance"],
+                      confidence=cfg.confidence, n_boot=cfg.bootstrap, seed=seed)
+        value, ci = r.get(cfg.retention)
+        v = verdict(value, ci, threshold) if r.informative else UNINFORMATIVE
+        out.append(Check(f"{kind}/{task}", kind, v, value, threshold, ci,
+                         _retention_detail(r, cfg.retention, threshold)))
+    return out
+
+
+def _retention_detail(r: Retention, kind: str, threshold: float) -> str:
+    if not r.informative:
+        return f"reference not above chance on n={r.n}: cannot gate"
+    value, ci = r.get(kind)
+    ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return f"{kind} retention {value:.3f}{ci_s} vs {threshold:.2f}, n={r.n}"
+
+
+def _cumulative_check(ev, cfg, seed) -> list:
+    values = []
+    for task, res in ev.host.items():
+        if res.get("kind") != "core" or task not in ev.baseline:
+            continue
+        r = retention(res["items"], ev.baseline[task]["items"], res["chance"], n_boot=cfg.bootstrap, seed=seed)
+        value, _ = r.get(cfg.retention)
+        if r.informative and value is not None:
+            values.append(value)
+    if not values:
+        return [Check("cumulative", "cumulative", UNINFORMATIVE, detail="no informative core benchmark")]
+    mean = float(np.mean(values))
+    v = PASS if mean >= cfg.cumulative else FAIL
+    return [Check("cumulative", "cumulative", v, mean, cfg.cumulative,
+                  detail=f"mean core retention against the baseline {mean:.3f} vs {cfg.cumulative:.2f}")]
+
+
+def _critical_checks(ev, cfg) -> list:
+    out = []
+    for task, res in sorted(ev.host.items()):
+        base = ev.baseline.get(task)
+        if res.get("kind") == "core" and base and base["score"] > res["chance"]:
+            ratio = res["score"] / base["score"] if base["score"] > 0 else 1.0
+            v = FAIL if ratio < cfg.critical_core_floor else PASS
+            out.append(Check(f"critical/core_floor/{task}", "critical", v, ratio, cfg.critical_core_floor,
+                             detail=f"{ratio:.3f} of baseline (floor {cfg.critical_core_floor:.2f})"))
+    out += _critical_mmlu_gsm8k(ev, cfg)
+    out += _critical_expert(ev, cfg)
+    out += _critical_eudaimonia(ev, cfg)
+    return out
+
+
+def _critical_mmlu_gsm8k(ev, cfg) -> list:
+    names = ("mmlu", "gsm8k")
+    if not all(n in ev.host and n in ev.baseline for n in names):
+        return []
+    s = sum(ev.host[n]["score"] for n in names)
+    b = sum(ev.baseline[n]["score"] for n in names)
+    drop = 1 - s / b if b > 0 else 0.0
+    v = FAIL if drop > cfg.critical_mmlu_gsm8k_drop else PASS
+    return [Check("critical/mmlu+gsm8k", "critical", v, drop, cfg.critical_mmlu_gsm8k_drop,
+                  detail=f"combined drop {drop:.3f} (limit {cfg.critical_mmlu_gsm8k_drop:.2f})")]
+
+
+def _critical_expert(ev, cfg) -> list:
+    experts = [t for t, r in ev.host.items() if r.get("kind") == "expert" and t in ev.baseline]
+    if not experts:
+        return []
+    primary = experts[0]
+    b, s = ev.baseline[primary]["score"], ev.host[primary]["score"]
+    drop = 1 - s / b if b > 0 else 0.0
+    v = FAIL if drop > cfg.critical_expert_drop else PASS
+    return [Check(f"critical/expert/{primary}", "critical", v, drop, cfg.critical_expert_drop,
+                  detail=f"primary expert drop {drop:.3f} (limit {cfg.critical_expert_drop:.2f})")]
+
+
+def _critical_eudaimonia(ev, cfg) -> list:
+    out = []
+    for task, res in sorted(ev.host.items()):
+        if res.get("kind") != "eudaimonia":
+            continue
+        for rule, score in sorted(res.get("rules", {}).items()):
+            v = FAIL if score < cfg.critical_eudaimonia else PASS
+            out.append(Check(f"critical/eudaimonia/{rule}", "critical", v, score, cfg.critical_eudaimonia))
+    return out
+
+
+def _kl_check(ev, cfg) -> list:
+    limit = cfg.kl_max.get(ev.stage)
+    if limit is None:
+        return []
+    if not ev.quality or ev.quality.get("kl") is None:
+        return [Check("kl", "kl", NOT_RUN, threshold=limit, detail="no KL measurement")]
+    kl = float(ev.quality["kl"])
+    v = PASS if kl <= limit else FAIL
+    return [Check("kl", "kl", v, kl, limit, detail=f"KL {kl:.4f} nats/token vs limit {limit}")]
+
+
+def device_checks(device: dict | None, artifact_bytes, budgets: dict) -> list:
+    """Budget checks on raw device samples; ``not_run`` when the device was not reached."""
+    specs = [("decode_ms_per_token_p95", "decode_ms_per_token", lambda x: float(np.percentile(x, 95))),
+             ("prefill_ms", "prefill_ms", lambda x: float(np.median(x))),
+             ("peak_rss_mb", "peak_rss_mb", float)]
+    out = []
+    for budget_key, sample_key, stat in specs:
+        limit = budgets.get(budget_key)
+        if limit is None:
+            continue
+        if not device or device.get("status") != "ok" or device.get(sample_key) is None:
+            why = (device or {}).get("status", "not run")
+            out.append(Check(f"device/{budget_key}", "device", NOT_RUN, threshold=limit, detail=f"device {why}"))
+            continue
+        value = stat(device[sample_key])
+        out.append(Check(f"device/{budget_key}", "device", PASS if value <= limit else FAIL, value, limit,
+                         detail=f"{value:.1f} vs budget {limit}"))
+    limit = budgets.get("artifact_mb")
+    if limit is not None and artifact_bytes is not None:
+        mb = artifact_bytes / 1e6
+        out.append(Check("device/artifact_mb", "device", PASS if mb <= limit else FAIL, mb, limit,
+                         detail=f"{mb:.1f} MB vs budget {limit}"))
+    return out

@@ -1,0 +1,142 @@
+"""The build manifest (the seed's handoff spec plus exact bytes, bits/weight and sha256s).
+
+Stage artifacts are linked from the cache into ``<out>/<target>/stages/<stage>/``; the manifest
+lists each with its size and sha256, and is written atomically.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.build import __version__
+from edgebuild.build.cache import sha256_file, write_json_atomic
+
+MB = 1e6
+
+
+def final_runs(result) -> dict:
+    """The last attempt of each stage, by name."""
+    out = {}
+    for run in result.runs:
+        out[run.stage] = run
+    return out
+
+
+def _scores(run) -> dict:
+    return {t: r["score"] for t, r in sorted(run.host.items())}
+
+
+def _retention(run, base) -> dict:
+    out = {}
+    for t, r in sorted(run.host.items()):
+        b = base.host.get(t, {}).get("score")
+        out[t] = (r["score"] / b) if b else None
+    return out
+
+
+def latency(device: dict) -> dict:
+    if not device or device.get("status") != "ok":
+        return {"measured": False, "status": (device or {}).get("status", "not run"),
+                "error": (device or {}).get("error")}
+    dec = np.asarray(device["decode_ms_per_token"], dtype=float)
+    pre = np.asarray(device["prefill_ms"], dtype=float)
+    return {"measured": True, "prefill_ms_p50": float(np.median(pre)),
+            "decode_ms_per_token_p50": float(np.median(dec)),
+            "decode_ms_per_token_p95": float(np.percentile(dec, 95)),
+            "decode_tokens_per_s": float(1000.0 / np.median(dec)), "peak_rss_mb": device.get("peak_rss_mb"),
+            "samples": {"prefill_ms": device["prefill_ms"], "decode_ms_per_token": device["decode_ms_per_token"]}}
+
+
+def stage_summary(run, base) -> dict:
+    stats = run.pack.get("stats", {})
+    return {
+        "stage": run.stage, "attempt": run.attempt, "status": run.status, "note": run.note,
+        "method": run.method, "knobs": run.knobs, "source": run.source,
+        "reference_method": run.pack.get("reference_method", False),
+        "bytes": run.pack.get("bytes"), "size_mb": (run.pack.get("bytes") or 0) / MB,
+        "bits_per_weight": stats.get("bits_per_weight"), "bits_per_weight_all": stats.get("bits_per_weight_all"),
+        "method_facts": run.pack.get("facts", {}),
+        "scores": _scores(run), "retention_vs_baseline": _retention(run, base) if base else {},
+        "quality": run.quality, "export_check": run.verify, "latency": latency(run.device),
+        "gate": run.gate,
+    }
+
+
+def link_artifacts(result, runs: dict) -> dict:
+    """Hard-link (or copy) each stage's artifacts out of the cache; return {stage: [artifact]}."""
+    out = {}
+    for name, run in runs.items():
+        if not run.pack:
+            continue
+        dest = result.out_dir / "stages" / name
+        graph = result.out_dir.parent / "cache" / "graph" / run.keys["graph"]
+        files = {"weights.ebpk": Path(run.pack["path"]), "model.onnx": graph / "model.onnx",
+                 "graph.json": graph / "graph.json"}
+        out[name] = [_place(src, dest / fname, result.out_dir) for fname, src in files.items()]
+    return out
+
+
+def _place(src: Path, dst: Path, root: Path) -> dict:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+    return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
+
+
+def build_manifest(result) -> dict:
+    runs = final_runs(result)
+    base = runs.get("baseline")
+    shipped = runs[result.shipped]
+    artifacts = link_artifacts(result, runs)
+    original = base.pack.get("bytes") if base else None
+    size = shipped.pack.get("bytes")
+    core = {t: r for t, r in shipped.host.items() if r.get("kind") == "core"}
+    expert = {t: r for t, r in shipped.host.items() if r.get("kind") == "expert"}
+    gate = shipped.gate or {}
+    return {
+        "edgebuild_version": __version__,
+        "model": result.model_ref.spec,
+        "model_fingerprint": result.model_ref.fingerprint,
+        "target": result.target.name,
+        "compression_level": result.shipped,
+        "size_mb": size / MB if size else None, "size_bytes": size,
+        "original_size_mb": original / MB if original else None, "original_size_bytes": original,
+        "compression_ratio": (original / size) if original and size else None,
+        "bits_per_weight": shipped.pack.get("stats", {}).get("bits_per_weight"),
+        "benchmarks": {"baseline": {t: base.host[t]["score"] for t in core} if base else {},
+                       "final": {t: r["score"] for t, r in core.items()},
+                       "retention": {t: v for t, v in _retention(shipped, base).items() if t in core}},
+        "expert_benchmarks": {t: {"score": r["score"], "n": r["n"]} for t, r in expert.items()},
+        "edge_of_chaos": {"measured": False, "reason": "not part of the configured benchmark set"},
+        "eudaimonia": {"measured": False, "reason": "not part of the configured benchmark set"},
+        "quality_gates": {"passed": shipped.status == "passed",
+                          "retries": sum(1 for r in result.runs if r.attempt > 0),
+                          "checks": gate.get("checks", []), "reasons": gate.get("reasons", [])},
+        "ready_for_edge_deployment": shipped.status == "passed" and _device_ok(shipped),
+        "recommended_hardware": {"target": result.target.name, "description": result.target.description},
+        "latency": latency(shipped.device),
+        "exit_code": int(result.exit_code),
+        "stages": [stage_summary(r, base) for r in result.runs],
+        "fallback_path": [f"{r.stage}#{r.attempt + 1}:{r.status}" for r in result.runs],
+        "artifacts": artifacts,
+        "profile": result.config.profile, "tasks": result.config.tasks,
+    }
+
+
+def _device_ok(run) -> bool:
+    return bool(run.device) and run.device.get("status") == "ok"
+
+
+def write_manifest(result) -> Path:
+    path = result.out_dir / "manifest.json"
+    write_json_atomic(path, build_manifest(result))
+    return path

@@ -1,0 +1,435 @@
+"""The stage graph: baseline → compressed stages, each compress → export → bench → gate.
+
+Every step's output is cached by content (``edgebuild.build.cache``): keys are computed without
+loading the model, so a finished build reruns without importing torch and says it did no work.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgebuild.build import gates, model as models
+from edgebuild.build.cache import StepCache, code_version, digest, sha256_file, write_json_atomic
+from edgebuild.build.config import BuildConfig, StageConfig
+from edgebuild.build.errors import ConfigError, DataError, DeviceError, EdgebuildError, ExitCode
+from edgebuild.build.progress import Progress
+
+log = logging.getLogger(__name__)
+
+PACKED = "weights.ebpk"
+STEPS = ("pack", "export", "host", "device", "gate")
+
+
+@dataclass
+class BuildRequest:
+    model: str
+    target: str
+    config: BuildConfig
+    out: Path
+    data_dir: Path | None = None
+    force: bool = False
+    from_stage: str | None = None
+    steps: tuple = STEPS             # which steps to run (partial commands run fewer)
+    progress: Progress = field(default_factory=lambda: Progress(False))
+
+
+@dataclass
+class StageRun:
+    """One attempt at one stage, with everything measured."""
+
+    stage: str
+    method: str
+    knobs: dict
+    attempt: int
+    source: str | None
+    keys: dict = field(default_factory=dict)
+    pack: dict = field(default_factory=dict)
+    verify: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    device: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    status: str = "pending"   # passed, failed, skipped
+    note: str = ""
+
+
+@dataclass
+class BuildResult:
+    runs: list
+    shipped: str
+    exit_code: ExitCode
+    cache_hits: int
+    cache_misses: int
+    target: object
+    model_ref: object
+    config: BuildConfig
+    out_dir: Path
+
+
+class Pipeline:
+    def __init__(self, req: BuildRequest):
+        from edgebuild.targets import load_target
+        self.req, self.cfg = req, req.config
+        self.ref = models.resolve(req.model)
+        self.target = load_target(req.target)
+        self.cache = StepCache(req.out / "cache", force=req.force)
+        self.out_dir = req.out / self.target.name
+        self._base = None          # (model, tokenizer), loaded on first need
+        self._client = None
+        self._device_state = None  # None until first contact; then "ok" or the failure text
+        self.progress = req.progress
+        if req.from_stage and req.from_stage not in self.cfg.stages:
+            raise ConfigError(f"--from {req.from_stage!r} is not a stage of this build ({', '.join(self.cfg.stages)})")
+
+    # -- orchestration -------------------------------------------------------------------------
+    def run(self) -> BuildResult:
+        self._check_data_dir()
+        runs, passed = [], {}
+        try:
+            for name in self.cfg.stages:
+                self._forced = self.req.force or self._redo(name)
+                for run in self._stage_attempts(name, passed):
+                    runs.append(run)
+                    if run.status == "passed":
+                        passed[name] = run
+        finally:
+            self._close_device()
+        shipped = self._choose(passed)
+        return BuildResult(runs, shipped, self._exit_code(shipped), len(self.cache.hits),
+                           len(self.cache.misses), self.target, self.ref, self.cfg, self.out_dir)
+
+    def _redo(self, name: str) -> bool:
+        stages = self.cfg.stages
+        return bool(self.req.from_stage) and stages.index(name) >= stages.index(self.req.from_stage)
+
+    def _choose(self, passed: dict) -> str:
+        for name in reversed(self.cfg.stages):
+            if name in passed:
+                return name
+        return "baseline"
+
+    def _exit_code(self, shipped: str) -> ExitCode:
+        if shipped == self.cfg.stages[-1] and len(self.cfg.stages) > 1:
+            return ExitCode.OK
+        if shipped == "baseline":
+            return ExitCode.BASELINE_ONLY if len(self.cfg.stages) > 1 else ExitCode.OK
+        return ExitCode.FALLBACK
+
+    def _stage_attempts(self, name: str, passed: dict):
+        if name == "baseline":
+            yield self._run_stage(name, StageConfig(method="raw"), 0, None, passed)
+            return
+        sc = self.cfg.stage_config(name)
+        source = self._source(name, sc, passed)
+        if source is None:
+            yield StageRun(name, sc.method, dict(sc.knobs), 0, None, status="skipped",
+                           note="its source stage did not pass")
+            return
+        knobs = dict(sc.knobs)
+        for attempt in range(self.cfg.gates.max_retries + 1):
+            run = self._run_stage(name, StageConfig(sc.method, knobs, sc.source, sc.include_embeddings),
+                                  attempt, source, passed)
+            yield run
+            if run.status == "passed" or run.gate.get("critical"):
+                return
+            knobs = self._recommend(sc.method, knobs, run)
+            if knobs is None:
+                return
+
+    def _source(self, name: str, sc: StageConfig, passed: dict):
+        if sc.source == "baseline":
+            return passed.get("baseline")
+        idx = self.cfg.stages.index(name)
+        prev = self.cfg.stages[idx - 1]
+        return passed.get(prev)
+
+    def _recommend(self, method: str, knobs: dict, run: StageRun):
+        from edgebuild.compress import methods
+        m = methods.get(method).from_knobs(knobs)
+        new = m.recommend(run.gate)
+        if new is None:
+            return None
+        import dataclasses
+        return dataclasses.asdict(new)
+
+    # -- one stage -----------------------------------------------------------------------------
+    def _run_stage(self, name, sc: StageConfig, attempt, source: StageRun | None, passed) -> StageRun:
+        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None)
+        self.progress.note(f"[{name}] {sc.method} {sc.knobs or ''} attempt {attempt + 1}")
+        steps = self.req.steps
+        run.keys["pack"] = self._pack(run, sc, source)
+        if "export" in steps or "device" in steps:
+            run.keys["graph"] = self._graph()
+            self._verify(run)
+        if "host" in steps:
+            self._host(run)
+        if "device" in steps:
+            self._device(run)
+        if "gate" not in steps:
+            run.status, run.note = "passed", "partial build: not gated"
+            return run
+        baseline = passed.get("baseline", run)
+        reference = source or run
+        ev = gates.StageEvidence(name, run.host, reference.host, baseline.host, run.quality, run.device,
+                                 run.pack.get("bytes"), self.target.budgets_dict())
+        report = gates.evaluate(ev, self.cfg.gates, seed=self.cfg.seed)
+        if name == "baseline":
+            report = self._baseline_gate(report)
+        run.gate = report.to_dict()
+        run.status = "passed" if report.passed else "failed"
+        return run
+
+    def _baseline_gate(self, report):
+        """The baseline is its own reference: only the device budgets can fail it."""
+        checks = [c for c in report.checks if c.group == "device"]
+        reasons = [f"{c.name}: {c.detail}" for c in checks if c.verdict == gates.FAIL]
+        return gates.GateReport("baseline", not reasons, False, checks, reasons)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _get(self, step: str, key: str):
+        if self._forced:
+            return None
+        return self.cache.get(step, key)
+
+    def _pack(self, run: StageRun, sc: StageConfig, source: StageRun | None) -> str:
+        key = digest("pack", self.ref.fingerprint, source.keys["pack"] if source else None, sc.method,
+                     sc.knobs, sc.include_embeddings, self.cfg.seed, self.cfg.calibration_texts,
+                     code_version("compress", "device_agent"))
+        entry = self._get("pack", key)
+        if entry is None:
+            with self.cache.build("pack", key) as work:
+                self._do_pack(work, run, sc, source)
+            entry = self.cache.path("pack", key)
+        run.pack = json.loads((entry / "pack.json").read_text())
+        run.pack["path"] = str(entry / PACKED)
+        return key
+
+    def _do_pack(self, work: Path, run: StageRun, sc: StageConfig, source: StageRun | None) -> None:
+        from edgebuild.compress import packed_stats
+        from edgebuild.device_agent import packed
+        t0 = time.time()
+        records, facts = self._compress(run.stage, sc, source)
+        sha = packed.write(work / PACKED, records, meta={"stage": run.stage, "method": sc.method,
+                                                         "knobs": sc.knobs, "model": self.ref.spec})
+        stats = packed_stats(records)
+        info = {"method": sc.method, "knobs": sc.knobs, "sha256": sha, "bytes": (work / PACKED).stat().st_size,
+                "stats": stats, "facts": facts, "seconds": time.time() - t0,
+                "reference_method": self._is_reference(sc.method)}
+        write_json_atomic(work / "pack.json", info)
+
+    def _is_reference(self, method: str) -> bool:
+        if method == "raw":
+            return False
+        from edgebuild.compress import methods
+        return bool(getattr(methods.get(method), "reference", False))
+
+    def _compress(self, stage: str, sc: StageConfig, source: StageRun | None):
+        from edgebuild.compress import pack_model
+        from edgebuild.compress.base import CompressContext
+        model, tok = self._stage_model(source)
+        if sc.method == "raw":
+            return _raw_records(model), {}
+        ctx = CompressContext(model=model, tokenizer=tok, calibration_texts=self._calibration_texts(),
+                              device=_device(), seed=self.cfg.seed)
+        with self.progress.step(f"compress {stage} ({sc.method})") as update:
+            ctx.progress = update
+            records = pack_model(model, sc.method, sc.knobs, ctx, include_embeddings=sc.include_embeddings)
+        return records, ctx.log
+
+    def _calibration_texts(self) -> list:
+        if not self.cfg.calibration_texts:
+            return []
+        from edgebuild.bench.quality import calibration_texts
+        return calibration_texts(self.req.data_dir, self.cfg.calibration_texts, seed=self.cfg.seed)
+
+    def _graph(self) -> str:
+        from edgebuild.export import exporters
+        key = digest("graph", self._arch_fingerprint(), self.cfg.exporter, code_version("export"))
+        if self._get("graph", key) is None:
+            model, tok = self._base_model()
+            with self.cache.build("graph", key) as work, self.progress.step("export graph"):
+                exporters.get(self.cfg.exporter)().export(model, tok, work)
+        return key
+
+    def _arch_fingerprint(self) -> str:
+        if self.ref.kind == "tiny-random":
+            return self.ref.fingerprint
+        cfg_file = Path(self.ref.path) / "config.json" if Path(self.ref.path).is_dir() else None
+        if cfg_file and cfg_file.exists():
+            return digest(json.loads(cfg_file.read_text()))
+        return self.ref.fingerprint
+
+    def _verify(self, run: StageRun) -> None:
+        key = digest("verify", run.keys["pack"], run.keys["graph"], code_version("export", "device_agent"))
+        entry = self._get("verify", key)
+        if entry is None:
+            from edgebuild.export import exporters
+            state = self._decoded(run)
+            model, tok = self._model_for(run)
+            with self.cache.build("verify", key) as work, self.progress.step(f"verify export {run.stage}"):
+                res = exporters.get(self.cfg.exporter)().verify(self.cache.path("graph", run.keys["graph"]),
+                                                                state, model, tok)
+                write_json_atomic(work / "verify.json", res)
+            entry = self.cache.path("verify", key)
+        run.verify = json.loads((entry / "verify.json").read_text())
+
+    def _host(self, run: StageRun) -> None:
+        key = digest("host", run.keys["pack"], self.cfg.tasks, self.cfg.profile, self._data_fingerprint(),
+                     self.cfg.seed, code_version("bench"))
+        entry = self._get("host", key)
+        if entry is None:
+            from edgebuild.bench.runner import run_host
+            model, tok = self._model_for(run)
+            with self.cache.build("host", key) as work, \
+                    self.progress.step(f"benchmarks {run.stage}") as update:
+                results = run_host(model, tok, self.cfg.tasks, self.cfg.profile, self.req.data_dir,
+                                   self.req.out / "cache" / "data", seed=self.cfg.seed, progress=update)
+                write_json_atomic(work / "results.json", {k: v.to_dict() for k, v in results.items()})
+                write_json_atomic(work / "quality.json", self._quality(run, model, tok))
+            entry = self.cache.path("host", key)
+        run.host = json.loads((entry / "results.json").read_text())
+        run.quality = json.loads((entry / "quality.json").read_text())
+
+    def _quality(self, run: StageRun, model, tok) -> dict:
+        from edgebuild.bench import quality
+        import numpy as np
+        texts = quality.fixed_texts(self.req.data_dir)
+        key = digest("reference-logprobs", self.ref.fingerprint, texts, code_version("bench"))
+        entry = self.cache.get("reflogits", key)
+        if entry is None:
+            base, btok = self._base_model()
+            with self.cache.build("reflogits", key) as work:
+                np.save(work / "ref.npy", quality.reference_logprobs(base, btok, texts))
+            entry = self.cache.path("reflogits", key)
+        return quality.compare(model, tok, texts, np.load(entry / "ref.npy"))
+
+    def _device(self, run: StageRun) -> None:
+        key = digest("device", run.keys["pack"], run.keys["graph"], self.target.digest(),
+                     code_version("device_agent", "targets"))
+        entry = self._get("device", key)
+        if entry is None:
+            result = self._measure_on_device(run)
+            if result.get("status") != "ok":
+                run.device = result          # never cached: the device may be back next time
+                return
+            with self.cache.build("device", key) as work:
+                write_json_atomic(work / "device.json", result)
+            entry = self.cache.path("device", key)
+        run.device = json.loads((entry / "device.json").read_text())
+
+    def _measure_on_device(self, run: StageRun) -> dict:
+        from edgebuild.targets.client import deploy_stage
+        client = self._connect()
+        if client is None:
+            return {"status": "unreachable", "error": self._device_state}
+        graph_dir = self.cache.path("graph", run.keys["graph"])
+        files = {"model.onnx": graph_dir / "model.onnx", "graph.json": graph_dir / "graph.json",
+                 PACKED: Path(run.pack["path"])}
+        version = run.keys["pack"][:16]
+        rt = self.target.runtime
+        t = self.target.timing
+        with self.progress.step(f"device {run.stage}"):
+            deploy_stage(client, self._transport, run.stage, version, files)
+            client.load(run.stage, version, threads=rt.threads)
+            samples = client.time(prompt_len=t.prompt_len, decode_tokens=t.decode_tokens,
+                                  warmup=t.warmup, repeats=t.repeats)
+        return {"status": "ok", "version": version, "info": self._device_info, **samples}
+
+    def _connect(self):
+        if self._device_state is not None:
+            return self._client
+        from edgebuild.targets import transports
+        from edgebuild.targets.client import AgentClient
+        try:
+            self._transport = transports.get(self.target.connection.transport)(self.target)
+            self._client = AgentClient(self._transport, timeout_s=self.target.connection.timeout_s)
+            self._client.hello(target=self.target.name)
+            self._device_info = self._client.info()
+            self._device_state = "ok"
+        except DeviceError as e:
+            self._device_state = e.one_line()
+            self._client = None
+            if self.target.on_unreachable == "fail":
+                raise
+            log.warning("device unreachable, its gates are not run: %s", e.one_line())
+        return self._client
+
+    def _close_device(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except EdgebuildError:
+                pass
+
+    # -- models --------------------------------------------------------------------------------
+    def _base_model(self):
+        if self._base is None:
+            with self.progress.step(f"load model {self.ref.spec}"):
+                self._base = models.load(self.ref)
+        return self._base
+
+    def _stage_model(self, source: StageRun | None):
+        model, tok = self._base_model()
+        if source is None or source.stage == "baseline":
+            return copy.deepcopy(model), tok
+        return self._model_for(source)
+
+    def _model_for(self, run: StageRun):
+        """The torch model carrying this stage's decoded weights (cached per stage run)."""
+        cached = getattr(run, "_model", None)
+        if cached is not None:
+            return cached
+        from edgebuild.compress import apply_records
+        from edgebuild.device_agent import packed
+        model, tok = self._base_model()
+        if run.stage != "baseline":
+            model = copy.deepcopy(model)
+            _, records = packed.read(run.pack["path"])
+            apply_records(model, records)
+        run._model = (model, tok)
+        return run._model
+
+    def _decoded(self, run: StageRun) -> dict:
+        from edgebuild.device_agent import codecs, packed
+        _, records = packed.read(run.pack["path"])
+        return codecs.decode_all(records)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _check_data_dir(self) -> None:
+        d = self.req.data_dir
+        if d is None:
+            raise DataError("no benchmark data directory given", hint="pass --data-dir DIR (see docs)")
+        if not Path(d).is_dir():
+            raise DataError(f"benchmark data directory {d} does not exist", hint="check --data-dir")
+
+    def _data_fingerprint(self) -> str:
+        root = Path(self.req.data_dir)
+        entries = []
+        for dirpath, _, files in os.walk(root):
+            for f in sorted(files):
+                st = os.stat(os.path.join(dirpath, f))
+                entries.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
+        return digest(sorted(entries))
+
+
+def _raw_records(model) -> list:
+    """The uncompressed model: every tensor as float32 (the tied lm_head is not stored twice)."""
+    from edgebuild.device_agent.packed import Record
+    out = []
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        arr = t.detach().float().cpu().numpy()
+        out.append(Record(name, tuple(arr.shape), "raw", {"dtype": "float32"}, {"data": arr}))
+    return out
+
+
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"

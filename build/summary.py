@@ -1,0 +1,92 @@
+"""The per-stage table printed at the end of a build, and its JSON form."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgebuild.build.manifest import latency
+
+
+def _tasks(result) -> list:
+    names = []
+    for run in result.runs:
+        for t in run.host:
+            if t not in names:
+                names.append(t)
+    return names
+
+
+def _baseline(result):
+    return next((r for r in result.runs if r.stage == "baseline"), None)
+
+
+def row(run, base, tasks) -> dict:
+    stats = run.pack.get("stats", {})
+    lat = latency(run.device)
+    cells = {}
+    for t in tasks:
+        r = run.host.get(t)
+        if r is None:
+            cells[t] = None
+            continue
+        b = base.host.get(t, {}).get("score") if base else None
+        cells[t] = {"score": r["score"], "n": r["n"], "retention": (r["score"] / b) if b else None}
+    return {"stage": run.stage, "attempt": run.attempt + 1, "method": run.method,
+            "reference_method": run.pack.get("reference_method", False), "knobs": run.knobs,
+            "bytes": run.pack.get("bytes"), "bits_per_weight": stats.get("bits_per_weight"),
+            "tasks": cells, "kl": (run.quality or {}).get("kl"),
+            "decode_ms_per_token_p50": lat.get("decode_ms_per_token_p50"),
+            "prefill_ms_p50": lat.get("prefill_ms_p50"), "device": (run.device or {}).get("status"),
+            "status": run.status, "note": run.note, "reasons": (run.gate or {}).get("reasons", [])}
+
+
+def as_dict(result, manifest_path=None) -> dict:
+    base, tasks = _baseline(result), _tasks(result)
+    return {"shipped": result.shipped, "exit_code": int(result.exit_code),
+            "manifest": str(manifest_path) if manifest_path else None,
+            "cache": {"hits": result.cache_hits, "misses": result.cache_misses},
+            "stages": [row(r, base, tasks) for r in result.runs]}
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def print_table(result, manifest_path=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    data = as_dict(result, manifest_path)
+    tasks = _tasks(result)
+    table = Table(title=f"edgebuild: {result.model_ref.spec} → {result.target.name}")
+    for col in ["stage", "method", "MB", "bits/w", *tasks, "KL", "decode ms/tok", "prefill ms", "verdict"]:
+        table.add_column(col, justify="left" if col in ("stage", "method", "verdict") else "right")
+    for r in data["stages"]:
+        method = r["method"] + (" (reference)" if r["reference_method"] else "")
+        cells = [_task_cell(r["tasks"].get(t)) for t in tasks]
+        table.add_row(f"{r['stage']}#{r['attempt']}", method, _fmt((r["bytes"] or 0) / 1e6, ".1f"),
+                      _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
+                      _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
+                      _verdict(r))
+    console = Console()
+    console.print(table)
+    for r in data["stages"]:
+        for reason in r["reasons"]:
+            console.print(f"  {r['stage']}#{r['attempt']}: {reason}", highlight=False)
+    work = "did no work (every step was cached)" if result.cache_misses == 0 else \
+        f"ran {result.cache_misses} step(s), reused {result.cache_hits}"
+    console.print(f"shipped: [bold]{result.shipped}[/bold] (exit code {int(result.exit_code)}); {work}")
+    if manifest_path:
+        console.print(f"manifest: {manifest_path}", highlight=False)
+
+
+def _task_cell(c) -> str:
+    if c is None:
+        return "—"
+    ret = f" ({c['retention'] * 100:.0f}%)" if c["retention"] is not None else ""
+    return f"{c['score']:.3f}{ret}"
+
+
+def _verdict(r) -> str:
+    if r["note"]:
+        return f"{r['status']} ({r['note']})"
+    dev = "" if r["device"] in (None, "ok") else f", device {r['device']}"
+    return f"{r['status']}{dev}"

@@ -1,0 +1,156 @@
+"""The agent protocol: versioned JSON lines over the agent's stdin and stdout.
+
+One JSON object per line, each way::
+
+    request  {"id": 1, "cmd": "hello", "args": {"protocol": 1, "target": "rpi4"}}
+    reply    {"id": 1, "ok": true, "result": {...}}
+    error    {"id": 1, "ok": false, "error": {"type": "StageError", "message": "..."}}
+
+A line that cannot be parsed gets an error reply whose ``id`` is the request's id when it could
+be read, else ``null``. ``PROTOCOL_VERSION`` changes only when an existing command changes
+meaning; the agent refuses a ``hello`` whose major version differs from its own.
+
+This module is shared by the agent and the host's client, and uses the standard library only.
+"""
+from __future__ import annotations
+
+import json
+
+PROTOCOL_VERSION = 1
+AGENT_VERSION = "0.1.0"   # keep equal to the version in device_agent/pyproject.toml
+
+
+class AgentError(Exception):
+    """An error reported to the host as ``{"type": <class name>, "message": str(err)}``."""
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+
+class ProtocolError(AgentError):
+    """A line is not a well-formed request or reply."""
+
+    def __init__(self, message: str, req_id=None):
+        super().__init__(message)
+        self.req_id = req_id
+
+
+class BadRequest(AgentError):
+    """A command's arguments are missing or of the wrong type."""
+
+
+class UnknownCommand(AgentError):
+    """The command name is not one this agent knows."""
+
+
+class VersionMismatch(AgentError):
+    """Host and agent speak different protocol major versions."""
+
+
+class StageError(AgentError):
+    """Staging refused: checksum mismatch, unsafe name, missing upload or conflicting version."""
+
+
+class NotLoaded(AgentError):
+    """``time`` or ``score`` before a successful ``load``."""
+
+
+class NothingToRollback(AgentError):
+    """``rollback`` with no earlier active stage recorded."""
+
+
+class RuntimeMissing(AgentError):
+    """numpy or onnxruntime is not installed on the device."""
+
+
+def _builtin(obj):
+    if hasattr(obj, "tolist"):          # numpy scalars and arrays from the runtime
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _encode(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=_builtin).encode("utf-8") + b"\n"
+
+
+def request(req_id: int, cmd: str, args: dict | None = None) -> bytes:
+    """One encoded request line."""
+    return _encode({"id": req_id, "cmd": cmd, "args": args or {}})
+
+
+def reply_ok(req_id, result: dict) -> bytes:
+    """One encoded success reply line."""
+    return _encode({"id": req_id, "ok": True, "result": result})
+
+
+def reply_error(req_id, err_type: str, message: str) -> bytes:
+    """One encoded error reply line; the message is folded onto one line."""
+    message = " ".join(str(message).split())
+    return _encode({"id": req_id, "ok": False, "error": {"type": err_type, "message": message}})
+
+
+def _load_object(line) -> dict:
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ProtocolError(f"line is not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        obj = json.loads(line)
+    except ValueError as err:
+        raise ProtocolError(f"line is not JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"line must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_request(line) -> tuple:
+    """Decode a request line into ``(id, cmd, args)``; raise ``ProtocolError`` when malformed."""
+    obj = _load_object(line)
+    req_id = obj.get("id")
+    if not isinstance(req_id, int) or isinstance(req_id, bool):
+        raise ProtocolError(f"request 'id' must be an integer, got {req_id!r}")
+    cmd, args = obj.get("cmd"), obj.get("args", {})
+    if not isinstance(cmd, str):
+        raise ProtocolError(f"request 'cmd' must be a string, got {cmd!r}", req_id)
+    if not isinstance(args, dict):
+        raise ProtocolError(f"request 'args' must be an object, got {type(args).__name__}", req_id)
+    unknown = sorted(set(obj) - {"id", "cmd", "args"})
+    if unknown:
+        raise ProtocolError(f"request has unknown keys {unknown} (allowed: id, cmd, args)", req_id)
+    return req_id, cmd, args
+
+
+def parse_reply(line) -> dict:
+    """Decode a reply line; raise ``ProtocolError`` unless it has ``id``, ``ok`` and a result or error."""
+    obj = _load_object(line)
+    if "id" not in obj or not isinstance(obj.get("ok"), bool):
+        raise ProtocolError(f"reply lacks 'id' or a boolean 'ok': {_clip(obj)}")
+    if obj["ok"] and not isinstance(obj.get("result"), dict):
+        raise ProtocolError(f"success reply lacks a 'result' object: {_clip(obj)}")
+    err = obj.get("error")
+    if not obj["ok"] and not (isinstance(err, dict) and "type" in err and "message" in err):
+        raise ProtocolError(f"error reply lacks 'error.type' or 'error.message': {_clip(obj)}")
+    return obj
+
+
+def major(version) -> int:
+    """The major number of a protocol version given as ``1``, ``"1"`` or ``"1.2"``."""
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        raise VersionMismatch(f"protocol version {version!r} is not a number") from None
+
+
+def check_version(theirs, side: str = "host") -> None:
+    """Raise ``VersionMismatch`` unless ``theirs`` has this module's major version."""
+    if major(theirs) != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"{side} speaks agent protocol {theirs}, this side speaks {PROTOCOL_VERSION}; "
+            f"install matching versions of edgebuild and edgebuild-agent")
+
+
+def _clip(obj, limit: int = 200) -> str:
+    text = json.dumps(obj)
+    return text if len(text) <= limit else text[:limit] + "..."

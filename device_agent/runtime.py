@@ -1,0 +1,210 @@
+"""Run an exported graph with a stage's weights: numpy + onnxruntime, no torch.
+
+The exported ``model.onnx`` holds the graph only: every weight initializer is declared as external
+data whose file is never written. ``Runtime.load`` decodes the stage's packed weights, arranges them
+as ``graph.json`` says and hands them to onnxruntime as in-memory external initializers
+(``SessionOptions.add_external_initializers``), so the weights are read once, from the packed file.
+onnxruntime uses those buffers without copying them; the runtime keeps them alive.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time as _time
+from pathlib import Path
+
+import numpy as np
+
+from edgebuild.device_agent import codecs, packed
+
+log = logging.getLogger(__name__)
+
+GRAPH_FORMAT = 1
+MODEL_FILE = "model.onnx"
+GRAPH_FILE = "graph.json"
+
+
+class RuntimeLoadError(ValueError):
+    """The graph directory or the weights given to it cannot be used together."""
+
+
+def _default_threads() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def read_graph(graph_dir) -> dict:
+    """Read and check ``graph.json`` of an exported graph directory."""
+    path = Path(graph_dir) / GRAPH_FILE
+    if not path.is_file() or not (Path(graph_dir) / MODEL_FILE).is_file():
+        raise RuntimeLoadError(f"{graph_dir}: not an exported graph directory "
+                               f"(needs {MODEL_FILE} and {GRAPH_FILE}); export the model first")
+    graph = json.loads(path.read_text())
+    if graph.get("format") != GRAPH_FORMAT:
+        raise RuntimeLoadError(f"{path}: graph format {graph.get('format')!r} is not supported "
+                               f"(this runtime knows {GRAPH_FORMAT}); upgrade edgebuild-agent")
+    return graph
+
+
+def bind_weights(weights: dict, state: dict) -> dict:
+    """Arrange ``state`` (state-dict name -> array) into ``{initializer name: float32 array}``."""
+    missing = sorted({spec["source"] for spec in weights.values()} - set(state))
+    if missing:
+        raise RuntimeLoadError(f"the weights lack {len(missing)} tensor(s) the graph needs, e.g. "
+                               f"{missing[:3]}; export and pack the same model")
+    out = {}
+    for name, spec in weights.items():
+        arr = np.asarray(state[spec["source"]], dtype=spec.get("dtype", "float32"))
+        if spec.get("transpose"):
+            arr = arr.T
+        if "shape" in spec and list(arr.shape) != list(spec["shape"]):
+            raise RuntimeLoadError(f"tensor {spec['source']!r} has shape {list(arr.shape)}, the graph "
+                                   f"expects {spec['shape']} for {name!r}; export and pack the same model")
+        out[name] = np.ascontiguousarray(arr)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this whole process so far, in MiB (0.0 where unknown)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    shifted = row - row.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+class Runtime:
+    """An onnxruntime session of one exported graph bound to one stage's weights (batch of one)."""
+
+    def __init__(self, session, graph: dict, buffers, threads: int):
+        self.session = session
+        self.graph = graph
+        self.threads = threads
+        self._buffers = buffers  # onnxruntime reads the weights in place: keep them alive
+        self._eos = set(graph.get("eos_token_ids") or [])
+        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(graph["num_layers"])
+                            for kind in ("key", "value")]
+
+    @classmethod
+    def load(cls, graph_dir, packed_path=None, *, state=None, threads=None) -> "Runtime":
+        """Load ``graph_dir`` with weights decoded from ``packed_path``, or given as ``state``.
+
+        ``state`` maps state-dict names to arrays; exactly one of ``packed_path`` and ``state`` is
+        given. ``threads`` sets onnxruntime's intra-op threads (default: the CPUs this process may use).
+        """
+        if (packed_path is None) == (state is None):
+            raise RuntimeLoadError("give exactly one of packed_path and state to Runtime.load")
+        graph = read_graph(graph_dir)
+        if state is None:
+            _meta, records = packed.read(packed_path)
+            state = codecs.decode_all(records)
+        arrays = bind_weights(graph["weights"], state)
+        threads = int(threads or _default_threads())
+        session, values = _session(Path(graph_dir) / MODEL_FILE, arrays, threads)
+        return cls(session, graph, (arrays, values), threads)
+
+    def _empty_past(self) -> list:
+        shape = (1, self.graph["num_kv_heads"], 0, self.graph["head_dim"])
+        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.graph["num_layers"])]
+
+    def forward(self, input_ids, past=None):
+        """One step: ``input_ids`` (S,) after the cache ``past`` (None: empty).
+
+        Returns ``(logits (S, V) float32, present)``; ``present`` is the cache to pass next time.
+        """
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        past = self._empty_past() if past is None else past
+        start = past[0].shape[2]
+        feeds = {"input_ids": ids,
+                 "attention_mask": np.ones((1, start + ids.shape[1]), dtype=np.int64),
+                 "position_ids": np.arange(start, start + ids.shape[1], dtype=np.int64)[None]}
+        feeds.update(zip(self._past_names, past))
+        outputs = self.session.run(None, feeds)
+        return outputs[0][0], outputs[1:]
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits (S, V) float32 of one token sequence, without a cache."""
+        return self.forward(input_ids)[0]
+
+    def loglikelihood(self, context_ids, continuation_ids) -> tuple:
+        """``(sum of log-probs of continuation given context, whether it is the greedy one)``."""
+        context, continuation = list(context_ids), list(continuation_ids)
+        if not context or not continuation:
+            raise ValueError("loglikelihood needs a non-empty context and continuation")
+        logits = self.logits(context + continuation)[len(context) - 1:-1]
+        logprobs = _log_softmax(logits)
+        target = np.asarray(continuation)
+        total = float(logprobs[np.arange(len(target)), target].sum())
+        return total, bool((logits.argmax(axis=-1) == target).all())
+
+    def greedy(self, input_ids, max_new_tokens, stop_at_eos=True) -> tuple:
+        """Greedy decode with the KV cache; returns ``(new tokens, logits (n, V) that chose them)``."""
+        tokens, steps = [], []
+        logits, past = self.forward(input_ids)
+        for _ in range(max_new_tokens):
+            row = logits[-1]
+            tokens.append(int(row.argmax()))
+            steps.append(row)
+            if stop_at_eos and tokens[-1] in self._eos:
+                break
+            if len(tokens) < max_new_tokens:
+                logits, past = self.forward([tokens[-1]], past)
+        return tokens, np.stack(steps) if steps else np.zeros((0, self.graph["vocab_size"]), np.float32)
+
+    def generate(self, input_ids, max_new_tokens) -> list:
+        """Greedy continuation of ``input_ids`` with the KV cache (stops after an end-of-sequence token)."""
+        return self.greedy(input_ids, max_new_tokens)[0]
+
+    def time(self, prompt_len=64, decode_tokens=32, warmup=2, repeats=5) -> dict:
+        """Time prefill of ``prompt_len`` tokens and KV-cached decode of ``decode_tokens`` tokens.
+
+        Runs ``warmup`` untimed rounds then ``repeats`` timed ones and returns the raw samples:
+        ``{"prefill_ms": [...], "decode_ms_per_token": [...], "peak_rss_mb", "threads",
+        "prompt_len", "decode_tokens"}``. ``peak_rss_mb`` is the whole process's peak.
+        """
+        if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
+            raise ValueError("time needs prompt_len, decode_tokens, repeats >= 1 and warmup >= 0")
+        prompt = np.random.default_rng(0).integers(0, self.graph["vocab_size"], prompt_len)
+        for _ in range(warmup):
+            self._timed_round(prompt, decode_tokens)
+        samples = [self._timed_round(prompt, decode_tokens) for _ in range(repeats)]
+        return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples],
+                "peak_rss_mb": peak_rss_mb(), "threads": self.threads,
+                "prompt_len": prompt_len, "decode_tokens": decode_tokens}
+
+    def _timed_round(self, prompt, decode_tokens) -> tuple:
+        start = _time.perf_counter()
+        logits, past = self.forward(prompt)
+        prefill = _time.perf_counter() - start
+        start = _time.perf_counter()
+        for _ in range(decode_tokens):
+            logits, past = self.forward([int(logits[-1].argmax())], past)
+        decode = _time.perf_counter() - start
+        return prefill * 1e3, decode * 1e3 / decode_tokens
+
+
+def _session(model_path, arrays: dict, threads: int) -> tuple:
+    """An onnxruntime session of ``model_path`` whose external initializers are ``arrays``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+    options.add_external_initializers(list(arrays), values)
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise RuntimeLoadError(f"{model_path}: onnxruntime cannot load the graph with these weights "
+                               f"({str(e).splitlines()[0]}); re-export the model") from e
+    return session, values

@@ -1,0 +1,58 @@
+"""How the host reaches a device agent: the ``Transport`` interface and its registry.
+
+A transport starts the agent (a local subprocess, or the remote command of an SSH session) and
+hands back its stdin and stdout; ``AgentClient`` speaks the protocol over them. It also puts
+files into ``<root>/incoming/`` on the device, where the agent's ``stage`` command finds them::
+
+    transport = transport_for(load_target("rpi5"))
+    client = AgentClient(transport, timeout_s=60)
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import BinaryIO
+
+from edgebuild.build.errors import ConfigError
+from edgebuild.build.registry import Registry
+
+transports: Registry = Registry("transport", error=ConfigError)
+transports.register_lazy("local", "edgebuild.targets.local:LocalTransport")
+transports.register_lazy("ssh", "edgebuild.targets.ssh:SSHTransport")
+
+
+class Transport(ABC):
+    """A way to start the agent on a device and to put files there."""
+
+    @classmethod
+    def from_target(cls, target) -> "Transport":
+        """Build the transport from a ``Target``'s ``connection`` table."""
+        raise ConfigError(f"transport {cls.__name__} cannot be built from a target spec")
+
+    @abstractmethod
+    def open(self) -> tuple[BinaryIO, BinaryIO]:
+        """Start the agent; return ``(stdin, stdout)``: a writable and a readable byte stream.
+
+        Raises ``DeviceError`` when the device cannot be reached or the agent cannot start.
+        """
+
+    @abstractmethod
+    def upload(self, local_path, remote_name: str) -> str:
+        """Copy a local file to ``<root>/incoming/<remote_name>`` on the device, atomically
+        (temporary name, then rename); return the file's path on the device."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the agent if it still runs and release the connection. Safe to call twice."""
+
+    def stderr_tail(self, lines: int = 20) -> list[str]:
+        """The agent's last stderr lines (for error messages when it dies)."""
+        return []
+
+    def exit_status(self) -> int | None:
+        """The agent's exit status once it has exited, else ``None``."""
+        return None
+
+
+def transport_for(target) -> Transport:
+    """The transport named by ``target.connection.transport``, configured from the target."""
+    return transports.get(target.connection.transport).from_target(target)
