@@ -23,7 +23,9 @@ How this implementation follows the paper and its public code, choice by choice:
   centroid ``c`` is the center; the groups within Chebyshev distance ``R_0`` of it (class 0, the
   inner cube) map to the cube directly. The paper fixes the cube's side in weight units (0.1 for
   LLaMA); here ``R_0`` is the ``inner_fraction`` quantile of the groups' Chebyshev distances, so
-  the knob does not depend on the weights' scale. The other groups are outliers: the paper splits
+  the knob does not depend on the weights' scale. Left unset, the fraction is chosen per tensor
+  among ``INNER_CANDIDATES`` by the error on a strided sample of groups, as the paper chooses its
+  per-layer settings by their loss. The other groups are outliers: the paper splits
   the Euclidean distances from ``R_0`` to the farthest group into ``classes`` rings of equal width
   and shrinks the groups of ring ``k`` toward the center by ``R_0 / R_k`` (``R_k`` = the ring's outer
   radius), which puts them inside the cube; decoding divides by the same factor. Equivalently, class
@@ -63,6 +65,8 @@ LADDER_MIN_GROUP = 2        # ... then lowers group_size down to this
 LADDER_CLASSES = 3          # ... then adds classes up to this
 SEARCH_CHUNK = 1 << 20      # groups per KD-tree query
 EXHAUSTIVE_CELLS = 1 << 22  # groups x points per step of the exhaustive search
+SAMPLE_GROUPS = 1 << 16     # groups per tensor that choose the inner cube (inner_fraction None)
+INNER_CANDIDATES = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 1.0)
 
 decode_array = codec.decode_array
 
@@ -76,7 +80,7 @@ class HyperConfig:
     theta_bits: int = 12
     classes: int = 1
     direction: str = "winding"
-    inner_fraction: float = 0.98
+    inner_fraction: float | None = None
     block_rows: int = 0
 
     def __post_init__(self):
@@ -92,9 +96,10 @@ class HyperConfig:
             raise ConfigError(f"hyper knob 'direction' = {self.direction!r} is not allowed "
                               f"(allowed: {', '.join(DIRECTIONS)})")
         frac = self.inner_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))
+                                 or not 0 < frac <= 1):
             raise ConfigError(f"hyper knob 'inner_fraction' = {frac!r} is not allowed "
-                              "(allowed: a number in (0, 1])")
+                              "(allowed: a number in (0, 1], or none to choose it per tensor)")
 
     @property
     def code_bits(self) -> int:
@@ -124,24 +129,34 @@ def trajectory(config: HyperConfig) -> np.ndarray:
     return codec.winding_points(theta, direction_vector(config))
 
 
-def nearest_theta(targets: np.ndarray, points: np.ndarray, exhaustive: bool = False) -> np.ndarray:
-    """Index (uint32) of the point of ``points`` nearest (Euclidean) to each row of ``targets``.
+class _Searcher:
+    """Nearest trajectory point of many targets: a KD-tree (scipy) or, without it, exhaustive."""
 
-    Uses a KD-tree (scipy) unless ``exhaustive`` is set or scipy is missing.
-    """
-    if not exhaustive:
-        try:
-            from scipy.spatial import cKDTree
-        except ImportError:
-            log.info("scipy is missing: hyper falls back to exhaustive search (slow)")
-        else:
-            tree = cKDTree(points)
-            out = np.empty(len(targets), dtype=np.uint32)
-            for start in range(0, len(targets), SEARCH_CHUNK):
-                _, idx = tree.query(targets[start:start + SEARCH_CHUNK], workers=-1)
-                out[start:start + SEARCH_CHUNK] = idx
-            return out
-    return _nearest_exhaustive(targets, points)
+    def __init__(self, points: np.ndarray, exhaustive: bool = False):
+        self.points, self.tree = points, None
+        if not exhaustive:
+            try:
+                from scipy.spatial import cKDTree
+            except ImportError:
+                log.info("scipy is missing: hyper falls back to exhaustive search (slow)")
+            else:
+                self.tree = cKDTree(points)
+
+    def query(self, targets: np.ndarray) -> np.ndarray:
+        """Index (uint32) of the point nearest (Euclidean) to each row of ``targets``."""
+        if self.tree is None:
+            return _nearest_exhaustive(targets, self.points)
+        out = np.empty(len(targets), dtype=np.uint32)
+        for start in range(0, len(targets), SEARCH_CHUNK):
+            _, idx = self.tree.query(targets[start:start + SEARCH_CHUNK], workers=-1)
+            out[start:start + SEARCH_CHUNK] = idx
+        return out
+
+
+def nearest_theta(targets: np.ndarray, points: np.ndarray, exhaustive: bool = False) -> np.ndarray:
+    """Index (uint32) of the point of ``points`` nearest (Euclidean) to each row of ``targets``,
+    by KD-tree (scipy) unless ``exhaustive`` is set or scipy is missing."""
+    return _Searcher(points, exhaustive).query(targets)
 
 
 def _nearest_exhaustive(targets: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -172,45 +187,88 @@ def _groups(arr: np.ndarray, m: int) -> np.ndarray:
     return x.reshape(-1, m)
 
 
-def _block_scaling(g: np.ndarray, config: HyperConfig):
-    """Center, radii and class ids of the groups ``g`` of blocks stacked as ``(blocks, K, m)``.
+@dataclass
+class _Blocks:
+    """Scaling blocks of equal size stacked: centers, offsets from them, and distances."""
 
-    Returns ``(centers f32 (B, m), radii f32 (B, C+1), cls int64 (B, K))``.
-    """
-    classes = config.classes
-    centers = g.mean(axis=1).astype(np.float32)
-    diff = g - centers.astype(np.float64)[:, None, :]
-    cheb, dist = np.abs(diff).max(axis=2), np.sqrt((diff ** 2).sum(axis=2))
-    if classes == 0:
-        return centers, _f32_up(cheb.max(axis=1))[:, None], np.zeros(cheb.shape, dtype=np.int64)
-    inner = _f32_up(np.quantile(cheb, config.inner_fraction, axis=1))
-    far = dist.max(axis=1)
-    steps = np.arange(1, classes + 1, dtype=np.float64) / classes
-    outer = inner.astype(np.float64)[:, None] + steps[None, :] * (far - inner)[:, None]
-    outer[:, -1] = far
-    radii = np.concatenate([inner[:, None], _f32_up(outer)], axis=1)
-    radii64 = radii.astype(np.float64)
-    ring = 1 + (dist[:, :, None] > radii64[:, None, 1:]).sum(axis=2)
-    cls = np.where(cheb <= radii64[:, :1], 0, np.minimum(ring, classes))
-    return centers, radii, cls
+    centers: np.ndarray     # float32 (B, m)
+    offsets: np.ndarray     # float64 (B, K, m): group - center
+    cheb: np.ndarray        # float64 (B, K): Chebyshev distance to the center
+    dist: np.ndarray        # float64 (B, K): Euclidean distance to the center
+
+    @classmethod
+    def of(cls, g: np.ndarray) -> "_Blocks":
+        centers = g.mean(axis=1).astype(np.float32)
+        offsets = g - centers.astype(np.float64)[:, None, :]
+        return cls(centers, offsets, np.abs(offsets).max(axis=2), np.sqrt((offsets ** 2).sum(axis=2)))
+
+    def classes_for(self, inner_fraction: float, classes: int):
+        """Radii (float32 ``(B, classes + 1)``) and class ids (``(B, K)``) for an inner cube
+        holding ``inner_fraction`` of each block's groups and ``classes`` equal-width rings."""
+        if classes == 0:
+            return _f32_up(self.cheb.max(axis=1))[:, None], np.zeros(self.cheb.shape, dtype=np.int64)
+        inner = _f32_up(np.quantile(self.cheb, inner_fraction, axis=1))
+        far = self.dist.max(axis=1)
+        steps = np.arange(1, classes + 1, dtype=np.float64) / classes
+        outer = inner.astype(np.float64)[:, None] + steps[None, :] * (far - inner)[:, None]
+        outer[:, -1] = far
+        radii = np.concatenate([inner[:, None], _f32_up(outer)], axis=1)
+        wide = radii.astype(np.float64)
+        ring = 1 + (self.dist[:, :, None] > wide[:, None, 1:]).sum(axis=2)
+        return radii, np.where(self.cheb <= wide[:, :1], 0, np.minimum(ring, classes))
 
 
-def _scale_blocks(g: np.ndarray, lay: dict, block_rows: int, config: HyperConfig):
-    """Scale every block's groups into the unit cube: ``(centers, radii, cls, u)``."""
+def _split_blocks(g: np.ndarray, lay: dict, block_rows: int) -> list[_Blocks]:
+    """The groups cut into scaling blocks: the full blocks stacked, then the shorter last one."""
     per_block = block_rows * lay["per_row"]
     full = (lay["rows"] // block_rows) * per_block
     parts = [g[:full].reshape(-1, per_block, g.shape[1])] if full else []
     if full < len(g):
         parts.append(g[full:][None])
-    centers, radii, cls, u = [], [], [], []
-    for part in parts:
-        c, r, k = _block_scaling(part, config)
-        scale = np.take_along_axis(r.astype(np.float64), k, axis=1)[:, :, None]
-        offset = part - c.astype(np.float64)[:, None, :]
-        safe = np.where(scale > 0, scale, 1.0)
-        u.append(np.where(scale > 0, (offset / safe + 1.0) / 2.0, 0.5).reshape(-1, g.shape[1]))
-        centers.append(c), radii.append(r), cls.append(k.reshape(-1))
-    return tuple(np.concatenate(x) for x in (centers, radii, cls, u))
+    return [_Blocks.of(p) for p in parts]
+
+
+def _unit(offsets: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Offsets ``(N, m)`` divided by their class radius ``(N,)``, mapped from [-1, 1] to [0, 1]."""
+    scale = scale[:, None]
+    safe = np.where(scale > 0, scale, 1.0)
+    return np.where(scale > 0, (offsets / safe + 1.0) / 2.0, 0.5)
+
+
+def _sample_error(blocks: list[_Blocks], fraction: float, config: HyperConfig, searcher) -> float:
+    """Squared error of a strided sample of groups with the inner cube at ``fraction``."""
+    err = 0.0
+    for b in blocks:
+        radii, cls = b.classes_for(fraction, config.classes)
+        idx = np.arange(0, cls.size, max(1, cls.size // SAMPLE_GROUPS))
+        scale = radii.astype(np.float64)[idx // cls.shape[1], cls.reshape(-1)[idx]]
+        u = _unit(b.offsets.reshape(-1, config.group_size)[idx], scale)
+        near = searcher.points[searcher.query(u)]
+        err += float((((near - u) * (2.0 * scale[:, None])) ** 2).sum())
+    return err
+
+
+def _inner_fraction(blocks: list[_Blocks], config: HyperConfig, searcher) -> float:
+    """``config.inner_fraction``, or when it is ``None`` the candidate with least sampled error."""
+    if config.inner_fraction is not None or config.classes == 0:
+        return 1.0 if config.inner_fraction is None else config.inner_fraction
+    errors = {f: _sample_error(blocks, f, config, searcher) for f in INNER_CANDIDATES}
+    return min(errors, key=errors.get)
+
+
+def _encode_groups(g: np.ndarray, lay: dict, block_rows: int, config: HyperConfig):
+    """Codes (uint32), centers, radii and the inner fraction used, for groups ``g``."""
+    blocks = _split_blocks(g, lay, block_rows)
+    searcher = _Searcher(trajectory(config))
+    fraction = _inner_fraction(blocks, config, searcher)
+    codes, centers, radii = [], [], []
+    for b in blocks:
+        r, cls = b.classes_for(fraction, config.classes)
+        scale = np.take_along_axis(r.astype(np.float64), cls, axis=1).reshape(-1)
+        theta = searcher.query(_unit(b.offsets.reshape(-1, config.group_size), scale))
+        codes.append((cls.reshape(-1).astype(np.uint32) << np.uint32(config.theta_bits)) | theta)
+        centers.append(b.centers), radii.append(r)
+    return np.concatenate(codes), np.concatenate(centers), np.concatenate(radii), fraction
 
 
 def compress_array(arr: np.ndarray, config: HyperConfig) -> tuple[dict, dict]:
@@ -230,14 +288,13 @@ def compress_array(arr: np.ndarray, config: HyperConfig) -> tuple[dict, dict]:
     lay = codec.layout(arr.shape, m, block_rows)
     g = _groups(arr, m)
     if len(g):
-        centers, radii, cls, u = _scale_blocks(g, lay, block_rows, config)
-        theta = nearest_theta(u, trajectory(config))
-        codes = (cls.astype(np.uint32) << np.uint32(config.theta_bits)) | theta
+        codes, centers, radii, fraction = _encode_groups(g, lay, block_rows, config)
     else:
-        centers = np.zeros((0, m), np.float32)
-        radii, codes = np.zeros((0, config.classes + 1), np.float32), np.zeros(0, np.uint32)
+        codes, fraction = np.zeros(0, np.uint32), 1.0
+        centers, radii = np.zeros((0, m), np.float32), np.zeros((0, config.classes + 1), np.float32)
     params = {"group_size": m, "theta_bits": config.theta_bits, "classes": config.classes,
-              "block_rows": block_rows, "direction": config.direction, "shape": list(arr.shape)}
+              "block_rows": block_rows, "direction": config.direction, "inner_fraction": fraction,
+              "shape": list(arr.shape)}
     arrays = {"codes": codec.pack_codes(codes, config.code_bits), "direction": direction_vector(config),
               "centers": centers, "radii": radii.astype(np.float32)}
     return params, arrays

@@ -9,6 +9,7 @@ stage's decoded weights in its place (``edgebuild.device_agent.runtime``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -41,6 +42,9 @@ class _CachedLM(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        # transformers 5 renamed the cache argument from ``past_key_values`` to ``cache``
+        params = inspect.signature(lm.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -49,8 +53,8 @@ class _CachedLM(torch.nn.Module):
         for i in range(0, len(past), 2):
             cache.update(past[i], past[i + 1], i // 2)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache, use_cache=True)
-        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                      use_cache=True, **{self._cache_arg: cache})
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # updated in place
         return (out.logits, *present)
 
 

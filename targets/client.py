@@ -1,0 +1,218 @@
+"""The host side of the agent protocol: one request at a time, each with a timeout.
+
+    with AgentClient(transport_for(target), timeout_s=60) as agent:
+        agent.hello(target.name)
+        deploy_stage(agent, agent.transport, "rtn", "3f2a9c", {"model.onnx": ..., "weights.pack": ...})
+        agent.load("rtn", "3f2a9c", threads=4)
+        samples = agent.time(prompt_len=64, decode_tokens=32)
+
+Every failure raises ``DeviceError`` with a one-line message: the agent died (with its last
+stderr lines), no reply in time (the agent is then stopped), a protocol error, or an error the
+agent reported (its type and message).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+
+from edgebuild.build.errors import DeviceError
+from edgebuild.device_agent import protocol
+
+log = logging.getLogger(__name__)
+
+SCORE_BATCH = 64          # score requests sent per protocol request
+
+
+def _read_lines(stream, sink: queue.Queue) -> None:
+    """Put each line of ``stream`` into ``sink``, then ``None`` at end of stream."""
+    try:
+        for line in iter(stream.readline, b""):
+            if not line:        # text-mode streams end with ""
+                break
+            sink.put(line)
+    except (OSError, ValueError) as err:    # stream closed under us
+        log.debug("agent stdout closed: %s", err)
+    finally:
+        sink.put(None)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a local file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class AgentClient:
+    """Starts the agent through ``transport`` and sends it requests."""
+
+    def __init__(self, transport, timeout_s: float = 60.0):
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self._next_id = 0
+        self._closed = False
+        self._stdin, stdout = transport.open()
+        self._lines: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=_read_lines, args=(stdout, self._lines),
+                                        name="agent-stdout", daemon=True)
+        self._reader.start()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- commands -----------------------------------------------------------------------
+
+    def hello(self, target: str | None = None) -> dict:
+        """Introduce the host (protocol version, target key); return the agent's versions."""
+        result = self.call("hello", {"protocol": protocol.PROTOCOL_VERSION, "target": target})
+        try:
+            protocol.check_version(result.get("protocol"), side="agent")
+        except protocol.VersionMismatch as err:
+            raise DeviceError(str(err)) from None
+        return result
+
+    def info(self) -> dict:
+        """Device facts: arch, cores, RAM, free disk, temperature, throttling, versions, stages."""
+        return self.call("info")
+
+    def stage(self, name: str, version: str, files: list[dict]) -> dict:
+        """Install uploaded files (``[{path, sha256, as}]``) as stage ``name/version``."""
+        return self.call("stage", {"name": name, "version": version, "files": files})
+
+    def load(self, name: str, version: str, threads: int | None = None, packed: str | None = None,
+             timeout_s: float | None = None) -> dict:
+        """Load a staged model into the agent's runtime."""
+        args = {"name": name, "version": version, "threads": threads, "packed": packed}
+        return self.call("load", {k: v for k, v in args.items() if v is not None}, timeout_s)
+
+    def time(self, timeout_s: float | None = None, **kwargs) -> dict:
+        """Time the loaded model (prompt_len, decode_tokens, warmup, repeats); raw samples."""
+        return self.call("time", kwargs, timeout_s)
+
+    def score(self, requests, timeout_s: float | None = None) -> list[tuple[float, bool]]:
+        """Log-likelihoods of ``[(context_ids, continuation_ids), ...]``: ``[(logprob, greedy)]``.
+
+        Sent in batches of ``SCORE_BATCH``; ``timeout_s`` applies to each batch.
+        """
+        pairs = [{"context": list(ctx), "continuation": list(cont)} for ctx, cont in requests]
+        out = []
+        for start in range(0, len(pairs), SCORE_BATCH):
+            result = self.call("score", {"requests": pairs[start:start + SCORE_BATCH]}, timeout_s)
+            out.extend((float(lp), bool(greedy)) for lp, greedy in result["results"])
+        return out
+
+    def activate(self, name: str, version: str) -> dict:
+        """Make a staged version the active one on the device."""
+        return self.call("activate", {"name": name, "version": version})
+
+    def rollback(self) -> dict:
+        """Make the previously active version active again."""
+        return self.call("rollback")
+
+    def close(self) -> None:
+        """Ask the agent to shut down, then close the transport. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self._reader.is_alive():
+                self.call("shutdown", timeout_s=min(self.timeout_s, 10.0))
+        except DeviceError as err:
+            log.debug("shutdown: %s", err)
+        finally:
+            self._closed = True
+            self.transport.close()
+
+    # --- the exchange -------------------------------------------------------------------
+
+    def call(self, cmd: str, args: dict | None = None, timeout_s: float | None = None) -> dict:
+        """Send one request and return its result; raise ``DeviceError`` on any failure."""
+        if self._closed:
+            raise DeviceError(f"cannot send {cmd!r}: the connection to the agent is closed")
+        self._next_id += 1
+        self._send(protocol.request(self._next_id, cmd, args), cmd)
+        reply = self._receive(self._next_id, cmd, timeout_s or self.timeout_s)
+        if not reply["ok"]:
+            err = reply["error"]
+            exc = DeviceError(f"agent refused {cmd!r}: {err['type']}: {err['message']}")
+            exc.remote_type = err["type"]
+            raise exc
+        return reply["result"]
+
+    def _send(self, line: bytes, cmd: str) -> None:
+        try:
+            self._stdin.write(line)
+            self._stdin.flush()
+        except (OSError, ValueError):        # broken pipe, or stdin already closed
+            raise self._died(cmd) from None
+
+    def _receive(self, req_id: int, cmd: str, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                self._abort()
+                raise DeviceError(f"no reply to {cmd!r} within {timeout_s:g} s; the agent was "
+                                  f"stopped (raise the timeout for a slow device)") from None
+            if line is None:
+                raise self._died(cmd)
+            reply = self._parse(line, cmd)
+            if reply is not None and reply["id"] == req_id:
+                return reply
+            if reply is not None:
+                self._unexpected(reply, req_id, cmd)
+
+    def _parse(self, line, cmd: str) -> dict | None:
+        text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+        if not text.lstrip().startswith("{"):       # e.g. a login banner from a shell rc file
+            log.warning("ignoring non-protocol output from the agent: %s", text.strip()[:200])
+            return None
+        try:
+            return protocol.parse_reply(text)
+        except protocol.ProtocolError as err:
+            self._abort()
+            raise DeviceError(f"protocol error in the reply to {cmd!r}: {err}") from None
+
+    def _unexpected(self, reply: dict, req_id: int, cmd: str) -> None:
+        self._abort()
+        if reply["id"] is None and not reply["ok"]:
+            raise DeviceError(f"agent could not read the {cmd!r} request: "
+                              f"{reply['error']['type']}: {reply['error']['message']}")
+        raise DeviceError(f"protocol error: reply id {reply['id']!r} to request {req_id} ({cmd!r})")
+
+    def _abort(self) -> None:
+        self._closed = True
+        self.transport.close()
+
+    def _died(self, cmd: str) -> DeviceError:
+        self._abort()
+        status = self.transport.exit_status()
+        tail = " | ".join(line.strip() for line in self.transport.stderr_tail(5) if line.strip())
+        where = f" (exit status {status})" if status is not None else ""
+        return DeviceError(f"the agent stopped before replying to {cmd!r}{where}; "
+                           f"last stderr: {tail or '(empty)'}")
+
+
+def deploy_stage(client: AgentClient, transport, name: str, version: str,
+                 files: dict[str, Path]) -> dict:
+    """Upload ``{name in stage: local path}``, then have the agent verify and install them.
+
+    Returns the agent's ``stage`` result (``path``, ``files`` with sha256 and bytes, ``existing``).
+    """
+    entries = []
+    for as_name, path in files.items():
+        sha = sha256_file(path)
+        log.info("uploading %s (%.1f MB) for stage %s/%s", as_name, Path(path).stat().st_size / 2**20,
+                 name, version)
+        remote = transport.upload(path, f"{name}.{version}.{as_name}")
+        entries.append({"path": remote, "sha256": sha, "as": as_name})
+    return client.stage(name, version, entries)
