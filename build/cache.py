@@ -29,12 +29,12 @@ def digest(*parts) -> str:
 
 def code_version(*packages: str) -> str:
     """Hash of the source files of the given ``edgebuild.*`` packages (and the release number)."""
-    import importlib
+    import importlib.util
     h = hashlib.sha256(__version__.encode())
     for name in sorted(packages):
         if name not in _CODE_DIRS:
-            mod = importlib.import_module(f"edgebuild.{name}")
-            root = Path(mod.__file__).parent
+            spec = importlib.util.find_spec(f"edgebuild.{name}")   # no import: keeps torch out
+            root = Path(spec.origin).parent
             files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".yaml", ".jsonl"))
             sub = hashlib.sha256()
             for p in files:

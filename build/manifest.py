@@ -81,14 +81,14 @@ def link_artifacts(result, runs: dict) -> dict:
 
 def _place(src: Path, dst: Path, root: Path) -> dict:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    if not (dst.exists() and os.path.samefile(src, dst)):
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
     return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
 
 

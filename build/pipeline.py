@@ -244,8 +244,14 @@ class Pipeline:
     def _calibration_texts(self) -> list:
         if not self.cfg.calibration_texts:
             return []
-        from edgebuild.bench.quality import calibration_texts
-        return calibration_texts(self.req.data_dir, self.cfg.calibration_texts, seed=self.cfg.seed)
+        from edgebuild.bench.quality import quality_texts
+        held_out = set(self._fixed_texts())
+        pool = quality_texts(self.req.data_dir, self.cfg.calibration_texts + len(held_out), seed=self.cfg.seed + 1)
+        return [t for t in pool if t not in held_out][: self.cfg.calibration_texts]
+
+    def _fixed_texts(self) -> list:
+        from edgebuild.bench.quality import quality_texts
+        return quality_texts(self.req.data_dir, seed=self.cfg.seed)
 
     def _graph(self) -> str:
         from edgebuild.export import exporters
@@ -298,7 +304,7 @@ class Pipeline:
     def _quality(self, run: StageRun, model, tok) -> dict:
         from edgebuild.bench import quality
         import numpy as np
-        texts = quality.fixed_texts(self.req.data_dir)
+        texts = self._fixed_texts()
         key = digest("reference-logprobs", self.ref.fingerprint, texts, code_version("bench"))
         entry = self.cache.get("reflogits", key)
         if entry is None:
@@ -330,7 +336,7 @@ class Pipeline:
         graph_dir = self.cache.path("graph", run.keys["graph"])
         files = {"model.onnx": graph_dir / "model.onnx", "graph.json": graph_dir / "graph.json",
                  PACKED: Path(run.pack["path"])}
-        version = run.keys["pack"][:16]
+        version = digest(run.keys["pack"], run.keys["graph"])[:16]
         rt = self.target.runtime
         t = self.target.timing
         with self.progress.step(f"device {run.stage}"):

@@ -32,11 +32,18 @@ def row(run, base, tasks) -> dict:
         cells[t] = {"score": r["score"], "n": r["n"], "retention": (r["score"] / b) if b else None}
     return {"stage": run.stage, "attempt": run.attempt + 1, "method": run.method,
             "reference_method": run.pack.get("reference_method", False), "knobs": run.knobs,
-            "bytes": run.pack.get("bytes"), "bits_per_weight": stats.get("bits_per_weight"),
+            "bytes": run.pack.get("bytes"), "bits_per_weight": bits_per_weight(stats),
             "tasks": cells, "kl": (run.quality or {}).get("kl"),
             "decode_ms_per_token_p50": lat.get("decode_ms_per_token_p50"),
             "prefill_ms_p50": lat.get("prefill_ms_p50"), "device": (run.device or {}).get("status"),
             "status": run.status, "note": run.note, "reasons": (run.gate or {}).get("reasons", [])}
+
+
+def bits_per_weight(stats: dict):
+    """Bits per compressed weight; for a stage that compresses nothing, bits per stored weight."""
+    if not stats:
+        return None
+    return stats.get("bits_per_weight") if stats.get("compressed_weights") else stats.get("bits_per_weight_all")
 
 
 def as_dict(result, manifest_path=None) -> dict:
@@ -66,7 +73,8 @@ def print_table(result, manifest_path=None) -> None:
                       _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
                       _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
                       _verdict(r))
-    console = Console()
+    import sys
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for r in data["stages"]:
         for reason in r["reasons"]:

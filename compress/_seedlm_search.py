@@ -1,23 +1,27 @@
-"""The SeedLM seed search as batched torch matrix work (CPU or CUDA).
+"""The SeedLM seed search: for each block, the candidate seed with the lowest error after quantisation.
 
-For every candidate seed ``s`` with basis ``U_s = Q_s R_s`` (thin QR) the bank holds ``pinv(U_s)``,
-``-2 Q_s`` and ``R_s``. For a chunk of blocks one matmul gives, for a chunk of seeds, the least-squares
-coefficients ``t = pinv(U_s) w`` and ``-2 y`` with ``y = Q_s^T w``. The coefficients are quantised
-(shared exponent ``e``, 4-bit mantissas ``m``) and the error after quantisation follows without building
-the blocks, since ``w - Q y`` is orthogonal to ``Q``:
+For a seed ``s`` with basis ``U = Q R`` (thin QR, float64, stored as float32) and block ``w``:
 
-    ||w - 2^e U m||^2 = ||w||^2 - ||y||^2 + ||y - z||^2 = ||w||^2 + sum_p z_p (z_p - 2 y_p),
-    z = 2^e R m
+    y  = Q^T w                      (the bank stores -2 Q, so the projection gives y' = -2 y)
+    t  = R^-1 y                     (least-squares coefficients, by back substitution)
+    e  = smallest integer with max|t| < 7.5 * 2**e, clamped to [exp_lo, exp_hi]
+    m  = clip(round(t / 2**e), -8, 7)
+    z  = 2**e R m
+    ||w - 2**e U m||^2 = ||w||^2 - ||y||^2 + ||y - z||^2 = ||w||^2 + sum_p z_p (z_p + y'_p)
 
-The constant ``||w||^2`` is dropped; the lowest score over all candidate seeds wins (first on ties).
-Unlike the Gram form ``4^e m^T G m - 2^e ...``, this keeps float32 accurate for ill-conditioned bases
-with large coefficients: the rounding error grows like ``2^e``, not ``4^e``.
+because ``w - Q y`` is orthogonal to ``Q``. The constant ``||w||^2`` is dropped: the lowest score wins
+(the first seed on ties). The rounding error of this form grows like ``2**e``, so it stays accurate for
+ill-conditioned bases with large coefficients (the Gram form ``4**e m^T G m`` does not). A diagonal
+entry of ``R`` below ``1e-6`` of the largest marks a rank-deficient basis: that coefficient is 0.
 
-Exponent rule: ``e`` is the smallest integer with ``max|t| < 7.5 * 2**e`` (read from the float32 bits
-of ``max|t| / 7.5``), clamped to ``[exp_lo, exp_hi]``; ``m = clip(round(t / 2**e), -8, 7)``.
+``e`` is read from the float32 exponent bits of ``max|t| / 7.5``; ``2**e`` and ``2**-e`` are built from
+bits too, so every step is elementwise and the whole tile fuses into one kernel under ``torch.compile``
+(C++ on CPU, Triton on CUDA). Without compilation the projection is one matmul per seed chunk.
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,127 +29,216 @@ import torch
 
 from edgebuild.device_agent.codecs import seedlm as codec
 
+log = logging.getLogger(__name__)
+
 MANT_MIN = -(1 << (codec.COEF_BITS - 1))
 MANT_MAX = (1 << (codec.COEF_BITS - 1)) - 1
 _INV_RANGE = 1.0 / (MANT_MAX + 0.5)
 _F32_BIAS = 126          # float32 exponent bits of x in [2**(k-1), 2**k) equal k + 126
+_RANK_TOL = 1e-6
 
 
 @dataclass
 class SeedBank:
-    """Precomputed per-seed matrices, in chunks of seeds."""
+    """Per-seed search terms, padded to ``groups * seed_chunk`` seeds with copies of the first."""
 
-    seeds: np.ndarray              # (S,) candidate seeds, int64
-    basis: torch.Tensor            # (S, C, P) float32 normalised bases (same values as the decoder's)
-    mats: list                     # per seed chunk: (C, 2*P*Sc) float32 [pinv | -2 Q], p-major columns
-    tris: list                     # per seed chunk: {(p, q): (Sc,) float32}, R's upper triangle
-    starts: list                   # first seed index of each chunk
+    seeds: np.ndarray       # (S,) candidate seeds, int64
+    basis: torch.Tensor     # (S, C, P) float32 normalised bases (the decoder's values)
+    proj: torch.Tensor      # (G, C, P, Sc) float32: -2 Q
+    tri: torch.Tensor       # (G, T, Sc): R's upper triangle, row-major
+    solve: torch.Tensor     # (G, T, Sc): back substitution terms (see _solve_terms)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.proj.shape[2]
 
 
 @dataclass
 class SearchResult:
     """The winning seed (index into the bank), exponent and mantissas of each block."""
 
-    index: torch.Tensor            # (N,) int64
-    exponent: torch.Tensor         # (N,) int32, in [exp_lo, exp_hi]
-    mantissa: torch.Tensor         # (N, P) int8
-    score: torch.Tensor            # (N,) float32: squared error minus ||w||^2
+    index: torch.Tensor     # (N,) int64
+    exponent: torch.Tensor  # (N,) int32, in [exp_lo, exp_hi]
+    mantissa: torch.Tensor  # (N, P) int8
+    score: torch.Tensor     # (N,) float32: squared error minus ||w||^2
 
 
 def make_bank(seeds, block_size: int, latent_dim: int, bits: int, seed_chunk: int,
               device: str = "cpu") -> SeedBank:
-    """Precompute the search matrices of ``seeds`` (from float64 factorisations)."""
+    """Precompute the search terms of ``seeds`` in chunks of ``seed_chunk``."""
     seeds = np.asarray(seeds, dtype=np.int64)
     basis = torch.from_numpy(codec.bases(seeds, block_size, latent_dim, bits))
-    wide = basis.double()
-    pinv = torch.linalg.pinv(wide)                    # (S, P, C)
-    q, r = torch.linalg.qr(wide)                      # (S, C, P), (S, P, P)
-    mats, tris, starts = [], [], []
-    for lo in range(0, len(seeds), seed_chunk):
-        hi = min(len(seeds), lo + seed_chunk)
-        proj = pinv[lo:hi].permute(2, 1, 0).reshape(block_size, -1)
-        back = (-2.0 * q[lo:hi]).permute(1, 2, 0).reshape(block_size, -1)
-        mats.append(torch.cat([proj, back], 1).float().contiguous().to(device))
-        tris.append(_triangle(r[lo:hi], latent_dim, device))
-        starts.append(lo)
-    return SeedBank(seeds, basis, mats, tris, starts)
+    groups = -(-len(seeds) // seed_chunk)
+    padded = torch.cat([basis, basis[:1].expand(groups * seed_chunk - len(seeds), -1, -1)])
+    q, r = torch.linalg.qr(padded.double())
+    shape = (groups, seed_chunk)
+    proj = (-2.0 * q).permute(1, 2, 0).reshape(block_size, latent_dim, *shape).permute(2, 0, 1, 3)
+    rows, cols = _upper(latent_dim)
+    tri = r[:, rows, cols].T.reshape(-1, *shape).transpose(0, 1)
+    solve = _solve_terms(r)[:, rows, cols].T.reshape(-1, *shape).transpose(0, 1)
+    return SeedBank(seeds, basis, *(x.float().contiguous().to(device) for x in (proj, tri, solve)))
 
 
-def _triangle(r, latent_dim, device):
-    """``{(p, q): (Sc,) float32}`` for the upper triangle ``q >= p`` of ``R``."""
-    return {(p, q): r[:, p, q].float().contiguous().to(device)
-            for p in range(latent_dim) for q in range(p, latent_dim)}
+def _upper(latent_dim):
+    pairs = [(p, q) for p in range(latent_dim) for q in range(p, latent_dim)]
+    return [p for p, _ in pairs], [q for _, q in pairs]
 
 
-def _exponent_bits(t_slices, exp_lo, exp_hi):
-    """Biased float32 exponent bits of ``max|t| / 7.5``, clamped: ``e = bits - 126``."""
-    peak = t_slices[0].abs()
-    for t in t_slices[1:]:
-        peak = torch.maximum(peak, t.abs())
-    peak.mul_(_INV_RANGE)
-    ebits = peak.view(torch.int32) >> 23
-    return ebits.clamp_(exp_lo + _F32_BIAS, exp_hi + _F32_BIAS)
+def _solve_terms(r):
+    """``t_p = y'_p a_p + sum_{q>p} t_q b_pq`` with ``a_p = -1/(2 R_pp)``, ``b_pq = -R_pq/R_pp``."""
+    diag = torch.diagonal(r, dim1=1, dim2=2)
+    scale = diag.abs().amax(1, keepdim=True)
+    inv = torch.where(diag.abs() > _RANK_TOL * scale, 1.0 / diag, torch.zeros_like(diag))
+    terms = -r * inv.unsqueeze(2)
+    eye = torch.eye(r.shape[1], dtype=torch.bool)
+    return torch.where(eye, (-0.5 * inv).unsqueeze(2).expand_as(r), terms)
 
 
-def _pow2(ebits, sign):
-    """``2**e`` (sign=+1) or ``2**-e`` (sign=-1) as float32, built from the exponent bits."""
-    raw = (ebits + 1) if sign > 0 else (2 * _F32_BIAS + 1 - ebits)
-    return (raw << 23).view(torch.float32)
+def _term_index(latent_dim):
+    rows, cols = _upper(latent_dim)
+    return {(p, q): k for k, (p, q) in enumerate(zip(rows, cols))}
 
 
-def _chunk_scores(blocks, mat, tri, exp_lo, exp_hi):
-    """Scores ``(N, Sc)``, exponent bits ``(N, Sc)`` and mantissas ``[P x (N, Sc)]`` of one chunk."""
-    n = blocks.shape[0]
-    latent = len([k for k in tri if k[0] == k[1]])
-    x = (blocks @ mat).view(n, 2, latent, -1)
-    t, back = x[:, 0].unbind(1), x[:, 1].unbind(1)
-    ebits = _exponent_bits(t, exp_lo, exp_hi)
-    scale = _pow2(ebits, -1)
-    mant = [(tp * scale).round_().clamp_(MANT_MIN, MANT_MAX) for tp in t]
-    two_e = _pow2(ebits, 1)
+def _project(w_cols, q_cols):
+    """``y'_p = sum_c w_c q_cp``, summed in order of ``c``."""
+    out = []
+    for p in range(len(q_cols[0])):
+        acc = w_cols[0] * q_cols[0][p]
+        for c in range(1, len(w_cols)):
+            acc = acc + w_cols[c] * q_cols[c][p]
+        out.append(acc)
+    return out
+
+
+def _coefficients(y, solve, index):
+    t = [None] * len(y)
+    for p in reversed(range(len(y))):
+        acc = y[p] * solve(index[p, p])
+        for q in range(p + 1, len(y)):
+            acc = acc + t[q] * solve(index[p, q])
+        t[p] = acc
+    return t
+
+
+def _quantise(t, lo_bits, hi_bits):
+    """Exponent bits (``e + 126``, clamped) and float mantissas."""
+    peak = t[0].abs()
+    for tp in t[1:]:
+        peak = torch.maximum(peak, tp.abs())
+    ebits = torch.clamp((peak * _INV_RANGE).view(torch.int32) >> 23, lo_bits, hi_bits)
+    scale = ((2 * _F32_BIAS + 1 - ebits) << 23).view(torch.float32)
+    return ebits, [torch.clamp(torch.round(tp * scale), MANT_MIN, MANT_MAX) for tp in t]
+
+
+def _score(y, ebits, mant, tri, index):
+    two_e = ((ebits + 1) << 23).view(torch.float32)
     score = None
-    for p in range(latent):
-        z = mant[p] * tri[p, p]
-        for q in range(p + 1, latent):
-            z.addcmul_(mant[q], tri[p, q])
-        z.mul_(two_e)
-        term = (z + back[p]).mul_(z)
-        score = term if score is None else score.add_(term)
-    return score, ebits, mant
+    for p in range(len(y)):
+        z = mant[p] * tri(index[p, p])
+        for q in range(p + 1, len(y)):
+            z = z + mant[q] * tri(index[p, q])
+        z = z * two_e
+        term = (z + y[p]) * z
+        score = term if score is None else score + term
+    return score
 
 
-def search(blocks: torch.Tensor, bank: SeedBank, exp_lo: int, exp_hi: int,
-           block_chunk: int = 1024) -> SearchResult:
-    """Best candidate seed of each row of ``blocks`` (N, C), error measured after quantisation."""
-    parts = [_search_rows(blocks[lo:lo + block_chunk], bank, exp_lo, exp_hi)
-             for lo in range(0, blocks.shape[0], block_chunk)]
-    return SearchResult(*(torch.cat(list(col)) for col in zip(*(
-        (r.index, r.exponent, r.mantissa, r.score) for r in parts))))
+def tile_best(rows, proj, tri, solve, lo_bits, hi_bits, matmul: bool = False):
+    """Best seed of each row of ``rows`` (N, C) over a tile of ``G x Sc`` seeds: ``(score, column)``."""
+    groups, size, latent, chunk = proj.shape
+    index = _term_index(latent)
+    if matmul:
+        y = list((rows @ proj.reshape(size, -1)).view(1, -1, latent, chunk).unbind(2))
+    else:
+        w_cols = [rows[None, :, c, None] for c in range(size)]
+        y = _project(w_cols, [[proj[:, None, c, p, :] for p in range(latent)] for c in range(size)])
+    ebits, mant = _quantise(_coefficients(y, lambda k: solve[:, None, k, :], index), lo_bits, hi_bits)
+    low, col = _score(y, ebits, mant, lambda k: tri[:, None, k, :], index).min(2)
+    best, group = low.min(0)
+    return best, col.gather(0, group.unsqueeze(0)).squeeze(0) + group * chunk
 
 
-def _search_rows(rows, bank, exp_lo, exp_hi):
-    n, dev = rows.shape[0], rows.device
-    latent = bank.basis.shape[2]
-    best = torch.full((n,), float("inf"), device=dev)
-    index = torch.zeros(n, dtype=torch.int64, device=dev)
-    ebest = torch.zeros(n, dtype=torch.int32, device=dev)
-    mbest = torch.zeros(n, latent, dtype=torch.float32, device=dev)
-    for start, mat, tri in zip(bank.starts, bank.mats, bank.tris):
-        score, ebits, mant = _chunk_scores(rows, mat, tri, exp_lo, exp_hi)
-        low, arg = score.min(1)
-        better = low < best
-        pick = arg.unsqueeze(1)
-        best = torch.where(better, low, best)
-        index = torch.where(better, arg + start, index)
-        ebest = torch.where(better, ebits.gather(1, pick).squeeze(1) - _F32_BIAS, ebest)
-        chosen = torch.stack([m.gather(1, pick).squeeze(1) for m in mant], 1)
-        mbest = torch.where(better.unsqueeze(1), chosen, mbest)
-    return SearchResult(index, ebest, mbest.to(torch.int8), best)
+def finish(rows, index, bank: SeedBank, lo_bits, hi_bits) -> SearchResult:
+    """Exponents, mantissas and scores of the chosen seeds, with the tile kernel's arithmetic."""
+    size, latent = rows.shape[1], bank.latent_dim
+    pick = lambda a: a.transpose(0, 1).reshape(a.shape[1], -1)[:, index]  # noqa: E731
+    proj = bank.proj.permute(1, 2, 0, 3).reshape(size, latent, -1)[:, :, index]
+    tri, solve, terms = pick(bank.tri), pick(bank.solve), _term_index(latent)
+    y = _project([rows[:, c] for c in range(size)], [[proj[c, p] for p in range(latent)]
+                                                      for c in range(size)])
+    ebits, mant = _quantise(_coefficients(y, lambda k: solve[k], terms), lo_bits, hi_bits)
+    score = _score(y, ebits, mant, lambda k: tri[k], terms)
+    mant = torch.stack(mant, 1).to(torch.int8)
+    return SearchResult(index, (ebits - _F32_BIAS).to(torch.int32), mant, score)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_tile():
+    """``tile_best`` under ``torch.compile`` (built on first use, cached per shape by torch)."""
+    return torch.compile(tile_best, dynamic=False)
+
+
+class Searcher:
+    """Runs the tile kernel over blocks; compiled when possible, eager otherwise."""
+
+    def __init__(self, bank: SeedBank, kernel: str = "auto", block_chunk: int = 256):
+        self.bank, self.kernel, self.block_chunk = bank, kernel, block_chunk
+
+    def search(self, blocks: torch.Tensor, exp_lo: int, exp_hi: int, progress=None) -> SearchResult:
+        """Best candidate seed of each row of ``blocks`` (N, C); ``progress(rows_done)`` per chunk."""
+        dev = self.bank.proj.device
+        lo = torch.tensor(exp_lo + _F32_BIAS, dtype=torch.int32, device=dev)
+        hi = torch.tensor(exp_hi + _F32_BIAS, dtype=torch.int32, device=dev)
+        blocks = blocks.to(dev, torch.float32)
+        index = torch.empty(blocks.shape[0], dtype=torch.int64, device=dev)
+        for start in range(0, blocks.shape[0], self.block_chunk):
+            rows = blocks[start:start + self.block_chunk]
+            index[start:start + rows.shape[0]] = self._rows(rows, lo, hi)
+            if progress is not None:
+                progress(start + rows.shape[0])
+        return finish(blocks, index, self.bank, lo, hi)
+
+    def _rows(self, rows, lo, hi):
+        if self.kernel != "eager":
+            try:
+                return self._compiled(rows, lo, hi)
+            except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+                if self.kernel == "compiled":
+                    raise
+                log.warning("compiled seed search unavailable (%s); using the eager kernel",
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self.kernel = "eager"
+        return self._eager(rows, lo, hi)
+
+    def _compiled(self, rows, lo, hi):
+        n = rows.shape[0]
+        if n < self.block_chunk:
+            rows = torch.cat([rows, rows.new_zeros(self.block_chunk - n, rows.shape[1])])
+        b = self.bank
+        _, col = compiled_tile()(rows, b.proj, b.tri, b.solve, lo, hi)
+        if self.kernel == "auto":
+            self.kernel = "compiled"
+        return col[:n]
+
+    def _eager(self, rows, lo, hi):
+        b = self.bank
+        best, index = None, None
+        for g in range(b.proj.shape[0]):
+            low, col = tile_best(rows, b.proj[g:g + 1], b.tri[g:g + 1], b.solve[g:g + 1], lo, hi,
+                                 matmul=True)
+            col = col + g * b.proj.shape[3]
+            if best is None:
+                best, index = low, col
+            else:
+                better = low < best
+                best, index = torch.where(better, low, best), torch.where(better, col, index)
+        return index
 
 
 def reconstruct(basis: torch.Tensor, exponent: torch.Tensor, mantissa: torch.Tensor) -> torch.Tensor:
-    """Blocks ``(N, C)`` float32, with the decoder's arithmetic (products summed over p in order)."""
-    coef = mantissa.float() * _pow2(exponent.to(torch.int32).unsqueeze(1) + _F32_BIAS, 1)
+    """Blocks ``(N, C)`` float32 with the decoder's arithmetic (products summed over p in order)."""
+    two_e = ((exponent.to(torch.int32) + _F32_BIAS + 1) << 23).view(torch.float32)
+    coef = mantissa.float() * two_e.unsqueeze(1)
     out = basis[:, :, 0] * coef[:, None, 0]
     for p in range(1, basis.shape[2]):
         out = out + basis[:, :, p] * coef[:, None, p]

@@ -26,12 +26,13 @@ How this implementation follows the paper and its public code, choice by choice:
   the knob does not depend on the weights' scale. Left unset, the fraction is chosen per tensor
   among ``INNER_CANDIDATES`` by the error on a strided sample of groups, as the paper chooses its
   per-layer settings by their loss. The other groups are outliers: the paper splits
-  the Euclidean distances from ``R_0`` to the farthest group into ``classes`` rings of equal width
-  and shrinks the groups of ring ``k`` toward the center by ``R_0 / R_k`` (``R_k`` = the ring's outer
-  radius), which puts them inside the cube; decoding divides by the same factor. Equivalently, class
-  ``k`` has its own scale ``R_k``, which is how the record stores it. With ``classes = 0`` the cube
-  is stretched over every group (``R_0`` = largest Chebyshev distance). The paper also searches the
-  number of classes up to a maximum; each count has its own code width here, so it is a knob.
+  the Euclidean distances from ``R_0`` to the farthest group into ``classes`` rings of equal
+  width and shrinks the groups of ring ``k`` toward the center by ``R_0 / R_k`` (``R_k`` = the
+  ring's outer radius), which puts them inside the cube; decoding divides by the same factor.
+  Equivalently, class ``k`` has its own scale ``R_k``, which is how the record stores it. With
+  ``classes = 0`` the cube is stretched over every group (``R_0`` = largest Chebyshev distance).
+  The paper also searches the number of classes up to a maximum; each count has its own code
+  width here, so it is a knob.
 * Codes: the paper stores ``class * (n + 1) + index`` (its codebook adds the centroid to the ``n``
   trajectory points) in ``bit_length`` bits. Here the code is ``class << theta_bits | theta``, the
   trajectory alone, bit-packed tightly; a group costs ``theta_bits + bit_length(classes)`` bits.
@@ -178,7 +179,8 @@ def _f32_up(x: np.ndarray) -> np.ndarray:
 
 
 def _groups(arr: np.ndarray, m: int) -> np.ndarray:
-    """``arr`` as float64 groups ``(rows * per_row, m)``, rows padded by repeating their last value."""
+    """``arr`` as float64 groups ``(rows * per_row, m)``; rows padded by repeating their last
+    value."""
     rows, cols = codec.as_2d(arr.shape)
     x = arr.astype(np.float64).reshape(rows, cols)
     pad = -cols % m
@@ -200,13 +202,15 @@ class _Blocks:
     def of(cls, g: np.ndarray) -> "_Blocks":
         centers = g.mean(axis=1).astype(np.float32)
         offsets = g - centers.astype(np.float64)[:, None, :]
-        return cls(centers, offsets, np.abs(offsets).max(axis=2), np.sqrt((offsets ** 2).sum(axis=2)))
+        dist = np.sqrt((offsets ** 2).sum(axis=2))
+        return cls(centers, offsets, np.abs(offsets).max(axis=2), dist)
 
     def classes_for(self, inner_fraction: float, classes: int):
         """Radii (float32 ``(B, classes + 1)``) and class ids (``(B, K)``) for an inner cube
         holding ``inner_fraction`` of each block's groups and ``classes`` equal-width rings."""
         if classes == 0:
-            return _f32_up(self.cheb.max(axis=1))[:, None], np.zeros(self.cheb.shape, dtype=np.int64)
+            radii = _f32_up(self.cheb.max(axis=1))[:, None]
+            return radii, np.zeros(self.cheb.shape, dtype=np.int64)
         inner = _f32_up(np.quantile(self.cheb, inner_fraction, axis=1))
         far = self.dist.max(axis=1)
         steps = np.arange(1, classes + 1, dtype=np.float64) / classes
@@ -295,8 +299,9 @@ def compress_array(arr: np.ndarray, config: HyperConfig) -> tuple[dict, dict]:
     params = {"group_size": m, "theta_bits": config.theta_bits, "classes": config.classes,
               "block_rows": block_rows, "direction": config.direction, "inner_fraction": fraction,
               "shape": list(arr.shape)}
-    arrays = {"codes": codec.pack_codes(codes, config.code_bits), "direction": direction_vector(config),
-              "centers": centers, "radii": radii.astype(np.float32)}
+    arrays = {"codes": codec.pack_codes(codes, config.code_bits),
+              "direction": direction_vector(config), "centers": centers,
+              "radii": radii.astype(np.float32)}
     return params, arrays
 
 
@@ -326,7 +331,7 @@ class HyperCompression(CompressionMethod):
         self.config.validate()
 
     def compress(self, weights: dict, ctx: CompressContext) -> list[Record]:
-        """Compress each float tensor of ``weights`` (any shape); one ``hyper`` record per tensor."""
+        """Compress each float tensor of ``weights`` (any shape); one ``hyper`` record each."""
         records, facts = [], {}
         for done, (name, weight) in enumerate(weights.items(), start=1):
             record = self.compress_one(name, weight)
@@ -334,6 +339,10 @@ class HyperCompression(CompressionMethod):
             records.append(record)
             ctx.progress(done, len(weights))
         ctx.log["hyper"] = facts
+        if facts:
+            worst = max(facts, key=lambda n: facts[n]["rel_error"])
+            log.info("hyper: %d tensors, worst relative error %.4f (%s)", len(facts),
+                     facts[worst]["rel_error"], worst)
         return records
 
     def compress_one(self, name: str, weight) -> Record:
@@ -371,5 +380,6 @@ def _to_numpy(weight) -> np.ndarray:
     if isinstance(weight, np.ndarray):
         return weight
     if not weight.is_floating_point():
-        raise ModelError(f"hyper compresses float tensors only, got dtype {weight.dtype}; store it raw")
+        raise ModelError(f"hyper compresses float tensors only, got dtype {weight.dtype}; "
+                         "store it raw")
     return weight.detach().float().cpu().numpy()

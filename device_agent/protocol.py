@@ -6,9 +6,32 @@ One JSON object per line, each way::
     reply    {"id": 1, "ok": true, "result": {...}}
     error    {"id": 1, "ok": false, "error": {"type": "StageError", "message": "..."}}
 
-A line that cannot be parsed gets an error reply whose ``id`` is the request's id when it could
-be read, else ``null``. ``PROTOCOL_VERSION`` changes only when an existing command changes
-meaning; the agent refuses a ``hello`` whose major version differs from its own.
+Commands (``args`` -> ``result``):
+
+    hello     {protocol, target?}          -> {protocol, agent_version, target, recorded_target,
+                                               root, active, loaded, pid}
+    info      {}                            -> {arch, machine, cores, ram_total_mb, ram_available_mb,
+                                               disk_free_mb, cpu_temp_c, throttled, python,
+                                               onnxruntime, stages: {name: [versions]}, ...}
+    stage     {name, version, files: [{path, sha256, as}]}
+                                            -> {path, files: {as: {sha256, bytes}}, existing}
+    load      {name, version, threads?, packed? = "weights.ebpk"} -> {loaded, load_s, threads}
+    time      {prompt_len?, decode_tokens?, warmup?, repeats?}
+                                            -> raw samples {prefill_ms: [..],
+                                               decode_ms_per_token: [..], peak_rss_mb, ...}
+    score     {requests: [{context: [ids], continuation: [ids]}]}
+                                            -> {results: [[logprob, is_greedy], ...]}
+    activate  {name, version}               -> {active, previous, changed}
+    rollback  {}                            -> {active, rolled_back}
+    shutdown  {}                            -> {stopping: true}, then the agent exits
+
+Error types: ``ProtocolError``, ``BadRequest``, ``UnknownCommand``, ``VersionMismatch``,
+``StageError``, ``NotLoaded``, ``NothingToRollback``, ``RuntimeMissing``, or the class name of an
+unexpected exception inside a command. A line that cannot be parsed gets an error reply whose
+``id`` is the request's id when it could be read, else ``null``.
+
+``PROTOCOL_VERSION`` changes only when an existing command changes meaning; the agent refuses a
+``hello`` whose major version differs from its own.
 
 This module is shared by the agent and the host's client, and uses the standard library only.
 """

@@ -67,6 +67,12 @@ def bind_weights(weights: dict, state: dict) -> dict:
     return out
 
 
+def _decode(packed_path) -> dict:
+    """Decode every tensor of a packed file (the file's bytes are released on return)."""
+    _meta, records = packed.read(packed_path)
+    return codecs.decode_all(records)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this whole process so far, in MiB (0.0 where unknown)."""
     try:
@@ -105,10 +111,7 @@ class Runtime:
         if (packed_path is None) == (state is None):
             raise RuntimeLoadError("give exactly one of packed_path and state to Runtime.load")
         graph = read_graph(graph_dir)
-        if state is None:
-            _meta, records = packed.read(packed_path)
-            state = codecs.decode_all(records)
-        arrays = bind_weights(graph["weights"], state)
+        arrays = bind_weights(graph["weights"], state if state is not None else _decode(packed_path))
         threads = int(threads or _default_threads())
         session, values = _session(Path(graph_dir) / MODEL_FILE, arrays, threads)
         return cls(session, graph, (arrays, values), threads)

@@ -36,11 +36,11 @@ STAGES = "stages"
 ACTIVE = "active"
 TARGET = "target.json"
 MANIFEST = "stage.json"
-PACKED_FILE = "weights.pack"     # default packed-weights file name inside a stage
+PACKED_FILE = "weights.ebpk"     # default packed-weights file name inside a stage
 HISTORY_LIMIT = 16               # earlier active stages remembered for rollback
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TIME_ARGS = {"prompt_len": 1, "decode_tokens": 0, "warmup": 0, "repeats": 1}   # name: minimum
+_TIME_ARGS = {"prompt_len": 1, "decode_tokens": 1, "warmup": 0, "repeats": 1}   # name: minimum
 _MISSING = object()
 
 
@@ -206,9 +206,9 @@ def _runtime_class():
     return Runtime
 
 
-def _token_ids(value, what: str, allow_empty: bool) -> list:
-    if not isinstance(value, list) or (not value and not allow_empty):
-        raise BadRequest(f"{what} must be a {'' if allow_empty else 'non-empty '}list of token ids")
+def _token_ids(value, what: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise BadRequest(f"{what} must be a non-empty list of token ids")
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise BadRequest(f"{what} must hold non-negative integer token ids")
     return value
@@ -248,10 +248,10 @@ class Agent:
         req_id, cmd = None, None
         try:
             req_id, cmd, args = protocol.parse_request(line)
+            log.debug("request %s %s", req_id, cmd)
             handler = self.commands.get(cmd)
             if handler is None:
                 raise UnknownCommand(f"unknown command {cmd!r} (known: {', '.join(self.commands)})")
-            log.debug("request %s %s", req_id, cmd)
             return protocol.reply_ok(req_id, handler(args))
         except ProtocolError as err:
             return protocol.reply_error(err.req_id, err.type, str(err))
@@ -324,8 +324,8 @@ class Agent:
         for i, req in enumerate(requests):
             if not isinstance(req, dict):
                 raise BadRequest(f"requests[{i}] must be an object with 'context' and 'continuation'")
-            pairs.append((_token_ids(req.get("context"), f"requests[{i}].context", True),
-                          _token_ids(req.get("continuation"), f"requests[{i}].continuation", False)))
+            pairs.append((_token_ids(req.get("context"), f"requests[{i}].context"),
+                          _token_ids(req.get("continuation"), f"requests[{i}].continuation")))
         results = []
         for context, continuation in pairs:
             logprob, greedy = runtime.loglikelihood(context, continuation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import logging
 import os
 import time
@@ -102,25 +103,66 @@ def weight_sources(wrapper: torch.nn.Module, lm: torch.nn.Module) -> dict:
             if id(p) in first}
 
 
-def _strip_weights(onnx_model, sources: dict) -> dict:
-    """Replace every weight initializer's data by an unwritten external reference; return the map."""
+def _is_matrix_transpose(node) -> bool:
+    perm = node.attributes.get("perm")
+    return node.op_type == "Transpose" and perm is not None and list(perm.value) == [1, 0]
+
+
+def _pretransposed(graph, node, value):
+    """Replace ``node`` (a 2-D Transpose of the weight ``value``) by a pre-transposed initializer."""
     from onnxscript import ir
 
-    weights, offset = {}, 0
-    for name, value in onnx_model.graph.initializers.items():
-        if name not in sources:
-            continue  # a constant of the graph (e.g. rotary frequencies): kept inline
-        tensor = value.const_value
-        value.const_value = ir.ExternalTensor(WEIGHTS_LOCATION, offset, tensor.nbytes, tensor.dtype,
-                                              shape=tensor.shape, name=name)
-        offset += tensor.nbytes
-        weights[name] = {"source": sources[name], "transpose": False,
-                         "dtype": str(tensor.dtype.numpy()), "shape": list(tensor.shape)}
-    missing = sorted(set(sources.values()) - {w["source"] for w in weights.values()})
+    shape = ir.Shape(list(reversed(value.const_value.shape)))
+    new = ir.Value(name=f"{value.name}.T", shape=shape, type=ir.TensorType(value.const_value.dtype),
+                   const_value=_external(value.const_value.dtype, shape, f"{value.name}.T", 0))
+    graph.register_initializer(new)
+    node.outputs[0].replace_all_uses_with(new)
+    graph.remove(node, safe=True)
+    return new
+
+
+def _external(dtype, shape, name, offset):
+    from onnxscript import ir
+
+    nbytes = int(dtype.itemsize * math.prod(shape.numpy()))
+    return ir.ExternalTensor(WEIGHTS_LOCATION, offset, nbytes, dtype, shape=shape, name=name)
+
+
+def _strip_weights(graph, sources: dict) -> dict:
+    """Turn every weight initializer into an unwritten external reference; return the weight map.
+
+    A weight read through ``Transpose(perm=[1, 0])`` (every ``nn.Linear``) gets a pre-transposed
+    initializer instead (``"transpose": true``), so onnxruntime finds MatMul's layout as given and
+    makes no transposed copy of its own; the untransposed one goes when nothing else reads it.
+    """
+    weights = {}
+    for name, source in sources.items():
+        value = graph.initializers.get(name)
+        if value is None:
+            continue  # a parameter the traced forward never reads
+        for node in [use.node for use in list(value.uses()) if _is_matrix_transpose(use.node)]:
+            weights[_pretransposed(graph, node, value).name] = (source, True)
+        if value.uses():
+            weights[name] = (source, False)
+        else:
+            graph.initializers.pop(name)
+    missing = sorted(set(sources.values()) - {source for source, _ in weights.values()})
     if missing:
         raise ExportError(f"the exported graph has no initializer for {missing[:3]}; the exporter "
                           f"folded or renamed weights, so stages could not bind theirs")
-    return weights
+    return _point_to_unwritten_data(graph, weights)
+
+
+def _point_to_unwritten_data(graph, weights: dict) -> dict:
+    out, offset = {}, 0
+    for name, (source, transpose) in weights.items():
+        value = graph.initializers[name]
+        tensor = value.const_value
+        value.const_value = _external(tensor.dtype, tensor.shape, name, offset)
+        offset += value.const_value.nbytes
+        out[name] = {"source": source, "transpose": transpose, "dtype": str(tensor.dtype.numpy()),
+                     "shape": list(tensor.shape)}
+    return out
 
 
 def _strip_trace_metadata(onnx_model) -> None:
@@ -181,7 +223,7 @@ class OnnxExporter(Exporter):
         finally:
             model.train(was_training)
         graph = self._describe(model, tokenizer, args)
-        graph["weights"] = _strip_weights(program.model, weight_sources(wrapper, model))
+        graph["weights"] = _strip_weights(program.model.graph, weight_sources(wrapper, model))
         _strip_trace_metadata(program.model)
         from onnxscript import ir
 

@@ -1,10 +1,13 @@
 """The host side of the agent protocol: one request at a time, each with a timeout.
 
-    with AgentClient(transport_for(target), timeout_s=60) as agent:
+    target = load_target("rpi5")
+    transport = transport_for(target)
+    with AgentClient(transport, timeout_s=target.connection.timeout_s) as agent:
         agent.hello(target.name)
-        deploy_stage(agent, agent.transport, "rtn", "3f2a9c", {"model.onnx": ..., "weights.pack": ...})
-        agent.load("rtn", "3f2a9c", threads=4)
-        samples = agent.time(prompt_len=64, decode_tokens=32)
+        deploy_stage(agent, transport, "rtn", "3f2a9c", {"model.onnx": ..., "graph.json": ...,
+                                                         "weights.ebpk": ...})
+        agent.load("rtn", "3f2a9c", threads=target.runtime.threads)
+        samples = agent.time(prompt_len=64, decode_tokens=32, warmup=2, repeats=5)
 
 Every failure raises ``DeviceError`` with a one-line message: the agent died (with its last
 stderr lines), no reply in time (the agent is then stopped), a protocol error, or an error the

@@ -6,6 +6,7 @@ transport, so everything above it (client, staging, benchmarks) runs unchanged.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -58,19 +59,13 @@ class LocalTransport(Transport):
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES)
         self._drain: threading.Thread | None = None
 
-    @classmethod
-    def from_target(cls, target) -> "LocalTransport":
-        """Root and interpreter from the target's ``[connection]``."""
-        return cls(target.connection.root, python=target.connection.agent_python)
-
     def open(self):
         """Start the agent subprocess; return its ``(stdin, stdout)``."""
         if self.proc is not None:
             raise DeviceError("local agent is already running; close the transport before reopening")
-        self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, cwd=self.root)
+                                         stderr=subprocess.PIPE)
         except OSError as err:
             raise DeviceError(f"cannot start the local agent {self.command[0]}: {err.strerror}") from None
         self._drain = drain_lines(self.proc.stderr, self._stderr)
@@ -82,14 +77,15 @@ class LocalTransport(Transport):
         if not remote_name or os.sep in remote_name or remote_name.startswith("."):
             raise DeviceError(f"upload name {remote_name!r} must be a plain file name")
         incoming = self.root / "incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
         final = incoming / remote_name
         tmp = incoming / f".{remote_name}.part-{os.getpid()}"
         try:
+            incoming.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(local_path, tmp)
             os.replace(tmp, final)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise DeviceError(f"cannot copy {local_path} to {final}: {err.strerror or err}") from None
         return str(final)
 
@@ -116,3 +112,14 @@ class LocalTransport(Transport):
     def exit_status(self) -> int | None:
         """The agent's exit status once it has exited."""
         return None if self.proc is None else self.proc.poll()
+
+
+def from_target(target) -> LocalTransport:
+    """The local transport of a target spec: root and interpreter from its ``[connection]``.
+
+    A ``root`` of ``"@home"`` means a folder named after the target under ``$EDGEBUILD_HOME``."""
+    root = target.connection.root
+    if root == "@home":
+        from edgebuild.build.paths import edgebuild_home
+        root = str(edgebuild_home() / f"agent-{target.name}")
+    return LocalTransport(root, python=target.connection.agent_python)

@@ -5,7 +5,7 @@ runtime settings, the budgets a stage must meet on the device, and how to reach 
 
     target = load_target("rpi5")            # a registered name (targets/specs/rpi5.toml)
     target = load_target("lab/my-board.toml")   # or a path
-    target.budgets.decode_ms_per_token_p95
+    target.budgets.decode_ms_per_token_p95, target.timing.prompt_len
 
 Errors raise ``TargetError`` with the file, the key and the allowed values.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import re
 import types
@@ -34,7 +36,7 @@ BUILTIN = ("local", "local-ssh", "rpi4", "rpi5", "jetson-orin-nano", "generic-aa
 ARCHES = ("native", "aarch64", "armv7l", "x86_64", "riscv64")   # native: whatever the host is
 ON_UNREACHABLE = ("fail", "warn")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_ZERO_ALLOWED = {"connection.retries"}
+_ZERO_ALLOWED = {"connection.retries", "timing.warmup"}
 _NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
           str: ("a string", "strings"), bool: ("true or false", "booleans")}
 
@@ -52,14 +54,23 @@ class RuntimeSpec:
 
 
 @dataclass
+class Timing:
+    """``[timing]``: how the agent times a stage (warm-up rounds, then timed repeats)."""
+
+    prompt_len: int = 64                       # prompt tokens of each prefill
+    decode_tokens: int = 32                    # tokens decoded with the KV cache after it
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
 class Budgets:
     """``[budgets]``: what a stage must achieve on the device to pass its gates."""
 
     decode_ms_per_token_p95: float
-    prefill_ms: float                          # median prefill time for a prompt of prompt_len
-    prompt_len: int
+    prefill_ms: float                          # median prefill of timing.prompt_len tokens
     peak_rss_mb: float
-    artifact_mb: float                         # graph + packed weights on disk
+    artifact_mb: float                         # packed weights, in MB (10^6 bytes)
 
 
 @dataclass
@@ -76,7 +87,8 @@ class Connection:
     agent_python: str | None = None            # default: this interpreter (local), python3 (ssh)
     root: str = "~/.cache/edgebuild/agent"     # the agent's folder on the device
     connect_timeout_s: float = 10.0
-    retries: int = 3
+    retries: int = 3                           # connection retries, with exponential backoff
+    timeout_s: float = 300.0                   # longest wait for one agent reply (load, time)
 
 
 @dataclass
@@ -92,6 +104,7 @@ class Target:
     memory_bandwidth_gbps: float               # sustained, for predicted decode latency
     budgets: Budgets
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    timing: Timing = field(default_factory=Timing)
     connection: Connection = field(default_factory=Connection)
     on_unreachable: str = "fail"               # warn: fall back to predicted latency
     source: Path | None = field(default=None, compare=False)   # the spec file; not a TOML key
@@ -124,6 +137,23 @@ class Target:
             raise TargetError(f"{where}: key 'connection.host' is required when "
                               f"connection.transport is 'ssh'")
         return self
+
+    def to_dict(self) -> dict:
+        """The spec as plain JSON-serialisable data (``source`` as a string)."""
+        data = dataclasses.asdict(self)
+        data["source"] = str(self.source) if self.source else None
+        return data
+
+    def budgets_dict(self) -> dict:
+        """``{budget name: limit}`` as the device gates read them."""
+        return dataclasses.asdict(self.budgets)
+
+    def digest(self) -> str:
+        """sha256 of everything that can change a device measurement (all but description/source)."""
+        data = self.to_dict()
+        data.pop("source")
+        data.pop("description")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def path_of(self, value: str) -> Path:
         """A host-side path from the spec (a key or known_hosts file): ``~`` expanded, relative

@@ -2,10 +2,13 @@
 
 A transport starts the agent (a local subprocess, or the remote command of an SSH session) and
 hands back its stdin and stdout; ``AgentClient`` speaks the protocol over them. It also puts
-files into ``<root>/incoming/`` on the device, where the agent's ``stage`` command finds them::
+files into ``<root>/incoming/`` on the device, where the agent's ``stage`` command finds them.
 
-    transport = transport_for(load_target("rpi5"))
-    client = AgentClient(transport, timeout_s=60)
+``transports`` maps a target's ``connection.transport`` to a factory ``f(target) -> Transport``::
+
+    target = load_target("rpi5")
+    transport = transports.get(target.connection.transport)(target)   # or transport_for(target)
+    client = AgentClient(transport, timeout_s=target.connection.timeout_s)
 """
 from __future__ import annotations
 
@@ -16,17 +19,12 @@ from edgebuild.build.errors import ConfigError
 from edgebuild.build.registry import Registry
 
 transports: Registry = Registry("transport", error=ConfigError)
-transports.register_lazy("local", "edgebuild.targets.local:LocalTransport")
-transports.register_lazy("ssh", "edgebuild.targets.ssh:SSHTransport")
+transports.register_lazy("local", "edgebuild.targets.local:from_target")
+transports.register_lazy("ssh", "edgebuild.targets.ssh:from_target")
 
 
 class Transport(ABC):
     """A way to start the agent on a device and to put files there."""
-
-    @classmethod
-    def from_target(cls, target) -> "Transport":
-        """Build the transport from a ``Target``'s ``connection`` table."""
-        raise ConfigError(f"transport {cls.__name__} cannot be built from a target spec")
 
     @abstractmethod
     def open(self) -> tuple[BinaryIO, BinaryIO]:
@@ -55,4 +53,4 @@ class Transport(ABC):
 
 def transport_for(target) -> Transport:
     """The transport named by ``target.connection.transport``, configured from the target."""
-    return transports.get(target.connection.transport).from_target(target)
+    return transports.get(target.connection.transport)(target)

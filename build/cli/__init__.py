@@ -30,7 +30,19 @@ def cli(ctx, verbose, debug):
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        _quiet_libraries()
     ctx.obj = {"debug": debug}
+
+
+def _quiet_libraries() -> None:
+    """Our own progress display replaces the libraries' bars and chatter."""
+    import os
+    for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate", "torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _register() -> None:

@@ -1,5 +1,5 @@
-"""``hyper``: Hyper-Compression (Fan et al., "Hyper-Compression: Model Compression via Hyperfunction",
-arXiv 2409.00592), numpy decoder and the code packing it shares with the encoder.
+"""``hyper``: Hyper-Compression (Fan et al., "Hyper-Compression: Model Compression via
+Hyperfunction", arXiv 2409.00592), numpy decoder and the code packing it shares with the encoder.
 
 A group of ``m`` consecutive weights is a point of R^m. It is stored as one integer ``theta``, the
 step of a winding on the unit torus whose point ``frac(theta * a)`` lies nearest to the group once
@@ -8,11 +8,12 @@ the group is mapped into the unit cube, plus the id of the *scaling class* that 
 Layout. A tensor of shape ``S`` is viewed as 2-D ``(rows, cols)``: ``(1, n)`` for 0-D and 1-D
 tensors, ``(S[0], prod(S[1:]))`` otherwise. Each row is padded at its end to a multiple of ``m``
 by repeating its last value; the padded row is cut into groups of ``m`` consecutive values, in
-row-major order. Consecutive rows form *scaling blocks* of ``block_rows`` rows (the last block may
-be shorter); a block holds a center ``c`` (m values) and ``classes + 1`` radii ``R_0 <= R_1 <= ...``.
+row-major order. Consecutive rows form *scaling blocks* of ``block_rows`` rows (the last block
+may be shorter); a block holds a center ``c`` (m values) and ``classes + 1`` radii
+``R_0 <= R_1 <= ...``.
 A group's code is ``(cls << theta_bits) | theta`` and it decodes, in float64, to::
 
-    u = frac(theta * a)                 # frac(x) = x - floor(x), elementwise over the m entries of a
+    u = frac(theta * a)                 # frac(x) = x - floor(x), for each of the m entries of a
     w = c + R_cls * (2 * u - 1)         # then cast to float32
 
 so class ``cls`` covers the cube of half side ``R_cls`` around the center. Every operation is a
@@ -88,7 +89,8 @@ def unpack_codes(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
     step = CHUNK * bits // 8                       # bytes of CHUNK codes
     for i, start in enumerate(range(0, count, CHUNK)):
         n = min(CHUNK, count - start)
-        bitvec = np.unpackbits(stream[i * step:i * step + packed_nbytes(n, bits)], bitorder="little")
+        part = stream[i * step:i * step + packed_nbytes(n, bits)]
+        bitvec = np.unpackbits(part, bitorder="little")
         bitmat = np.zeros((n, 32), dtype=np.uint8)
         bitmat[:, :bits] = bitvec[:n * bits].reshape(n, bits)
         out[start:start + n] = np.packbits(bitmat, axis=1, bitorder="little").view("<u4")[:, 0]
@@ -97,7 +99,8 @@ def unpack_codes(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def winding_points(theta: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """The hyperfunction: ``frac(theta * a)`` in float64, shape ``(len(theta), m)``."""
-    x = np.asarray(theta, dtype=np.float64)[:, None] * np.asarray(direction, dtype=np.float64)[None, :]
+    theta = np.asarray(theta, dtype=np.float64)
+    x = theta[:, None] * np.asarray(direction, dtype=np.float64)[None, :]
     return x - np.floor(x)
 
 
@@ -105,10 +108,11 @@ def _check(params, arrays, shape):
     m, tbits, classes = int(params["group_size"]), int(params["theta_bits"]), int(params["classes"])
     block_rows = int(params["block_rows"])
     if m < 1 or tbits < 1 or classes < 0 or block_rows < 1 or tbits + class_bits(classes) > 32:
-        raise HyperFormatError(f"hyper params group_size={m}, theta_bits={tbits}, classes={classes}, "
-                               f"block_rows={block_rows} are out of range")
+        raise HyperFormatError(f"hyper params group_size={m}, theta_bits={tbits}, "
+                               f"classes={classes}, block_rows={block_rows} are out of range")
     lay = layout(shape, m, block_rows)
-    expected = {"direction": (m,), "centers": (lay["blocks"], m), "radii": (lay["blocks"], classes + 1)}
+    blocks = lay["blocks"]
+    expected = {"direction": (m,), "centers": (blocks, m), "radii": (blocks, classes + 1)}
     for key, want in expected.items():
         got = tuple(arrays[key].shape) if key in arrays else "missing"
         if got != want:
@@ -130,7 +134,8 @@ def decode(params, arrays, shape=None, tables=None):
         block = np.arange(start, start + code.size) // groups_per_block
         cls = (code >> np.uint32(tbits)).astype(np.int64)
         if cls.size and cls.max() > classes:
-            raise HyperFormatError(f"hyper code names class {int(cls.max())}; the record has {classes}")
+            raise HyperFormatError(f"hyper code names class {int(cls.max())}; "
+                                   f"the record has {classes}")
         u = winding_points(code & np.uint32((1 << tbits) - 1), direction)
         out[start:start + code.size] = centers[block] + radii[block, cls][:, None] * (2.0 * u - 1.0)
     padded = out.reshape(lay["rows"], lay["per_row"] * m)

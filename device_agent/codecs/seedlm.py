@@ -43,16 +43,23 @@ def taps_for(bits: int) -> tuple:
     return PRIMITIVE_TAPS[bits]
 
 
+def lfsr_step(state, bits: int, taps=None) -> np.ndarray:
+    """The next state of each LFSR state in ``state`` (int64 array)."""
+    taps = taps_for(bits) if taps is None else tuple(taps)
+    state = np.asarray(state, dtype=np.int64)
+    feedback = np.zeros_like(state)
+    for j in taps:
+        feedback ^= state >> j
+    return (state >> 1) | ((feedback & 1) << (bits - 1))
+
+
 def lfsr_states(seeds, count: int, bits: int, taps=None) -> np.ndarray:
     """The ``count`` states following each seed: int64 array ``(len(seeds), count)``."""
     taps = taps_for(bits) if taps is None else tuple(taps)
-    state = np.asarray(seeds, dtype=np.int64).reshape(-1).copy()
+    state = np.asarray(seeds, dtype=np.int64).reshape(-1)
     out = np.empty((state.size, count), dtype=np.int64)
     for i in range(count):
-        feedback = np.zeros_like(state)
-        for j in taps:
-            feedback ^= state >> j
-        state = (state >> 1) | ((feedback & 1) << (bits - 1))
+        state = lfsr_step(state, bits, taps)
         out[:, i] = state
     return out
 

@@ -1,0 +1,300 @@
+"""SeedLM: the LFSR, the seed search, the bit-packed records and the numpy decoder."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.compress import _seedlm_search as search
+from edgebuild.compress.base import CompressContext
+from edgebuild.compress.seedlm import SeedLM, SeedLMConfig, exponent_window
+from edgebuild.device_agent import packed
+from edgebuild.device_agent.codecs import decode
+from edgebuild.device_agent.codecs import seedlm as codec
+
+
+def _method(**knobs):
+    knobs.setdefault("kernel", "eager")
+    return SeedLM(SeedLMConfig(**knobs))
+
+
+def _fibonacci_reference(seed, count, bits, poly_exponents):
+    """Bit-by-bit LFSR written from the polynomial: a[n+K] = XOR of a[n+j] over its lower terms."""
+    a = [(seed >> i) & 1 for i in range(bits)]
+    states = []
+    for n in range(count):
+        a.append(sum(a[n + j] for j in poly_exponents) % 2)
+        states.append(sum(bit << i for i, bit in enumerate(a[n + 1:n + 1 + bits])))
+    return states
+
+
+def _planted(seeds, block_size, latent_dim, bits, n, seed=0):
+    """Blocks exactly representable by the given seeds: (blocks, exponents, mantissas)."""
+    rng = np.random.default_rng(seed)
+    mants = rng.integers(-7, 8, size=(n, latent_dim))
+    mants[:, 0] = rng.choice([-7, -6, -5, 5, 6, 7], size=n)   # max |m| in 5..7: the rule picks e
+    exps = rng.integers(-9, -6, size=n)
+    basis = codec.bases(seeds, block_size, latent_dim, bits)
+    return codec.reconstruct(basis, exps, mants), exps, mants
+
+
+# --- LFSR -----------------------------------------------------------------------------------------
+
+def test_lfsr_golden_matrix_k3_seed4():
+    states = codec.lfsr_states([4], 8, 3).reshape(4, 2)
+    assert states.tolist() == [[2, 5], [6, 7], [3, 1], [4, 2]]
+    basis = codec.bases([4], 4, 2, 3)[0]
+    np.testing.assert_array_equal(basis, ((states - 4) / np.float32(3)).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", sorted(codec.PRIMITIVE_TAPS))
+def test_every_polynomial_has_the_full_period(bits):
+    states = np.arange(1, 1 << bits)
+    following = codec.lfsr_step(states, bits)
+    assert sorted(following.tolist()) == states.tolist()        # a permutation of the nonzero states
+    nxt, state, period = following.tolist(), 1, 0
+    while True:
+        state, period = nxt[state - 1], period + 1
+        if state == 1:
+            break
+    assert period == (1 << bits) - 1
+
+
+@pytest.mark.parametrize("bits,poly", [(3, (0, 1)), (16, (0, 1, 3, 12))])
+def test_generator_follows_the_feedback_polynomial(bits, poly):
+    """K=3: x^3 + x + 1 (the golden example); K=16: x^16 + x^12 + x^3 + x + 1, same convention."""
+    for seed in (1, 4, 0xACE1 % (1 << bits) or 1, (1 << bits) - 1):
+        got = codec.lfsr_states([seed], 40, bits)[0].tolist()
+        assert got == _fibonacci_reference(seed, 40, bits, poly)
+
+
+def test_bases_are_normalised_to_plus_minus_one():
+    basis = codec.bases(np.arange(1, 1 << 16), 8, 3, 16)
+    assert basis.dtype == np.float32 and basis.shape == (65535, 8, 3)
+    assert basis.min() >= -1.0 - 1e-7 and basis.max() == 1.0
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+def _brute_force_errors(blocks, seeds, block_size, latent_dim, bits, lo, hi):
+    """Float64 squared error after quantisation of every (block, seed), written the plain way."""
+    w = blocks.astype(np.float64)
+    errs = np.empty((len(w), len(seeds)))
+    for i, basis in enumerate(codec.bases(seeds, block_size, latent_dim, bits).astype(np.float64)):
+        t = w @ np.linalg.pinv(basis).T
+        e = np.clip(np.floor(np.log2(np.abs(t).max(1) / 7.5)) + 1, lo, hi)
+        m = np.clip(np.round(t / 2.0 ** e[:, None]), -8, 7)
+        errs[:, i] = ((w - (m * 2.0 ** e[:, None]) @ basis.T) ** 2).sum(1)
+    return errs
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (12, 4), (6, 2)])
+def test_search_finds_the_lowest_error_after_quantisation(shape):
+    block_size, latent_dim = shape
+    seeds = np.arange(1, 256)
+    blocks = np.random.default_rng(1).normal(0, 0.05, size=(40, block_size)).astype(np.float32)
+    bank = search.make_bank(seeds, block_size, latent_dim, 8, seed_chunk=64)
+    found = search.Searcher(bank, "eager", block_chunk=16).search(torch.from_numpy(blocks), -20, -4)
+    errs = _brute_force_errors(blocks, seeds, block_size, latent_dim, 8, -20, -4)
+    chosen = errs[np.arange(40), found.index.numpy()]
+    np.testing.assert_allclose(chosen, errs.min(1), rtol=1e-9, atol=1e-15)
+    recon = search.reconstruct(bank.basis[found.index], found.exponent, found.mantissa)
+    np.testing.assert_allclose(((torch.from_numpy(blocks) - recon) ** 2).sum(1).double(), chosen,
+                               rtol=1e-4)
+
+
+def test_full_search_recovers_planted_seeds_small_k():
+    seeds = np.array([3, 77, 200, 77, 255])
+    blocks, exps, mants = _planted(seeds, 8, 3, 8, len(seeds))
+    bank = search.make_bank(np.arange(1, 256), 8, 3, 8, seed_chunk=32)
+    found = search.Searcher(bank, "eager", block_chunk=4).search(torch.from_numpy(blocks), -15, 0)
+    assert bank.seeds[found.index.numpy()].tolist() == seeds.tolist()
+    assert found.exponent.tolist() == exps.tolist()
+    assert found.mantissa.tolist() == mants.tolist()
+
+
+def test_method_recovers_planted_seeds_within_its_k16_budget():
+    method = _method(seed_budget=700)
+    candidates = method.candidate_seeds("cpu", rng_seed=5)
+    assert len(candidates) == 700 and len(set(candidates.tolist())) == 700
+    planted = np.random.default_rng(2).choice(candidates, size=24)
+    blocks, _, _ = _planted(planted, 8, 3, 16, len(planted))
+    weight = torch.from_numpy(blocks.reshape(6, 32))
+    ctx = CompressContext(seed=5)
+    (record,) = method.compress({"w": weight}, ctx)
+    seeds, _, _ = codec.unpack_fields(record.arrays["packed"], 24, 16, 3)
+    assert seeds.tolist() == planted.tolist()
+    np.testing.assert_array_equal(decode(record), blocks.reshape(6, 32))     # exact: zero error
+    assert ctx.log["seedlm"]["relative_error"] == 0.0
+
+
+def test_ill_conditioned_bases_are_scored_accurately():
+    """Near-singular bases need huge coefficients; the score must still match the true error."""
+    seeds = np.arange(1, 1 << 16)
+    blocks = np.random.default_rng(3).normal(0, 0.05, size=(64, 8)).astype(np.float32)
+    bank = search.make_bank(seeds, 8, 3, 16, seed_chunk=4096)
+    found = search.Searcher(bank, "eager", block_chunk=64).search(torch.from_numpy(blocks), -40, 20)
+    recon = search.reconstruct(bank.basis[found.index], found.exponent, found.mantissa)
+    w = torch.from_numpy(blocks)
+    true_err = ((w - recon).double() ** 2).sum(1)
+    claimed = found.score.double() + (w.double() ** 2).sum(1)
+    torch.testing.assert_close(claimed, true_err, rtol=1e-3, atol=1e-7)
+
+
+# --- records, packing, decoder --------------------------------------------------------------------
+
+def test_pack_fields_round_trip():
+    rng = np.random.default_rng(4)
+    seeds, codes = rng.integers(1, 1 << 16, 37), rng.integers(0, 16, 37)
+    mants = rng.integers(-8, 8, size=(37, 4))
+    stream = codec.pack_fields(seeds, codes, mants, 16)
+    assert stream.dtype == np.uint8 and stream.size == -(-37 * 36 // 8)
+    got = codec.unpack_fields(stream, 37, 16, 4)
+    assert [g.tolist() for g in got] == [seeds.tolist(), codes.tolist(), mants.tolist()]
+
+
+@pytest.mark.parametrize("block_size,latent_dim,rate", [(8, 3, 4.0), (12, 4, 3.0)])
+def test_packed_bits_per_weight(block_size, latent_dim, rate):
+    weight = torch.randn(24, 48) * 0.02
+    (record,) = _method(block_size=block_size, latent_dim=latent_dim, seed_budget=64).compress(
+        {"w": weight}, CompressContext())
+    assert list(record.arrays) == ["packed"]
+    assert 8 * record.nbytes / weight.numel() == rate
+    assert record.params["num_blocks"] * (16 + 4 + 4 * latent_dim) == 8 * record.nbytes
+
+
+@pytest.mark.parametrize("knobs", [{}, {"block_size": 12, "latent_dim": 4}, {"lfsr_bits": 8}])
+def test_decoder_equals_method_reconstruction_exactly(knobs, tmp_path):
+    weight = torch.randn(13, 29) * 0.03            # 377 weights: the last block is padded
+    weight[5] *= 30
+    method = _method(seed_budget=300, **knobs)
+    bank = search.make_bank(method.candidate_seeds(), method.config.block_size,
+                            method.config.latent_dim, method.config.lfsr_bits, seed_chunk=128)
+    record, recon = method.compress_tensor("w", weight, search.Searcher(bank, "eager", 64))
+    assert recon.dtype == torch.float32 and recon.shape == weight.shape
+    np.testing.assert_array_equal(decode(record), recon.numpy())
+    packed.write(tmp_path / "w.bin", [record])
+    _, (back,) = packed.read(tmp_path / "w.bin")
+    np.testing.assert_array_equal(decode(back), recon.numpy())
+
+
+def test_compress_logs_budget_and_reports_progress():
+    calls = []
+    ctx = CompressContext(progress=lambda done, total: calls.append((done, total)))
+    weights = {"a": torch.randn(8, 64) * 0.02, "b": torch.randn(16, 40) * 0.02}
+    records = _method(seed_budget=128).compress(weights, ctx)
+    assert [r.name for r in records] == ["a", "b"] and all(r.codec == "seedlm" for r in records)
+    info = ctx.log["seedlm"]
+    assert info["seeds_searched"] == 128 and info["of"] == 65535 and info["device"] == "cpu"
+    assert info["kernel"] == "eager" and info["block_seed_pairs"] == (64 + 80) * 128
+    assert info["bits_per_weight"] == 4.0 and 0.0 < info["relative_error"] < 0.6
+    assert calls[-1] == (144, 144)
+
+
+def test_larger_budget_lowers_the_error():
+    weight = torch.randn(32, 64) * 0.02
+    errors = []
+    for budget in (16, 256, 4096):
+        ctx = CompressContext()
+        _method(seed_budget=budget).compress({"w": weight}, ctx)
+        errors.append(ctx.log["seedlm"]["relative_error"])
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_exponent_window_covers_the_largest_block_and_clamps_tiny_ones():
+    weight = torch.full((3, 16), 1e-9)
+    weight[0, :8] = torch.linspace(-1.0, 1.0, 8)
+    weight[2, 8:] = 0.0
+    exp_min, exp_max = exponent_window(weight.reshape(-1, 8))
+    assert exp_max == -1 and exp_min == -16               # ||block|| = 1.85 < 7.5 * 2**-2
+    record, recon = _method(seed_budget=64).compress_tensor(
+        "w", weight, search.Searcher(search.make_bank(np.arange(1, 65), 8, 3, 16, 64), "eager"))
+    _, codes, _ = codec.unpack_fields(record.arrays["packed"], 6, 16, 3)
+    assert codes.tolist()[1:] == [0] * 5                   # tiny and zero blocks sit at exp_min
+    np.testing.assert_array_equal(decode(record), recon.numpy())
+    assert np.all(decode(record)[2, 8:] == 0.0)
+
+
+def test_decoder_rejects_inconsistent_records():
+    record = _method(seed_budget=16).compress({"w": torch.randn(4, 16)}, CompressContext())[0]
+    params = dict(record.params)
+    del params["exp_min"]
+    with pytest.raises(codec.SeedLMFormatError, match="exp_min"):
+        codec.decode(params, record.arrays, record.shape)
+    with pytest.raises(codec.SeedLMFormatError, match="bits"):
+        codec.decode(record.params, {"packed": record.arrays["packed"][:-1]}, record.shape)
+    with pytest.raises(codec.SeedLMFormatError, match="cannot hold"):
+        codec.decode(record.params, record.arrays, (5, 16))
+
+
+# --- knobs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("knob,value", [
+    ("lfsr_bits", 17), ("lfsr_bits", 1), ("lfsr_bits", 16.0), ("block_size", 1), ("block_size", 65),
+    ("latent_dim", 0), ("latent_dim", 8), ("seed_budget", 0), ("seed_budget", True),
+    ("full_search_on_gpu", "yes"), ("kernel", "fast"),
+])
+def test_bad_knobs_raise_config_error(knob, value):
+    with pytest.raises(ConfigError, match=rf"'{knob}'.*allowed"):
+        SeedLM.from_knobs({knob: value})
+
+
+def test_non_matrix_or_non_finite_weights_are_model_errors():
+    with pytest.raises(ModelError, match="2-D"):
+        _method().compress({"bias": torch.zeros(8)}, CompressContext())
+    bad = torch.zeros(4, 8)
+    bad[1, 1] = float("nan")
+    with pytest.raises(ModelError, match="NaN"):
+        _method().compress({"w": bad}, CompressContext())
+
+
+def test_recommend_trades_size_then_budget():
+    cfg = SeedLMConfig(block_size=12, latent_dim=4, seed_budget=4096)
+    steps = []
+    while cfg is not None:
+        steps.append((cfg.block_size, cfg.latent_dim, cfg.seed_budget))
+        cfg = SeedLM(cfg).recommend(None)
+    assert steps == [(12, 4, 4096), (8, 3, 4096), (8, 3, 16384), (8, 3, 65535)]
+    assert SeedLMConfig().bits_per_weight == 4.0
+    assert SeedLMConfig(block_size=12, latent_dim=4).bits_per_weight == 3.0
+
+
+def test_full_search_on_gpu_ignores_the_budget():
+    method = _method(seed_budget=10)
+    assert len(method.candidate_seeds("cuda")) == 65535
+    assert len(method.candidate_seeds("cpu")) == 10
+    no_full = SeedLM(dataclasses.replace(method.config, full_search_on_gpu=False))
+    assert len(no_full.candidate_seeds("cuda")) == 10
+
+
+# --- kernels --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_kernel_matches_eager():
+    """torch.compile of the fused tile (C++ on CPU) picks the same seeds as the eager kernel."""
+    blocks = torch.randn(300, 8) * 0.05
+    bank = search.make_bank(np.arange(1, 2049), 8, 3, 16, seed_chunk=512)
+    eager = search.Searcher(bank, "eager", 128).search(blocks, -20, -3)
+    fused = search.Searcher(bank, "compiled", 128)
+    got = fused.search(blocks, -20, -3)
+    assert fused.kernel == "compiled"
+    assert (got.index == eager.index).float().mean() > 0.99
+    torch.testing.assert_close(got.score, eager.score, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_search_matches_cpu_and_decodes_exactly():
+    weight = torch.randn(64, 96) * 0.02
+    knobs = {"seed_budget": 2048, "full_search_on_gpu": False}
+    cpu_ctx, gpu_ctx = CompressContext(), CompressContext(device="cuda")
+    (cpu,) = _method(**knobs).compress({"w": weight}, cpu_ctx)
+    (gpu,) = SeedLM(SeedLMConfig(**knobs)).compress({"w": weight}, gpu_ctx)
+    assert gpu_ctx.log["seedlm"]["device"] == "cuda"
+    assert abs(gpu_ctx.log["seedlm"]["relative_error"] - cpu_ctx.log["seedlm"]["relative_error"]) < 1e-3
+    bank = search.make_bank(SeedLM(SeedLMConfig(**knobs)).candidate_seeds("cuda"), 8, 3, 16, 1024,
+                            "cuda")
+    record, recon = SeedLM(SeedLMConfig(**knobs)).compress_tensor("w", weight,
+                                                                  search.Searcher(bank, "auto", 1024))
+    np.testing.assert_array_equal(decode(record), recon.numpy())
