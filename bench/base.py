@@ -53,7 +53,8 @@ class Benchmark:
         if self.kind not in KINDS:
             raise ValueError(f"benchmark {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
         if self.metric not in METRICS:
-            raise ValueError(f"benchmark {self.name!r}: metric {self.metric!r} is not one of {METRICS}")
+            raise ValueError(f"benchmark {self.name!r}: metric {self.metric!r} "
+                             f"is not one of {METRICS}")
 
     def strata(self, docs: list[dict]) -> list[str] | None:
         """The stratum of each document, or None for an unstratified benchmark."""

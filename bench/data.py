@@ -134,6 +134,7 @@ def write_jsonl(docs: list[dict], cache_dir) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+    log.debug("wrote %d documents to %s", len(docs), path)
     return path
 
 

@@ -20,6 +20,7 @@ from edgebuild.bench import benchmarks
 from edgebuild.bench.base import Benchmark
 from edgebuild.bench.data import lm_eval_tasks_dir, write_task
 from edgebuild.bench.profiles import Profile, get_profile, sample_indices
+from edgebuild.build.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class TaskResult:
 
 
 @dataclass
-class _Part:
-    """One lm-eval task: all documents of a benchmark, or of one stratum of it."""
+class TaskPart:
+    """One generated lm-eval task: all documents of a benchmark, or of one stratum of it."""
 
     task_name: str
     doc_ids: list[int]       # benchmark-wide doc id of each document in the task's file
@@ -67,35 +68,42 @@ class _Part:
 
 
 @dataclass
-class _Prepared:
+class PreparedTask:
+    """A benchmark ready to run: its converted documents and its generated lm-eval tasks."""
+
     bench: Benchmark
     docs: list[dict]
-    parts: list[_Part]
+    parts: list[TaskPart]
 
 
 def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_dir, *,
-             seed: int = 0, batch_size: int = 16,
+             seed: int = 0, batch_size: int = 16, max_batch_tokens: int = 4096,
              progress: Callable[[int, int], None] | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` (an in-memory Hugging Face causal LM) on ``tasks``.
 
     ``profile`` ("smoke", "reduced", "full") and ``seed`` fix which items run; ``data_dir`` holds
     the benchmark files, ``cache_dir`` receives the converted JSONL (and the datasets cache).
-    ``progress(done, total)`` is called as loglikelihood requests complete. Returns
-    ``{task name: TaskResult}`` in the order of ``tasks``.
+    A batch holds at most ``batch_size`` requests and ``max_batch_tokens`` tokens (padded), which
+    bounds memory on long few-shot prompts. ``progress(done, total)`` is called as loglikelihood
+    requests complete. Returns ``{task name: TaskResult}`` in the order of ``tasks``.
     """
     chosen = get_profile(profile)
-    specs = [benchmarks.get(name) for name in tasks]
+    if not tasks:
+        raise ConfigError("no benchmark tasks given; name at least one of "
+                          f"{', '.join(benchmarks.names())}")
+    specs = [benchmarks.get(name) for name in dict.fromkeys(tasks)]
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed)
                     for spec in specs]
-        output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size, progress)
+        output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size,
+                           max_batch_tokens, progress)
     return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
 
 
 def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Profile,
-            seed: int) -> _Prepared:
+            seed: int) -> PreparedTask:
     """Convert ``bench``'s data, pick its sample and write one lm-eval task per part."""
     converted = bench.convert(Path(data_dir))
     docs = converted.eval_docs
@@ -108,7 +116,7 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
         if not selected:
             continue
         suffix = f"_{stratum}" if stratum is not None else ""
-        part = _Part(f"{TASK_PREFIX}{bench.name}{suffix}", doc_ids, selected)
+        part = TaskPart(f"{TASK_PREFIX}{bench.name}{suffix}", doc_ids, selected)
         fewshot = [d for d in converted.fewshot_docs
                    if stratum is None or d[bench.strata_key] == stratum]
         yaml_path = builtin / bench.lm_eval_yaml.format(stratum=stratum)
@@ -117,7 +125,7 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
         parts.append(part)
     log.info("%s: %d of %d items in %d lm-eval task(s)", bench.name, len(indices), len(docs),
              len(parts))
-    return _Prepared(bench, docs, parts)
+    return PreparedTask(bench, docs, parts)
 
 
 def _groups(strata: list[str] | None, count: int) -> list[tuple[str | None, list[int]]]:
@@ -136,54 +144,31 @@ def _positions(doc_ids: list[int], indices: list[int]) -> list[int]:
     return [position for position, doc_id in enumerate(doc_ids) if doc_id in wanted]
 
 
-def _evaluate(model, tokenizer, prepared: list[_Prepared], task_dir: Path, batch_size: int,
-              progress) -> dict:
+def _evaluate(model, tokenizer, prepared: list[PreparedTask], task_dir: Path, batch_size: int,
+              max_batch_tokens: int, progress) -> dict:
     """One ``simple_evaluate`` call over every part of every prepared benchmark."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    if progress is not None:
-        _track_progress(lm, progress)
+    from edgebuild.bench.hflm import HostLM
+
+    lm = HostLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                progress=progress)
     parts = [part for p in prepared for part in p.parts]
     # lm-eval maps the k-th evaluated document to samples[k], so the lists must be sorted; a task
     # evaluated in full is left out (lm-eval's membership test is linear in the list length).
     samples = {part.task_name: part.selected for part in parts
                if len(part.selected) < len(part.doc_ids)}
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    # No global seeding (loglikelihood scoring is deterministic; the caller's RNGs stay as they
+    # are) and no bootstrap: standard errors are computed from the per-item results.
     return simple_evaluate(model=lm, tasks=[part.task_name for part in parts],
                            samples=samples or None, log_samples=True, task_manager=manager,
-                           bootstrap_iters=0)
+                           bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                           torch_random_seed=None)
 
 
-def _track_progress(lm, progress: Callable[[int, int], None]) -> None:
-    """Report ``progress(done, total)`` over loglikelihood requests by wrapping ``lm``'s calls.
-
-    ``done`` counts model rows: requests sharing a context are scored by one row, so ``done``
-    may advance in jumps and is set to ``total`` when lm-eval's request batch ends.
-    """
-    state = {"done": 0, "total": 0}
-    loglikelihood, model_call = lm.loglikelihood, lm._model_call
-
-    def counted_loglikelihood(requests, *args, **kwargs):
-        state["total"] += len(requests)
-        progress(state["done"], state["total"])
-        result = loglikelihood(requests, *args, **kwargs)
-        state["done"] = state["total"]
-        progress(state["done"], state["total"])
-        return result
-
-    def counted_call(inps, *args, **kwargs):
-        result = model_call(inps, *args, **kwargs)
-        state["done"] = min(state["total"], state["done"] + len(inps))
-        progress(state["done"], state["total"])
-        return result
-
-    lm.loglikelihood, lm._model_call = counted_loglikelihood, counted_call
-
-
-def _part_items(part: _Part, logged: list[dict], docs: list[dict], metric: str) -> list[list]:
+def _part_items(part: TaskPart, logged: list[dict], docs: list[dict], metric: str) -> list[list]:
     """``[[doc_id, correct]]`` of one part, checked against the documents asked for."""
     rows = sorted(logged, key=lambda sample: sample["doc_id"])
     positions = [sample["doc_id"] for sample in rows]
@@ -201,7 +186,7 @@ def _part_items(part: _Part, logged: list[dict], docs: list[dict], metric: str) 
     return items
 
 
-def _task_result(prepared: _Prepared, samples: dict) -> TaskResult:
+def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
     """Per-item results, score, chance and standard error of one benchmark."""
     bench = prepared.bench
     per_part = [_part_items(part, samples[part.task_name], prepared.docs, bench.metric)

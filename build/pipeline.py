@@ -69,6 +69,7 @@ class BuildResult:
     model_ref: object
     config: BuildConfig
     out_dir: Path
+    partial: bool = False          # not every step ran (compress, export, deploy, bench)
 
 
 class Pipeline:
@@ -101,7 +102,8 @@ class Pipeline:
             self._close_device()
         shipped = self._choose(passed)
         return BuildResult(runs, shipped, self._exit_code(shipped), len(self.cache.hits),
-                           len(self.cache.misses), self.target, self.ref, self.cfg, self.out_dir)
+                           len(self.cache.misses), self.target, self.ref, self.cfg, self.out_dir,
+                           partial="gate" not in self.req.steps)
 
     def _redo(self, name: str) -> bool:
         stages = self.cfg.stages

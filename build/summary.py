@@ -48,7 +48,8 @@ def bits_per_weight(stats: dict):
 
 def as_dict(result, manifest_path=None) -> dict:
     base, tasks = _baseline(result), _tasks(result)
-    return {"shipped": result.shipped, "exit_code": int(result.exit_code),
+    return {"shipped": None if result.partial else result.shipped,
+            "exit_code": 0 if result.partial else int(result.exit_code),
             "manifest": str(manifest_path) if manifest_path else None,
             "cache": {"hits": result.cache_hits, "misses": result.cache_misses},
             "stages": [row(r, base, tasks) for r in result.runs]}
@@ -81,7 +82,10 @@ def print_table(result, manifest_path=None) -> None:
             console.print(f"  {r['stage']}#{r['attempt']}: {reason}", highlight=False)
     work = "did no work (every step was cached)" if result.cache_misses == 0 else \
         f"ran {result.cache_misses} step(s), reused {result.cache_hits}"
-    console.print(f"shipped: [bold]{result.shipped}[/bold] (exit code {int(result.exit_code)}); {work}")
+    if result.partial:
+        console.print(f"partial build (no gates, nothing shipped); {work}")
+    else:
+        console.print(f"shipped: [bold]{result.shipped}[/bold] (exit code {int(result.exit_code)}); {work}")
     if manifest_path:
         console.print(f"manifest: {manifest_path}", highlight=False)
 
@@ -94,6 +98,8 @@ def _task_cell(c) -> str:
 
 
 def _verdict(r) -> str:
+    if r["note"] == "partial build: not gated":
+        return "built"
     if r["note"]:
         return f"{r['status']} ({r['note']})"
     dev = "" if r["device"] in (None, "ok") else f", device {r['device']}"

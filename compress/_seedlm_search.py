@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgebuild.build.errors import ConfigError
 from edgebuild.device_agent.codecs import seedlm as codec
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ MANT_MAX = (1 << (codec.COEF_BITS - 1)) - 1
 _INV_RANGE = 1.0 / (MANT_MAX + 0.5)
 _F32_BIAS = 126          # float32 exponent bits of x in [2**(k-1), 2**k) equal k + 126
 _RANK_TOL = 1e-6
+MAX_CALL_GROUPS = 32     # seed groups per kernel call: bounds the memory of any one call
 
 
 @dataclass
@@ -69,6 +71,7 @@ def make_bank(seeds, block_size: int, latent_dim: int, bits: int, seed_chunk: in
     seeds = np.asarray(seeds, dtype=np.int64)
     basis = torch.from_numpy(codec.bases(seeds, block_size, latent_dim, bits))
     groups = -(-len(seeds) // seed_chunk)
+    groups = group_step(groups) * -(-groups // group_step(groups))
     padded = torch.cat([basis, basis[:1].expand(groups * seed_chunk - len(seeds), -1, -1)])
     q, r = torch.linalg.qr(padded.double())
     shape = (groups, seed_chunk)
@@ -172,6 +175,12 @@ def finish(rows, index, bank: SeedBank, lo_bits, hi_bits) -> SearchResult:
     return SearchResult(index, (ebits - _F32_BIAS).to(torch.int32), mant, score)
 
 
+def group_step(groups: int) -> int:
+    """Seed groups per kernel call: at most ``MAX_CALL_GROUPS``, splitting ``groups`` evenly."""
+    calls = -(-groups // MAX_CALL_GROUPS)
+    return -(-groups // calls)
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_tile():
     """``tile_best`` under ``torch.compile`` (built on first use, cached per shape by torch)."""
@@ -201,38 +210,38 @@ class Searcher:
     def _rows(self, rows, lo, hi):
         if self.kernel != "eager":
             try:
-                return self._compiled(rows, lo, hi)
+                return self._sweep(rows, lo, hi, compiled=True)
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if self.kernel == "compiled":
-                    raise
-                log.warning("compiled seed search unavailable (%s); using the eager kernel",
-                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                    raise ConfigError(f"seedlm kernel 'compiled' failed ({reason}); "
+                                      "set kernel = 'auto' or 'eager'") from err
+                log.warning("compiled seed search unavailable (%s); using the eager kernel", reason)
                 self.kernel = "eager"
-        return self._eager(rows, lo, hi)
+        return self._sweep(rows, lo, hi, compiled=False)
 
-    def _compiled(self, rows, lo, hi):
-        n = rows.shape[0]
-        if n < self.block_chunk:
-            rows = torch.cat([rows, rows.new_zeros(self.block_chunk - n, rows.shape[1])])
-        b = self.bank
-        _, col = compiled_tile()(rows, b.proj, b.tri, b.solve, lo, hi)
-        if self.kernel == "auto":
-            self.kernel = "compiled"
-        return col[:n]
-
-    def _eager(self, rows, lo, hi):
-        b = self.bank
-        best, index = None, None
-        for g in range(b.proj.shape[0]):
-            low, col = tile_best(rows, b.proj[g:g + 1], b.tri[g:g + 1], b.solve[g:g + 1], lo, hi,
-                                 matmul=True)
+    def _sweep(self, rows, lo, hi, compiled):
+        """Lowest-scoring seed column of each row over all seed groups, a few groups per call."""
+        b, n = self.bank, rows.shape[0]
+        if compiled:
+            kernel, step, extra = compiled_tile(), group_step(b.proj.shape[0]), {}
+            if n < self.block_chunk:       # one static shape per bank: pad the last chunk
+                rows = torch.cat([rows, rows.new_zeros(self.block_chunk - n, rows.shape[1])])
+        else:                              # matmul only on CPU: CUDA could round it to TF32
+            kernel, step, extra = tile_best, 1, {"matmul": rows.device.type == "cpu"}
+        best = index = None
+        for g in range(0, b.proj.shape[0], step):
+            tile = (b.proj[g:g + step], b.tri[g:g + step], b.solve[g:g + step])
+            low, col = kernel(rows, *tile, lo, hi, **extra)
             col = col + g * b.proj.shape[3]
             if best is None:
                 best, index = low, col
             else:
                 better = low < best
                 best, index = torch.where(better, low, best), torch.where(better, col, index)
-        return index
+        if compiled and self.kernel == "auto":
+            self.kernel = "compiled"
+        return torch.where(index < len(b.seeds), index, 0)[:n]    # padding copies seed 0
 
 
 def reconstruct(basis: torch.Tensor, exponent: torch.Tensor, mantissa: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ DEFAULT_CPU_SEED_BUDGET = 4096
 KERNELS = ("auto", "compiled", "eager")
 EXP_LIMIT = 100          # |exponent| bound that keeps 2**e a normal float32
 # (block_chunk, seed_chunk) of the search tiles.
-TILES = {"cpu": (128, 512), "cuda": (1024, 1024)}
+TILES = {"cpu": (1024, 128), "cuda": (1024, 1024)}
 
 
 @dataclass
@@ -63,7 +63,12 @@ class SeedLMConfig:
         if not _is_int(self.block_size) or not 2 <= self.block_size <= 64:
             _bad("block_size", self.block_size, "an integer from 2 to 64")
         if not _is_int(self.latent_dim) or not 1 <= self.latent_dim < self.block_size:
-            _bad("latent_dim", self.latent_dim, f"an integer from 1 to block_size - 1 = {self.block_size - 1}")
+            _bad("latent_dim", self.latent_dim,
+                 f"an integer from 1 to block_size - 1 = {self.block_size - 1}")
+        if codec.block_bits(self.lfsr_bits, self.latent_dim) > codec.MAX_BLOCK_BITS:
+            most = (codec.MAX_BLOCK_BITS - self.lfsr_bits - codec.EXP_BITS) // codec.COEF_BITS
+            _bad("latent_dim", self.latent_dim, f"at most {most} with lfsr_bits = {self.lfsr_bits}, "
+                                                f"so a block record fits {codec.MAX_BLOCK_BITS} bits")
         if not _is_int(self.seed_budget) or self.seed_budget < 1:
             _bad("seed_budget", self.seed_budget, f"a positive integer; at most {self.seed_count} seeds "
                                                   f"exist for lfsr_bits = {self.lfsr_bits}")

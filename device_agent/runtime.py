@@ -3,8 +3,11 @@
 The exported ``model.onnx`` holds the graph only: every weight initializer is declared as external
 data whose file is never written. ``Runtime.load`` decodes the stage's packed weights, arranges them
 as ``graph.json`` says and hands them to onnxruntime as in-memory external initializers
-(``SessionOptions.add_external_initializers``), so the weights are read once, from the packed file.
-onnxruntime uses those buffers without copying them; the runtime keeps them alive.
+(``SessionOptions.add_external_initializers``). onnxruntime copies them into the session while it
+loads the graph (documented for ``AddExternalInitializers``: the caller's buffers may be freed once
+the session exists), so the decoded arrays are dropped right after: the weights are resident once,
+and twice only while loading. (``add_initializer`` cannot be used: it refuses, or crashes on,
+initializers whose data was stripped.)
 """
 from __future__ import annotations
 
@@ -42,9 +45,13 @@ def read_graph(graph_dir) -> dict:
     if not path.is_file() or not (Path(graph_dir) / MODEL_FILE).is_file():
         raise RuntimeLoadError(f"{graph_dir}: not an exported graph directory "
                                f"(needs {MODEL_FILE} and {GRAPH_FILE}); export the model first")
-    graph = json.loads(path.read_text())
-    if graph.get("format") != GRAPH_FORMAT:
-        raise RuntimeLoadError(f"{path}: graph format {graph.get('format')!r} is not supported "
+    try:
+        graph = json.loads(path.read_text())
+    except ValueError as e:
+        raise RuntimeLoadError(f"{path}: not valid JSON ({e}); re-export the model") from None
+    if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
+        found = graph.get("format") if isinstance(graph, dict) else None
+        raise RuntimeLoadError(f"{path}: graph format {found!r} is not supported "
                                f"(this runtime knows {GRAPH_FORMAT}); upgrade edgebuild-agent")
     return graph
 
@@ -83,6 +90,15 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 def _log_softmax(row: np.ndarray) -> np.ndarray:
     row = row.astype(np.float64)
     shifted = row - row.max(axis=-1, keepdims=True)
@@ -92,11 +108,10 @@ def _log_softmax(row: np.ndarray) -> np.ndarray:
 class Runtime:
     """An onnxruntime session of one exported graph bound to one stage's weights (batch of one)."""
 
-    def __init__(self, session, graph: dict, buffers, threads: int):
+    def __init__(self, session, graph: dict, threads: int):
         self.session = session
         self.graph = graph
         self.threads = threads
-        self._buffers = buffers  # onnxruntime reads the weights in place: keep them alive
         self._eos = set(graph.get("eos_token_ids") or [])
         self._past_names = [f"past_key_values.{i}.{kind}" for i in range(graph["num_layers"])
                             for kind in ("key", "value")]
@@ -110,11 +125,13 @@ class Runtime:
         """
         if (packed_path is None) == (state is None):
             raise RuntimeLoadError("give exactly one of packed_path and state to Runtime.load")
+        if threads is not None and int(threads) < 1:
+            raise RuntimeLoadError(f"threads must be at least 1, got {threads}")
         graph = read_graph(graph_dir)
         arrays = bind_weights(graph["weights"], state if state is not None else _decode(packed_path))
         threads = int(threads or _default_threads())
-        session, values = _session(Path(graph_dir) / MODEL_FILE, arrays, threads)
-        return cls(session, graph, (arrays, values), threads)
+        session = _session(Path(graph_dir) / MODEL_FILE, arrays, threads)
+        return cls(session, graph, threads)  # onnxruntime holds its own copy of the weights now
 
     def _empty_past(self) -> list:
         shape = (1, self.graph["num_kv_heads"], 0, self.graph["head_dim"])
@@ -126,6 +143,8 @@ class Runtime:
         Returns ``(logits (S, V) float32, present)``; ``present`` is the cache to pass next time.
         """
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= self.graph["vocab_size"]:
+            raise ValueError(f"token ids must be a non-empty sequence in [0, {self.graph['vocab_size']})")
         past = self._empty_past() if past is None else past
         start = past[0].shape[2]
         feeds = {"input_ids": ids,
@@ -172,8 +191,10 @@ class Runtime:
         """Time prefill of ``prompt_len`` tokens and KV-cached decode of ``decode_tokens`` tokens.
 
         Runs ``warmup`` untimed rounds then ``repeats`` timed ones and returns the raw samples:
-        ``{"prefill_ms": [...], "decode_ms_per_token": [...], "peak_rss_mb", "threads",
-        "prompt_len", "decode_tokens"}``. ``peak_rss_mb`` is the whole process's peak.
+        ``{"prefill_ms": [...], "decode_ms_per_token": [...], "peak_rss_mb", "rss_mb", "threads",
+        "prompt_len", "decode_tokens"}``. ``peak_rss_mb`` is the whole process's peak so far (loading
+        included: decoded weights and onnxruntime's copy coexist briefly); ``rss_mb`` is the
+        resident memory after the timed rounds.
         """
         if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
             raise ValueError("time needs prompt_len, decode_tokens, repeats >= 1 and warmup >= 0")
@@ -182,7 +203,7 @@ class Runtime:
             self._timed_round(prompt, decode_tokens)
         samples = [self._timed_round(prompt, decode_tokens) for _ in range(repeats)]
         return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples],
-                "peak_rss_mb": peak_rss_mb(), "threads": self.threads,
+                "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb(), "threads": self.threads,
                 "prompt_len": prompt_len, "decode_tokens": decode_tokens}
 
     def _timed_round(self, prompt, decode_tokens) -> tuple:
@@ -196,8 +217,8 @@ class Runtime:
         return prefill * 1e3, decode * 1e3 / decode_tokens
 
 
-def _session(model_path, arrays: dict, threads: int) -> tuple:
-    """An onnxruntime session of ``model_path`` whose external initializers are ``arrays``."""
+def _session(model_path, arrays: dict, threads: int):
+    """An onnxruntime session of ``model_path`` whose external initializers are (copies of) ``arrays``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -210,4 +231,4 @@ def _session(model_path, arrays: dict, threads: int) -> tuple:
     except Exception as e:  # onnxruntime raises its own untyped errors
         raise RuntimeLoadError(f"{model_path}: onnxruntime cannot load the graph with these weights "
                                f"({str(e).splitlines()[0]}); re-export the model") from e
-    return session, values
+    return session

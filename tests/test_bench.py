@@ -140,7 +140,7 @@ def test_hellaswag_query_matches_lm_eval_preprocessing(converted):
     query = preprocess(first["activity_label"] + ": " + first["ctx_a"] + " "
                        + first["ctx_b"].capitalize())
     assert query == "Roof shingle removal: A man is sitting on a roof. He"
-    wikihow = next(d for d in docs if d["ctx"].startswith("How to"))
+    wikihow = next(d for d in docs if d["activity_label"] == "Personal Care and Style")
     assert wikihow["ctx_b"] == "" and wikihow["ctx_a"] == wikihow["ctx"]
 
 
@@ -287,12 +287,16 @@ def test_generated_tasks_load_in_lm_eval(tmp_path):
 def test_run_host_smoke(tiny_model, tmp_path):
     from edgebuild.bench.runner import TaskResult, run_host
 
+    import torch
+
     model, tokenizer = tiny_model
     calls = []
     before = os.environ.get("HF_HUB_OFFLINE")
+    rng_state = torch.get_rng_state()
     results = run_host(model, tokenizer, ["arc_easy", "piqa"], "smoke", DATA_DIR, tmp_path,
                        batch_size=8, progress=lambda done, total: calls.append((done, total)))
     assert os.environ.get("HF_HUB_OFFLINE") == before
+    assert torch.equal(torch.get_rng_state(), rng_state), "the caller's RNG is left alone"
     assert list(results) == ["arc_easy", "piqa"]
     for name, result in results.items():
         docs = benchmarks.get(name).convert(DATA_DIR).eval_docs
@@ -308,3 +312,25 @@ def test_run_host_smoke(tiny_model, tmp_path):
         len(benchmarks.get("arc_easy").convert(DATA_DIR).eval_docs[i]["choices"]["text"])
         for i in sample_indices("arc_easy", 2376, 8))
     assert not list(tmp_path.glob("tasks-*")), "the generated task folder is removed"
+
+
+def test_run_host_needs_tasks(tiny_model, tmp_path):
+    from edgebuild.bench.runner import run_host
+
+    model, tokenizer = tiny_model
+    with pytest.raises(ConfigError, match="no benchmark tasks"):
+        run_host(model, tokenizer, [], "smoke", DATA_DIR, tmp_path)
+    with pytest.raises(ConfigError, match="unknown benchmark profile"):
+        run_host(model, tokenizer, ["piqa"], "huge", DATA_DIR, tmp_path)
+
+
+def test_batches_are_bounded_by_tokens(tiny_model):
+    from lm_eval.models.utils import Collator
+
+    from edgebuild.bench.hflm import HostLM
+
+    model, tokenizer = tiny_model
+    lm = HostLM(model, tokenizer, batch_size=4, max_batch_tokens=1000)
+    requests = [("long", [1] * 400, [2] * 100)] * 3 + [("short", [1] * 90, [2] * 10)] * 6
+    chunks = list(Collator.get_chunks(requests, fn=lm._batch_scheduler))
+    assert [len(chunk) for chunk in chunks] == [2, 2, 4, 1]

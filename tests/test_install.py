@@ -6,7 +6,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["edgebuild.build", "edgebuild.build.cli", "edgebuild.targets", "edgebuild.compress",
-               "edgebuild.bench", "edgebuild.export", "edgebuild.device_agent", "edgebuild.device_agent.codecs"]
+               "edgebuild.bench", "edgebuild.export", "edgebuild.device_agent", "edgebuild.device_agent.codecs", "edgebuild.bench.tasks"]
 PROBE = "import importlib, sys; [print(importlib.import_module(m).__file__) for m in sys.argv[1:]]"
 
 

@@ -73,7 +73,7 @@ def test_generation_stops_after_end_of_sequence(exported):
     _, out, state = exported
     rt = Runtime.load(out, state=state)
     first = rt.generate(PROMPT, 1)[0]
-    rt._eos = {first}
+    rt = Runtime(rt.session, dict(rt.graph, eos_token_ids=[first]), rt.threads)
     assert rt.generate(PROMPT, 5) == [first]
     assert len(rt.greedy(PROMPT, 5, stop_at_eos=False)[0]) == 5
 
@@ -106,7 +106,7 @@ def test_packed_weights_give_the_same_logits(exported, runtime, tmp_path):
 
 def test_time_returns_raw_samples(runtime):
     result = runtime.time(prompt_len=8, decode_tokens=3, warmup=1, repeats=4)
-    assert {"prefill_ms", "decode_ms_per_token", "peak_rss_mb", "threads"} <= set(result)
+    assert {"prefill_ms", "decode_ms_per_token", "peak_rss_mb", "rss_mb", "threads"} <= set(result)
     assert len(result["prefill_ms"]) == len(result["decode_ms_per_token"]) == 4
     assert all(v > 0 for v in result["prefill_ms"] + result["decode_ms_per_token"])
     assert result["peak_rss_mb"] > 10 and result["threads"] == 1
@@ -125,6 +125,14 @@ def test_load_refuses_weights_that_do_not_fit(exported, tmp_path):
         Runtime.load(out, state=wrong)
     with pytest.raises(RuntimeLoadError, match="not an exported graph"):
         Runtime.load(tmp_path, state=state)
+    with pytest.raises(RuntimeLoadError, match="threads"):
+        Runtime.load(out, state=state, threads=0)
+
+
+def test_forward_refuses_tokens_outside_the_vocabulary(runtime):
+    for bad in ([], [1000], [-1, 3]):
+        with pytest.raises(ValueError, match="token ids"):
+            runtime.logits(bad)
 
 
 def test_load_refuses_an_unknown_graph_format(exported, tmp_path):

@@ -232,12 +232,13 @@ def test_decoder_rejects_inconsistent_records():
 
 @pytest.mark.parametrize("knob,value", [
     ("lfsr_bits", 17), ("lfsr_bits", 1), ("lfsr_bits", 16.0), ("block_size", 1), ("block_size", 65),
-    ("latent_dim", 0), ("latent_dim", 8), ("seed_budget", 0), ("seed_budget", True),
+    ("latent_dim", 0), ("latent_dim", 8), ("latent_dim", 10), ("seed_budget", 0), ("seed_budget", True),
     ("full_search_on_gpu", "yes"), ("kernel", "fast"),
 ])
 def test_bad_knobs_raise_config_error(knob, value):
+    knobs = {"block_size": 16, knob: value} if (knob, value) == ("latent_dim", 10) else {knob: value}
     with pytest.raises(ConfigError, match=rf"'{knob}'.*allowed"):
-        SeedLM.from_knobs({knob: value})
+        SeedLM.from_knobs(knobs)
 
 
 def test_non_matrix_or_non_finite_weights_are_model_errors():

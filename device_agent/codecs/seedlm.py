@@ -77,36 +77,48 @@ def block_bits(bits: int, latent_dim: int) -> int:
     return bits + EXP_BITS + COEF_BITS * latent_dim
 
 
+MAX_BLOCK_BITS = 57      # a record plus its bit offset fits one 64-bit word
+
+
 def _field_widths(bits: int, latent_dim: int) -> list:
     return [bits, EXP_BITS] + [COEF_BITS] * latent_dim
 
 
-def pack_fields(seeds, exp_codes, mantissas, bits: int) -> np.ndarray:
+def pack_fields(seeds, exp_codes, mantissas, bits: int, chunk: int = 1 << 16) -> np.ndarray:
     """Pack per-block fields into one MSB-first bit stream (uint8); mantissas are ``(n, P)`` ints."""
     mantissas = np.asarray(mantissas, dtype=np.int64)
     n, latent = mantissas.shape
-    fields = [np.asarray(seeds, np.int64), np.asarray(exp_codes, np.int64)]
-    fields += [mantissas[:, p] & ((1 << COEF_BITS) - 1) for p in range(latent)]
-    columns = []
-    for values, width in zip(fields, _field_widths(bits, latent)):
-        shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
-        columns.append(((values.reshape(n, 1) >> shifts) & 1).astype(np.uint8))
-    return np.packbits(np.concatenate(columns, axis=1).reshape(-1))
+    width = block_bits(bits, latent)
+    if width > MAX_BLOCK_BITS:
+        raise SeedLMFormatError(f"a block record of {width} bits exceeds {MAX_BLOCK_BITS}")
+    word = np.zeros(n, dtype=np.int64)
+    fields = [np.asarray(seeds, np.int64), np.asarray(exp_codes, np.int64)] + list(mantissas.T)
+    for values, w in zip(fields, _field_widths(bits, latent)):
+        word = (word << w) | (values & ((1 << w) - 1))
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    parts = [np.packbits(((word[lo:lo + chunk, None] >> shifts) & 1).astype(np.uint8))
+             for lo in range(0, n, chunk)]          # chunk is a multiple of 8: parts end on a byte
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
 
 
 def unpack_fields(packed, num_blocks: int, bits: int, latent_dim: int):
     """Inverse of :func:`pack_fields`: ``(seeds, exp_codes, mantissas)`` as int64 arrays."""
     width = block_bits(bits, latent_dim)
-    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8))
-    if stream.size < num_blocks * width:
-        raise SeedLMFormatError(f"packed payload holds {stream.size} bits, needs {num_blocks * width}")
-    table = stream[: num_blocks * width].reshape(num_blocks, width).astype(np.int64)
-    values, start = [], 0
+    stream = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if width > MAX_BLOCK_BITS or stream.size * 8 < num_blocks * width:
+        raise SeedLMFormatError(f"packed payload holds {stream.size * 8} bits, needs "
+                                f"{num_blocks} blocks of {width} bits (at most {MAX_BLOCK_BITS})")
+    start = np.arange(num_blocks, dtype=np.int64) * width
+    padded = np.concatenate([stream, np.zeros(8, dtype=np.uint8)])
+    octets = padded[(start >> 3)[:, None] + np.arange(8)]
+    word = octets.view(">u8").reshape(-1).astype(np.uint64)
+    word = (word << (start & 7).astype(np.uint64)) >> np.uint64(64 - width)
+    word = word.astype(np.int64)
+    values, used = [], 0
     for w in _field_widths(bits, latent_dim):
-        weights = np.int64(1) << np.arange(w - 1, -1, -1, dtype=np.int64)
-        values.append(table[:, start:start + w] @ weights)
-        start += w
-    mantissas = np.stack(values[2:], axis=1)
+        used += w
+        values.append((word >> (width - used)) & ((1 << w) - 1))
+    mantissas = np.stack(values[2:], axis=1) if latent_dim else np.zeros((num_blocks, 0), np.int64)
     mantissas -= (mantissas >= (1 << (COEF_BITS - 1))) << COEF_BITS
     return values[0], values[1], mantissas
 
@@ -119,6 +131,14 @@ def reconstruct(basis, exponents, mantissas) -> np.ndarray:
     for p in range(1, basis.shape[2]):
         out = out + basis[:, :, p] * coef[:, None, p]
     return out
+
+
+def _unique_seeds(seeds, bits):
+    """``np.unique(seeds, return_inverse=True)`` in linear time (seeds are below ``2**bits``)."""
+    present = np.zeros(1 << bits, dtype=bool)
+    present[seeds] = True
+    position = np.cumsum(present) - 1
+    return np.flatnonzero(present), position[seeds]
 
 
 def _check(params, arrays):
@@ -138,7 +158,9 @@ def decode(params, arrays, shape, tables=None, chunk: int = 1 << 18):
     if n * c < numel:
         raise SeedLMFormatError(f"{n} blocks of {c} cannot hold a tensor of shape {tuple(shape)}")
     seeds, codes, mants = unpack_fields(arrays["packed"], n, k, p)
-    unique, inverse = np.unique(seeds, return_inverse=True)
+    if seeds.size and (seeds.min() < 1 or seeds.max() >= (1 << k)):
+        raise SeedLMFormatError(f"seedlm record holds a seed outside 1..{(1 << k) - 1}")
+    unique, inverse = _unique_seeds(seeds, k)
     table = bases(unique, c, p, k, params.get("taps"))
     exps = codes + int(params["exp_min"])
     out = np.empty((n, c), dtype=np.float32)

