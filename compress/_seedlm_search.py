@@ -118,7 +118,7 @@ def _coefficients(y, solve, index):
     for p in reversed(range(len(y))):
         acc = y[p] * solve(index[p, p])
         for q in range(p + 1, len(y)):
-            acc = acc + t[q] * solve(index[p, q])
+            acc.addcmul_(t[q], solve(index[p, q]))
         t[p] = acc
     return t
 
@@ -127,10 +127,10 @@ def _quantise(t, lo_bits, hi_bits):
     """Exponent bits (``e + 126``, clamped) and float mantissas."""
     peak = t[0].abs()
     for tp in t[1:]:
-        peak = torch.maximum(peak, tp.abs())
-    ebits = torch.clamp((peak * _INV_RANGE).view(torch.int32) >> 23, lo_bits, hi_bits)
+        peak = torch.maximum(peak, tp.abs(), out=peak)
+    ebits = (peak.mul_(_INV_RANGE).view(torch.int32) >> 23).clamp_(lo_bits, hi_bits)
     scale = ((2 * _F32_BIAS + 1 - ebits) << 23).view(torch.float32)
-    return ebits, [torch.clamp(torch.round(tp * scale), MANT_MIN, MANT_MAX) for tp in t]
+    return ebits, [(tp * scale).round_().clamp_(MANT_MIN, MANT_MAX) for tp in t]
 
 
 def _score(y, ebits, mant, tri, index):
@@ -139,10 +139,10 @@ def _score(y, ebits, mant, tri, index):
     for p in range(len(y)):
         z = mant[p] * tri(index[p, p])
         for q in range(p + 1, len(y)):
-            z = z + mant[q] * tri(index[p, q])
-        z = z * two_e
-        term = (z + y[p]) * z
-        score = term if score is None else score + term
+            z.addcmul_(mant[q], tri(index[p, q]))
+        z.mul_(two_e)
+        term = (z + y[p]).mul_(z)
+        score = term if score is None else score.add_(term)
     return score
 
 

@@ -8,14 +8,19 @@ one whose ``C x P`` basis, with least-squares coefficients quantised to ``P`` 4-
 
 Exponent window: a 4-bit field codes ``e - exp_min``. Per tensor ``exp_max = e(max block norm) + 1``,
 where ``e(x)`` is the smallest integer with ``x < 7.5 * 2**e``, and ``exp_min = exp_max - 15``
-(``exp_min`` is stored in the record). A block's least-squares coefficients never exceed its norm times
-``1 / sigma_min(U)``, so the window holds every exponent of well-conditioned bases; exponents outside
-are clamped (the mantissas clip), and the search measures that error honestly. Blocks 2**16 times
-smaller than the largest block quantise with a coarser step than they would like.
+(``exp_min`` is stored in the record). On SmolLM2 layers the winning exponent of a block lies within
+``e(block norm) - 3 .. e(block norm) + 1`` except for a few near-singular bases with huge coefficients,
+so the window holds the winners; an exponent outside it is clamped (the mantissas clip) and the search
+scores that clamped code, so it wins only when it really is best. Blocks 2**16 times smaller than the
+largest one get a coarser step than they would like.
 
-Seed budget: the full search covers all ``2**K - 1`` seeds and runs on CUDA. On a CPU a fixed subset of
-``seed_budget`` seeds (drawn with ``ctx.seed``) is searched; the count is recorded in
-``ctx.log["seedlm"]`` together with the device, the kernel and the throughput.
+Seed budget: on CUDA every one of the ``2**K - 1`` seeds is searched (the paper's setting). On a CPU a
+fixed subset of ``seed_budget`` seeds (drawn with ``ctx.seed``) is searched. ``ctx.log["seedlm"]``
+records the seeds searched, the device, the kernel, the throughput and the relative error.
+
+Kernel: the search tile runs fused under ``torch.compile`` ("compiled": C++ on CPU, Triton on CUDA; the
+first call compiles for a few seconds) or as plain torch ops ("eager", about 5x slower on CPU);
+"auto" tries the first and falls back to the second with a warning.
 """
 from __future__ import annotations
 

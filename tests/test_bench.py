@@ -12,7 +12,7 @@ from edgebuild.bench.base import Benchmark
 from edgebuild.bench.profiles import PROFILES, allocate, get_profile, sample_indices, task_rng
 from edgebuild.build.errors import ConfigError, DataError
 
-DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", "/work/shared/data"))
+from conftest import DATA_DIR  # noqa: E402
 needs_data = pytest.mark.skipif(
     not DATA_DIR.is_dir(),
     reason=f"benchmark data dir {DATA_DIR} not found (set EDGEBUILD_DATA_DIR)")
@@ -21,8 +21,7 @@ needs_data = pytest.mark.skipif(
 def _tokenizer_dir() -> Path | None:
     import edgebuild.build
 
-    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer",
-                  Path("/tmp/smol/hf")]
+    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer"]
     return next((p for p in candidates if (p / "tokenizer.json").is_file()), None)
 
 

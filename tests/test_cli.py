@@ -10,7 +10,7 @@ import pytest
 from edgebuild.build.cli import main
 from edgebuild.build.errors import ExitCode
 
-DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import DATA_DIR  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """ONNX export with KV cache: a graph without weight data, a complete weight map, verification."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,6 +40,12 @@ def test_registry_gives_the_onnx_exporter_lazily():
     assert exporters.get("onnx") is OnnxExporter
     with pytest.raises(ConfigError, match="did you mean 'onnx'"):
         exporters.get("onx")
+
+
+def test_importing_the_package_loads_neither_torch_nor_onnx():
+    code = ("import sys, edgebuild.export; "
+            "sys.exit(1 if {'torch', 'onnx', 'onnxruntime'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_model_file_holds_no_weight_data(exported):

@@ -10,7 +10,7 @@ import pytest
 from edgebuild.bench.quality import compare, quality_texts, reference_logprobs
 from edgebuild.build.errors import DataError
 
-DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", "/work/shared/data"))
+from conftest import DATA_DIR  # noqa: E402
 TEXTS = [
     "The committee met on Tuesday to discuss the budget for the new library, and after a long "
     "debate the members agreed to postpone the vote until the next meeting.",
@@ -23,8 +23,7 @@ TEXTS = [
 def _tokenizer_dir() -> Path | None:
     import edgebuild.build
 
-    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer",
-                  Path("/tmp/smol/hf")]
+    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer"]
     return next((p for p in candidates if (p / "tokenizer.json").is_file()), None)
 
 
