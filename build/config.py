@@ -21,6 +21,7 @@ PROFILES = ("smoke", "reduced", "full")
 LADDER = ("baseline", "seedlm", "vptq", "hyper")
 RETENTION_KINDS = ("raw", "chance_normalised")
 SOURCES = ("previous", "baseline")
+SCOPES = ("weights", "leftovers")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class StageConfig:
     knobs: dict = field(default_factory=dict)
     source: str = "previous"          # "previous": the last passed stage's weights; "baseline"
     include_embeddings: bool = False  # compress the (tied) embedding matrix too
+    scope: str = "weights"            # "weights": the decoder's linear weights; "leftovers": keep the
+                                      # source's compressed records, compress what it left in float
 
 
 @dataclass
@@ -88,6 +91,7 @@ class BuildConfig:
         if sc.method not in methods:
             raise ConfigError(f"{where}: stage.{name}.method: " + methods._unknown_message(sc.method))
         _choice(where, f"stage.{name}.source", sc.source, SOURCES)
+        _choice(where, f"stage.{name}.scope", sc.scope, SCOPES)
         try:
             methods.get(sc.method).from_knobs(sc.knobs)
         except (KeyError, TypeError, ValueError) as e:

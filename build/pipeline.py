@@ -134,8 +134,8 @@ class Pipeline:
             return
         knobs = dict(sc.knobs)
         for attempt in range(self.cfg.gates.max_retries + 1):
-            run = self._run_stage(name, StageConfig(sc.method, knobs, sc.source, sc.include_embeddings),
-                                  attempt, source, passed)
+            run = self._run_stage(name, StageConfig(sc.method, knobs, sc.source, sc.include_embeddings,
+                                                    sc.scope), attempt, source, passed)
             yield run
             if run.status == "passed" or run.gate.get("critical"):
                 return
@@ -200,7 +200,7 @@ class Pipeline:
 
     def _pack(self, run: StageRun, sc: StageConfig, source: StageRun | None) -> str:
         key = digest("pack", self.ref.fingerprint, source.keys["pack"] if source else None, sc.method,
-                     sc.knobs, sc.include_embeddings, self.cfg.seed, self.cfg.calibration_texts,
+                     sc.knobs, sc.include_embeddings, sc.scope, self.cfg.seed, self.cfg.calibration_texts,
                      code_version("compress", "device_agent"))
         entry = self._get("pack", key)
         if entry is None:
@@ -240,7 +240,13 @@ class Pipeline:
                               device=_device(), seed=self.cfg.seed)
         with self.progress.step(f"compress {stage} ({sc.method})") as update:
             ctx.progress = update
-            records = pack_model(model, sc.method, sc.knobs, ctx, include_embeddings=sc.include_embeddings)
+            if sc.scope == "leftovers":
+                from edgebuild.compress import pack_leftovers
+                from edgebuild.device_agent import packed
+                _, source_records = packed.read(source.pack["path"])
+                records = pack_leftovers(source_records, sc.method, sc.knobs, ctx)
+            else:
+                records = pack_model(model, sc.method, sc.knobs, ctx, include_embeddings=sc.include_embeddings)
         return records, ctx.log
 
     def _calibration_texts(self) -> list:

@@ -5,7 +5,7 @@ from edgebuild.build.errors import ConfigError
 from edgebuild.build.registry import Registry
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.compress.model import (
-    apply_records, method_info, pack_model, packed_stats, select_linear_weights,
+    apply_records, method_info, pack_leftovers, pack_model, packed_stats, select_linear_weights,
 )
 
 methods = Registry("compression method", error=ConfigError)
@@ -16,5 +16,5 @@ methods.register_lazy("hyper", "edgebuild.compress.hyper:HyperCompression")
 
 __all__ = [
     "CompressContext", "CompressionMethod", "methods", "select_linear_weights", "pack_model",
-    "apply_records", "packed_stats", "method_info",
+    "apply_records", "packed_stats", "method_info", "pack_leftovers",
 ]

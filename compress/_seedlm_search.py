@@ -16,7 +16,7 @@ entry of ``R`` below ``1e-6`` of the largest marks a rank-deficient basis: that 
 
 ``e`` is read from the float32 exponent bits of ``max|t| / 7.5``; ``2**e`` and ``2**-e`` are built from
 bits too, so every step is elementwise and the whole tile fuses into one kernel under ``torch.compile``
-(C++ on CPU, Triton on CUDA). Without compilation the projection is one matmul per seed chunk.
+(C++ on CPU, Triton on CUDA). Without compilation, on CPU, the projection is one matmul per chunk.
 """
 from __future__ import annotations
 

@@ -174,20 +174,26 @@ def normalised_vectors(layer: Layer, v: int):
 
 
 def inverse_factor(hessian, damp: float):
-    """Upper Cholesky factor of the damped ``H⁻¹`` for a batch ``(L, n, n)``; dead diagonal
-    entries are set to 1 first. The damping grows tenfold per retry when a factor fails."""
+    """Upper Cholesky factor ``U`` of the damped ``H⁻¹ = UᵀU`` for a batch ``(L, n, n)``; dead
+    diagonal entries are set to 1 first. The damping grows tenfold per retry when a factor fails.
+
+    With ``J`` the order reversal and ``J H J = L Lᵀ``, ``U = J L⁻¹ J``: one Cholesky factor and
+    one triangular solve, no explicit inverse."""
     import torch
 
     h = hessian.clone()
     diag = h.diagonal(dim1=1, dim2=2)
     diag[diag <= 0] = 1
-    eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    n = h.shape[1]
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    flip = torch.arange(n - 1, -1, -1, device=h.device)
     mean = diag.mean(1)
     for attempt in range(DAMP_RETRIES):
-        factor, info = torch.linalg.cholesky_ex(h + (damp * 10 ** attempt * mean)[:, None, None] * eye)
+        damped = h + (damp * 10 ** attempt * mean)[:, None, None] * eye
+        factor, info = torch.linalg.cholesky_ex(damped[:, flip][:, :, flip])
         if not bool(info.any()):
-            inverse = torch.cholesky_inverse(factor)
-            return torch.linalg.cholesky(inverse, upper=True)
+            inverse = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
+            return inverse[:, flip][:, :, flip]
         log.info("Hessian not positive definite at damp %g; retrying", damp * 10 ** attempt)
     raise ModelError("a layer's Hessian stays singular after damping; raise the 'damp' knob "
                      "or provide more calibration data")

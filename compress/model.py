@@ -94,6 +94,24 @@ def pack_model(model, method: str, knobs: dict, ctx, *, include_embeddings: bool
     return records
 
 
+def pack_leftovers(records, method: str, knobs: dict, ctx, *, min_numel: int = 4096) -> list[Record]:
+    """Chain onto an earlier stage: keep the records it already compressed and compress with
+    ``method`` what it left in floating point — its ``raw`` 2-D tensors of at least ``min_numel``
+    elements (the embedding matrix, for instance). Small tensors (norms) and tables stay as they are.
+    Returns the records in the same order."""
+    import torch
+
+    from edgebuild.device_agent.codecs import decode
+
+    compressor = _build_method(method, knobs)
+    chosen = [r for r in records if r.codec == RAW and len(r.shape) == 2 and r.numel >= min_numel]
+    weights = {r.name: torch.from_numpy(decode(r)).to(ctx.device) for r in chosen}
+    new = {r.name: r for r in _compress_selected(compressor, weights, list(weights), ctx, len(weights))}
+    tables = [r for r in new.values() if r.codec == TABLE]
+    log.info("compressed %d tensors left in floating point with %s", len(chosen), method)
+    return tables + [new.get(r.name, r) if r.codec != TABLE else r for r in records]
+
+
 def _compress_selected(compressor, state, selected, ctx, total) -> list[Record]:
     import torch
 

@@ -19,7 +19,7 @@ fixed subset of ``seed_budget`` seeds (drawn with ``ctx.seed``) is searched. ``c
 records the seeds searched, the device, the kernel, the throughput and the relative error.
 
 Kernel: the search tile runs fused under ``torch.compile`` ("compiled": C++ on CPU, Triton on CUDA; the
-first call compiles for a few seconds) or as plain torch ops ("eager", about 5x slower on CPU);
+first call compiles, 10-40 s on 2 cores) or as plain torch ops ("eager", about 4x slower on CPU);
 "auto" tries the first and falls back to the second with a warning.
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edgebuild.build.errors import ConfigError, ModelError
-from edgebuild.compress import _seedlm_search as search
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.device_agent.codecs import seedlm as codec
 from edgebuild.device_agent.packed import Record
@@ -110,15 +109,14 @@ class SeedLM(CompressionMethod):
         """One ``seedlm`` record per 2-D tensor; facts about the search go to ``ctx.log["seedlm"]``."""
         self.config.validate()
         tensors = {name: _as_matrix(name, w) for name, w in weights.items()}
+        if not tensors:
+            return []
         device = "cuda" if ctx.device == "cuda" else "cpu"
         seeds = self.candidate_seeds(device, ctx.seed)
-        block_chunk, seed_chunk = TILES[device]
-        cfg = self.config
-        bank = search.make_bank(seeds, cfg.block_size, cfg.latent_dim, cfg.lfsr_bits,
-                                min(seed_chunk, _pow2_at_least(len(seeds))), device)
-        searcher = search.Searcher(bank, cfg.kernel, block_chunk)
-        counter = _Progress(ctx, sum(-(-w.numel() // cfg.block_size) for w in tensors.values()))
-        stats = _Stats()
+        searcher = self.searcher(seeds, device)
+        cfg, stats = self.config, _Stats()
+        counter = _Progress(ctx, len(tensors),
+                            sum(-(-w.numel() // cfg.block_size) for w in tensors.values()))
         records = []
         for name, w in tensors.items():
             record, recon = self.compress_tensor(name, w, searcher, counter)
@@ -126,6 +124,16 @@ class SeedLM(CompressionMethod):
             records.append(record)
         ctx.log["seedlm"] = stats.summary(cfg, len(seeds), device, searcher.kernel, counter)
         return records
+
+    def searcher(self, seeds, device: str = "cpu"):
+        """A ``_seedlm_search.Searcher`` over ``seeds`` with this device's tile sizes."""
+        from edgebuild.compress import _seedlm_search as search
+
+        cfg = self.config
+        block_chunk, seed_chunk = TILES[device]
+        bank = search.make_bank(seeds, cfg.block_size, cfg.latent_dim, cfg.lfsr_bits,
+                                min(seed_chunk, _pow2_at_least(len(seeds))), device)
+        return search.Searcher(bank, cfg.kernel, block_chunk)
 
     def candidate_seeds(self, device: str = "cpu", rng_seed: int = 0) -> np.ndarray:
         """The seeds searched: all on CUDA (unless disabled), else a fixed subset of ``seed_budget``."""
@@ -136,8 +144,13 @@ class SeedLM(CompressionMethod):
         rng = np.random.default_rng(rng_seed)
         return np.sort(rng.choice(every, size=cfg.seed_budget, replace=False))
 
-    def compress_tensor(self, name: str, weight, searcher: "search.Searcher", progress=None):
-        """Search and pack one 2-D tensor: ``(Record, float32 reconstruction as a torch tensor)``."""
+    def compress_tensor(self, name: str, weight, searcher, progress=None):
+        """Search and pack one 2-D tensor with a ``_seedlm_search.Searcher``.
+
+        Returns ``(Record, float32 reconstruction as a torch tensor)``; the reconstruction uses the
+        decoder's arithmetic, so it equals ``codecs.decode(record)`` exactly."""
+        from edgebuild.compress._seedlm_search import reconstruct
+
         cfg = self.config
         blocks = _blocks(weight, cfg.block_size)
         exp_min, exp_max = exponent_window(blocks)
@@ -152,7 +165,7 @@ class SeedLM(CompressionMethod):
                   "exp_min": exp_min, "exp_bits": codec.EXP_BITS, "coef_bits": codec.COEF_BITS,
                   "num_blocks": int(blocks.shape[0])}
         record = Record(name, tuple(weight.shape), self.name, params, {"packed": packed})
-        flat = search.reconstruct(searcher.bank.basis[index], exps, mants).reshape(-1)
+        flat = reconstruct(searcher.bank.basis[index], exps, mants).reshape(-1)
         return record, flat[: weight.numel()].reshape(weight.shape)
 
     def recommend(self, verdict=None):
@@ -198,7 +211,7 @@ def exponent_window(blocks) -> tuple:
 
 def _exponent_of(x: float) -> int:
     """Smallest integer ``e`` with ``x < 7.5 * 2**e`` (very negative for 0)."""
-    return math.frexp(x / (search.MANT_MAX + 0.5))[1] if x > 0 else -EXP_LIMIT
+    return math.frexp(x / 7.5)[1] if x > 0 else -EXP_LIMIT
 
 
 def _pow2_at_least(n: int) -> int:
@@ -206,21 +219,24 @@ def _pow2_at_least(n: int) -> int:
 
 
 class _Progress:
-    """Forwards block counts to ``ctx.progress`` at most twice a second."""
+    """Reports ``(done, total)`` in tensors, as a fraction of blocks searched, at most twice a second."""
 
-    def __init__(self, ctx, total):
-        self.ctx, self.total, self.base, self.last = ctx, total, 0, 0.0
+    def __init__(self, ctx, tensors, blocks):
+        self.ctx, self.tensors, self.blocks = ctx, tensors, max(blocks, 1)
+        self.base = self.finished = 0
+        self.last = 0.0
         self.started = time.perf_counter()
 
     def rows(self, done):
         now = time.perf_counter()
         if now - self.last >= 0.5:
             self.last = now
-            self.ctx.progress(self.base + done, self.total)
+            self.ctx.progress(self.tensors * (self.base + done) / self.blocks, self.tensors)
 
     def done_tensor(self, n):
-        self.base += n
-        self.ctx.progress(self.base, self.total)
+        self.base, self.finished = self.base + n, self.finished + 1
+        done = self.finished if self.finished == self.tensors else self.tensors * self.base / self.blocks
+        self.ctx.progress(done, self.tensors)
 
     @property
     def seconds(self) -> float:

@@ -98,6 +98,9 @@ def _export(wrapper, args, inputs, outputs, opset):
     with warnings.catch_warnings():
         # one Dim shared by several inputs is intended; the exporter warns about each reuse
         warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        # the exporter logs one line per torchvision operator it cannot register; none are used here
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         return torch.onnx.export(
             wrapper, args, dynamic_shapes=_dynamic_shapes(num_layers), input_names=inputs,
             output_names=outputs, opset_version=opset, dynamo=True, optimize=False, verbose=False)

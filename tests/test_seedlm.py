@@ -129,6 +129,22 @@ def test_method_recovers_planted_seeds_within_its_k16_budget():
     assert ctx.log["seedlm"]["relative_error"] == 0.0
 
 
+def test_tile_kernel_without_matmul_agrees():
+    """The elementwise projection (compiled and CUDA kernels) picks what the matmul one picks."""
+    rows = torch.randn(64, 8) * 0.05
+    bank = search.make_bank(np.arange(1, 513), 8, 3, 16, seed_chunk=128)
+    lo, hi = torch.tensor(-20 + 126, dtype=torch.int32), torch.tensor(-3 + 126, dtype=torch.int32)
+    tile = (bank.proj, bank.tri, bank.solve)
+    low, col = search.tile_best(rows, *tile, lo, hi, matmul=False)
+    per_group = [search.tile_best(rows, *(x[g:g + 1] for x in tile), lo, hi, matmul=True)
+                 for g in range(4)]
+    lows = torch.stack([g_low for g_low, _ in per_group])
+    cols = torch.stack([g_col + 128 * g for g, (_, g_col) in enumerate(per_group)])
+    best, group = lows.min(0)
+    torch.testing.assert_close(low, best, rtol=1e-5, atol=1e-10)
+    assert (col == cols.gather(0, group[None])[0]).float().mean() > 0.95
+
+
 def test_ill_conditioned_bases_are_scored_accurately():
     """Near-singular bases need huge coefficients; the score must still match the true error."""
     seeds = np.arange(1, 1 << 16)
@@ -169,14 +185,17 @@ def test_decoder_equals_method_reconstruction_exactly(knobs, tmp_path):
     weight = torch.randn(13, 29) * 0.03            # 377 weights: the last block is padded
     weight[5] *= 30
     method = _method(seed_budget=300, **knobs)
-    bank = search.make_bank(method.candidate_seeds(), method.config.block_size,
-                            method.config.latent_dim, method.config.lfsr_bits, seed_chunk=128)
-    record, recon = method.compress_tensor("w", weight, search.Searcher(bank, "eager", 64))
+    record, recon = method.compress_tensor("w", weight, method.searcher(method.candidate_seeds()))
     assert recon.dtype == torch.float32 and recon.shape == weight.shape
     np.testing.assert_array_equal(decode(record), recon.numpy())
     packed.write(tmp_path / "w.bin", [record])
     _, (back,) = packed.read(tmp_path / "w.bin")
     np.testing.assert_array_equal(decode(back), recon.numpy())
+
+
+def test_nothing_to_compress_gives_no_records():
+    ctx = CompressContext()
+    assert _method().compress({}, ctx) == [] and "seedlm" not in ctx.log
 
 
 def test_compress_logs_budget_and_reports_progress():
@@ -189,7 +208,9 @@ def test_compress_logs_budget_and_reports_progress():
     assert info["seeds_searched"] == 128 and info["of"] == 65535 and info["device"] == "cpu"
     assert info["kernel"] == "eager" and info["block_seed_pairs"] == (64 + 80) * 128
     assert info["bits_per_weight"] == 4.0 and 0.0 < info["relative_error"] < 0.6
-    assert calls[-1] == (144, 144)
+    assert calls[-1] == (2, 2)                             # tensors, advanced by blocks searched
+    assert [c[1] for c in calls] == [2] * len(calls)
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
 
 
 def test_larger_budget_lowers_the_error():
@@ -226,6 +247,10 @@ def test_decoder_rejects_inconsistent_records():
         codec.decode(record.params, {"packed": record.arrays["packed"][:-1]}, record.shape)
     with pytest.raises(codec.SeedLMFormatError, match="cannot hold"):
         codec.decode(record.params, record.arrays, (5, 16))
+    with pytest.raises(codec.SeedLMFormatError, match="taps"):
+        codec.decode({**record.params, "taps": [16, 3]}, record.arrays, record.shape)
+    with pytest.raises(codec.SeedLMFormatError, match="coefficients"):
+        codec.decode({**record.params, "coef_bits": 3}, record.arrays, record.shape)
 
 
 # --- knobs ----------------------------------------------------------------------------------------
@@ -294,8 +319,7 @@ def test_cuda_search_matches_cpu_and_decodes_exactly():
     (gpu,) = SeedLM(SeedLMConfig(**knobs)).compress({"w": weight}, gpu_ctx)
     assert gpu_ctx.log["seedlm"]["device"] == "cuda"
     assert abs(gpu_ctx.log["seedlm"]["relative_error"] - cpu_ctx.log["seedlm"]["relative_error"]) < 1e-3
-    bank = search.make_bank(SeedLM(SeedLMConfig(**knobs)).candidate_seeds("cuda"), 8, 3, 16, 1024,
-                            "cuda")
-    record, recon = SeedLM(SeedLMConfig(**knobs)).compress_tensor("w", weight,
-                                                                  search.Searcher(bank, "auto", 1024))
+    method = SeedLM(SeedLMConfig(**knobs))
+    record, recon = method.compress_tensor("w", weight.cuda(), method.searcher(
+        method.candidate_seeds("cuda"), "cuda"))
     np.testing.assert_array_equal(decode(record), recon.numpy())

@@ -154,9 +154,15 @@ def test_parse_target_from_text():
 
 def test_transport_registry_builds_the_local_transport(tmp_path):
     target = parse_target((SPECS_DIR / "local.toml").read_text().replace(
-        'root = "~/.cache/edgebuild/agent-local"', f'root = "{tmp_path}"'))
+        'root = "@home"', f'root = "{tmp_path}"'))
     transport = transport_for(target)
     assert isinstance(transport, LocalTransport) and transport.root == tmp_path.resolve()
+
+
+def test_local_root_at_home_follows_edgebuild_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    transport = transport_for(load_target("local"))
+    assert transport.root == (tmp_path / "agent-local").resolve()
     with pytest.raises(ConfigError, match="unknown transport 'sssh'; did you mean 'ssh'"):
         transports.get("sssh")
 

@@ -11,8 +11,9 @@ bit recurrence ``a[n+K] = XOR(a[n+j] for j in taps)``; the state holds ``a[n]`` 
 With ``K = 3``, ``x**3 + x + 1`` and seed 4 the states are 2, 5, 6, 7, 3, 1, 4, ...
 
 Payload: ``arrays["packed"]``, one bit stream (MSB first, zero padded to a byte) of ``num_blocks``
-records of ``K + 4 + 4*P`` bits each: seed, exponent code, then the mantissas. The exponent code is
-``e - exp_min`` with ``exp_min`` in ``params``.
+records of ``K + 4 + 4*P`` bits each (at most 57): seed, exponent code, then the mantissas. The
+exponent code is ``e - exp_min``. Params: ``block_size`` (C), ``latent_dim`` (P), ``lfsr_bits`` (K),
+``taps``, ``exp_min``, ``exp_bits`` and ``coef_bits`` (both 4), ``num_blocks``.
 
 This module is numpy only: it runs on the device, and the host builds its reconstruction with the same
 arithmetic (float32, products summed over ``p`` in order).
@@ -147,6 +148,12 @@ def _check(params, arrays):
             raise SeedLMFormatError(f"seedlm record lacks parameter {key!r}")
     if "packed" not in arrays:
         raise SeedLMFormatError("seedlm record lacks the 'packed' array")
+    if params.get("exp_bits", EXP_BITS) != EXP_BITS or params.get("coef_bits", COEF_BITS) != COEF_BITS:
+        raise SeedLMFormatError(f"seedlm record uses {params.get('exp_bits')}-bit exponents and "
+                                f"{params.get('coef_bits')}-bit coefficients; this decoder knows 4 and 4")
+    bits = int(params["lfsr_bits"])
+    if not all(0 <= int(j) < bits for j in params.get("taps", [0])) or not 2 <= bits <= 32:
+        raise SeedLMFormatError(f"seedlm record has LFSR taps {params.get('taps')} outside 0..{bits - 1}")
 
 
 def decode(params, arrays, shape, tables=None, chunk: int = 1 << 18):

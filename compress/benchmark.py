@@ -1,0 +1,93 @@
+"""``make bench-compress``: each method and config side by side on one model, in one run.
+
+For every configuration: packed bytes (the artifact as written), bits per compressed weight, KL
+divergence and top-1 agreement of next-token distributions against the uncompressed model, the
+perplexity ratio, and wall time; ``rtn`` runs at matching bits/weight next to each method. Settings
+reduced for a CPU (for example a restricted SeedLM seed budget) are labelled in the table.
+
+    python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir DATA
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = [
+    # label, method, knobs, note
+    ("rtn 4b g128", "rtn", {"bits": 4, "group_size": 128}, ""),
+    ("rtn 3b g64", "rtn", {"bits": 3, "group_size": 64}, ""),
+]
+
+
+def run_config(base, tok, method, knobs, ctx_kwargs, texts, ref) -> dict:
+    from edgebuild.bench import quality
+    from edgebuild.compress import apply_records, pack_model, packed_stats
+    from edgebuild.compress.base import CompressContext
+    from edgebuild.device_agent import packed
+    model = copy.deepcopy(base)
+    ctx = CompressContext(model=model, tokenizer=tok, **ctx_kwargs)
+    t0 = time.time()
+    records = pack_model(model, method, knobs, ctx)
+    seconds = time.time() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.ebpk"
+        packed.write(path, records)
+        size = path.stat().st_size
+        _, records = packed.read(path)
+    apply_records(model, records)
+    q = quality.compare(model, tok, texts, ref)
+    return {"bytes": size, "bits_per_weight": packed_stats(records)["bits_per_weight"], "seconds": seconds,
+            "facts": ctx.log, **q}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--configs", default=None, help="JSON file: [[label, method, knobs, note], ...]")
+    p.add_argument("--json", dest="json_out", default=None, help="Also write the rows to this file.")
+    args = p.parse_args(argv)
+    from edgebuild.bench import quality
+    from edgebuild.build import model as models
+    configs = json.loads(Path(args.configs).read_text()) if args.configs else CONFIGS
+    base, tok = models.load(models.resolve(args.model))
+    texts = quality.quality_texts(args.data_dir)
+    calib = quality.quality_texts(args.data_dir, 32, seed=1)
+    ref = quality.reference_logprobs(base, tok, texts)
+    ctx_kwargs = {"calibration_texts": calib, "device": _device()}
+    rows = []
+    for label, method, knobs, note in configs:
+        row = {"label": label, "method": method, "knobs": knobs, "note": note,
+               **run_config(base, tok, method, knobs, ctx_kwargs, texts, ref)}
+        rows.append(row)
+        print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+    _print(rows, args.model)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _print(rows, model) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"compression methods on {model} (KL etc. against the uncompressed model)")
+    for col in ("config", "bytes", "bits/w", "KL", "top-1", "ppl ratio", "seconds", "note"):
+        t.add_column(col, justify="left" if col in ("config", "note") else "right")
+    for r in rows:
+        t.add_row(r["label"], f"{r['bytes']:,}", f"{r['bits_per_weight']:.3f}", f"{r['kl']:.4f}",
+                  f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}", f"{r['seconds']:.1f}", r["note"])
+    Console(width=200).print(t)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
