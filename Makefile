@@ -41,7 +41,7 @@ smoke: setup
 	$(BIN)/edgebuild all --model tiny-random --target local --profile smoke --data-dir $(DATA_DIR) --out $(OUT)/smoke
 
 demo: setup model
-	$(BIN)/edgebuild all --model smollm2-135m --target $(TARGET) --data-dir $(DATA_DIR) --out $(OUT)/demo
+	$(BIN)/edgebuild all --model smollm2-135m --target $(TARGET) --config configs/demo.toml --data-dir $(DATA_DIR) --out $(OUT)/demo
 
 clean:
 	rm -rf $(OUT) .pytest_cache .setuptools-build device_agent/.setuptools-build

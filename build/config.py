@@ -119,10 +119,11 @@ def _choice(where: str, key: str, value, allowed) -> None:
 
 
 DEFAULT_STAGES = {
-    # The reference method stands in for a stage whose method is not configured.
-    "seedlm": StageConfig(method="rtn", knobs={"bits": 4, "group_size": 128}),
-    "vptq": StageConfig(method="rtn", knobs={"bits": 3, "group_size": 64}),
-    "hyper": StageConfig(method="rtn", knobs={"bits": 2, "group_size": 32}),
+    # Each stage runs the method it is named after; Hyper-Compression compresses what VPTQ left in
+    # floating point (the embedding matrix). Any other stage name defaults to the reference method.
+    "seedlm": StageConfig(method="seedlm"),
+    "vptq": StageConfig(method="vptq"),
+    "hyper": StageConfig(method="hyper", scope="leftovers"),
 }
 
 

@@ -263,35 +263,33 @@ def layers_per_pass(rows: int, cols: int) -> int:
 def run_pass(layers: list[Layer], books: Books, v: int, damp: float):
     """Quantise a batch of prepared layers (same shape, same ``n_outliers``) with ``books``.
 
-    Returns ``(results, left, importance)``: one ``LayerResult`` per layer, and the first-stage
-    normalised residual vectors ``(n, v)`` with their k-means weights (to train a residual
-    codebook)."""
+    Returns ``(quantised, left, importance)``: per layer ``(reconstruction, indices,
+    residual_indices)`` in original column order, and the first-stage normalised residual
+    vectors ``(n, v)`` with their k-means weights (to train a residual codebook)."""
     import torch
 
-    perm = torch.stack([l.perm for l in layers])
     W = torch.stack([l.weight[:, l.perm] for l in layers])
     H = torch.stack([l.hessian[l.perm][:, l.perm] for l in layers])
     s = torch.stack([l.scales.float()[l.perm] for l in layers])
     b = torch.stack([l.biases.float()[l.perm] for l in layers])
     Q, idx, ridx, left = vptq_pass(W, inverse_factor(H, damp), s, b, books, layers[0].n_outliers, v)
     del W, H
-    results = [_unpermute(l, Q[i], idx[i], None if ridx is None else ridx[i])
-               for i, l in enumerate(layers)]
+    quantised = []
+    for i, layer in enumerate(layers):
+        inv = torch.argsort(layer.perm)
+        quantised.append((Q[i][:, inv].contiguous(), idx[i][inv],
+                          None if ridx is None else ridx[i][inv]))
     imp = torch.stack([l.importance[l.perm] for l in layers])
     weights = imp[:, :, None].expand(-1, -1, left.shape[2]).reshape(-1)
-    return results, left.reshape(-1, v), weights
+    return quantised, left.reshape(-1, v), weights
 
 
-def _unpermute(layer: Layer, Q, idx, ridx) -> LayerResult:
-    import torch
-
-    inv = torch.argsort(layer.perm)
-    Q = Q[:, inv].contiguous()
-    err = layer.weight - Q
-    h = layer.hessian
-    total = float(((layer.weight @ h) * layer.weight).sum())
-    proxy = float(((err @ h) * err).sum()) / total if total > 0 else 0.0
-    return LayerResult(idx[inv], None if ridx is None else ridx[inv], Q, proxy)
+def proxy_error(layer: Layer, reconstruction) -> float:
+    """``tr(E H Eᵀ) / tr(W H Wᵀ)`` with ``E = W - reconstruction``: the relative output error on
+    the calibration inputs."""
+    err = layer.weight - reconstruction
+    total = float(((layer.weight @ layer.hessian) * layer.weight).sum())
+    return float(((err @ layer.hessian) * err).sum()) / total if total > 0 else 0.0
 
 
 # --- a whole group ------------------------------------------------------------------------------
@@ -341,7 +339,8 @@ def quantize_group(weights: list, hessians: list, cfg, gen, progress=lambda n: N
         books.residual = kmeans(_cat(xs), _cat(ws), k_res, cfg.kmeans_iters, gen)
     results = []
     for chunk in chunks:
-        results += run_pass(chunk, books, v, cfg.damp)[0]
+        for layer, (q, idx, ridx) in zip(chunk, run_pass(chunk, books, v, cfg.damp)[0]):
+            results.append(LayerResult(idx, ridx, q, proxy_error(layer, q)))
         progress(len(chunk))
     return results, books, layers
 

@@ -111,7 +111,9 @@ def decode(params, arrays, shape, tables=None):
     book = _table(tables, params["codebook"], v, bits, "codebook")
     x = _lookup(book, indices, "codebook")                      # (cols, rows / v, v)
     if params.get("outlier_codebook"):
-        columns = np.asarray(arrays["outlier_columns"], dtype=np.int64)
+        columns = np.asarray(arrays.get("outlier_columns", []), dtype=np.int64).reshape(-1)
+        if columns.size and (columns.min() < 0 or columns.max() >= cols):
+            raise VPTQFormatError(f"vptq outlier columns lie outside the {cols} columns")
         outliers = _table(tables, params["outlier_codebook"], v, bits, "outlier codebook")
         x[columns] = _lookup(outliers, indices[columns], "outlier codebook")
     res_bits = int(params.get("residual_bits") or 0)
