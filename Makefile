@@ -9,10 +9,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd model test test-slow demo smoke clean help
+.PHONY: setup sshd model test test-slow demo smoke bench-compress clean help
 
 help:
-	@echo "make demo | test | test-slow | smoke | setup | model | clean"
+	@echo "make demo | test | test-slow | smoke | bench-compress | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ smoke: setup
 
 demo: setup model
 	$(BIN)/edgebuild all --model smollm2-135m --target $(TARGET) --config configs/demo.toml --data-dir $(DATA_DIR) --out $(OUT)/demo
+
+# Every compression method next to rtn at matching bits/weight, on the default model, in one run.
+bench-compress: setup model
+	$(BIN)/python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
 
 clean:
 	rm -rf $(OUT) .pytest_cache .setuptools-build device_agent/.setuptools-build

@@ -33,11 +33,24 @@ def render_markdown(result, manifest: dict) -> str:
     lines += ["", "## Gate checks", ""]
     for st in manifest["stages"]:
         lines.append(f"### {st['stage']} attempt {st['attempt'] + 1}: {st['status']}")
+        lines.append(f"- method `{st['method']}` knobs `{json.dumps(st['knobs'], sort_keys=True)}`"
+                     + (" (reference method)" if st.get("reference_method") else ""))
+        for method, facts in sorted((st.get("method_facts") or {}).items()):
+            lines.append(f"- {method} facts: `{_facts(facts)}`")
         for c in st["gate"].get("checks", []):
             lines.append(f"- `{c['name']}` {c['verdict']}: {c['detail']}")
         lines.append("")
     lines += ["## Path taken", "", " → ".join(manifest["fallback_path"]), ""]
     return "\n".join(lines)
+
+
+def _facts(facts) -> str:
+    """The method's recorded facts, numbers rounded, nested tables left out."""
+    if not isinstance(facts, dict):
+        return str(facts)
+    flat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in facts.items()
+            if not isinstance(v, (dict, list))}
+    return json.dumps(flat, sort_keys=True)
 
 
 def _f(v, spec=".2f") -> str:

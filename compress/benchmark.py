@@ -18,9 +18,15 @@ import time
 from pathlib import Path
 
 CONFIGS = [
-    # label, method, knobs, note
+    # label, method, knobs, note — each method next to rtn at about the same bits/weight
     ("rtn 4b g128", "rtn", {"bits": 4, "group_size": 128}, ""),
-    ("rtn 3b g64", "rtn", {"bits": 3, "group_size": 64}, ""),
+    ("seedlm C8 P3", "seedlm", {}, ""),
+    ("vptq v4 8+8 bits", "vptq", {"outlier_fraction": 0.01}, ""),
+    ("rtn 3b g128", "rtn", {"bits": 3, "group_size": 128}, ""),
+    ("seedlm C12 P4", "seedlm", {"block_size": 12, "latent_dim": 4}, ""),
+    ("vptq v4 8+4 bits", "vptq", {"outlier_fraction": 0.01, "residual_codebook_bits": 4}, ""),
+    ("rtn 6b g128", "rtn", {"bits": 6, "group_size": 128}, ""),
+    ("hyper m2 θ12", "hyper", {}, ""),
 ]
 
 
@@ -62,14 +68,24 @@ def main(argv=None) -> int:
     ctx_kwargs = {"calibration_texts": calib, "device": _device()}
     rows = []
     for label, method, knobs, note in configs:
-        row = {"label": label, "method": method, "knobs": knobs, "note": note,
+        row = {"label": label, "method": method, "knobs": knobs,
                **run_config(base, tok, method, knobs, ctx_kwargs, texts, ref)}
+        row["note"] = note or _note(row["facts"])
         rows.append(row)
         print(json.dumps(row, default=str), file=sys.stderr, flush=True)
     _print(rows, args.model)
     if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(rows, indent=2, default=str))
     return 0
+
+
+def _note(facts: dict) -> str:
+    """Say when a setting was reduced for the hardware (e.g. SeedLM's seed budget on a CPU)."""
+    s = facts.get("seedlm")
+    if s and s.get("seeds_searched") is not None and s.get("seeds_searched") < s.get("of", 0):
+        return f"reduced: {s['seeds_searched']} of {s['of']} seeds searched ({s.get('device', 'cpu')})"
+    return ""
 
 
 def _device() -> str:
