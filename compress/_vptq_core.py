@@ -305,15 +305,18 @@ def _subsample(x, w, n: int, gen):
 
 def training_vectors(layers: list[Layer], v: int, outliers: bool):
     """Normalised vectors ``(n, v)`` and k-means weights ``(n,)`` of the outlier columns
-    (``outliers``) or of the other columns of every layer."""
+    (``outliers``) or of the other columns of every layer. Each layer's columns weigh 1 in all,
+    shared out by importance, so that no layer's outlier columns crowd out its other columns."""
     import torch
 
     xs, ws = [], []
     for layer in layers:
         cols = layer.perm[:layer.n_outliers] if outliers else layer.perm[layer.n_outliers:]
         x = normalised_vectors(layer, v)[cols]
+        imp = layer.importance[cols]
+        imp = imp / imp.sum() if float(imp.sum()) > 0 else torch.full_like(imp, 1 / len(cols))
         xs.append(x.reshape(-1, v))
-        ws.append(layer.importance[cols].repeat_interleave(x.shape[1]))
+        ws.append(imp.repeat_interleave(x.shape[1]))
     return torch.cat(xs), torch.cat(ws)
 
 
