@@ -8,7 +8,7 @@ Per layer (weight ``W``: ``(rows, cols)``, Hessian ``H = 2 X Xᵀ / n``: ``(cols
 
 1. columns are normalised (``x = (w - bias) / scale``, fp16 scale = std, bias = mean per column);
 2. outlier columns (largest ``H_cc * |W[:, c]|²``) are chosen and put first, the rest follow by
-   decreasing ``H_cc``;
+   decreasing ``H_cc``; outlier columns are kept in fp16 or get a codebook of their own;
 3. each column is cut into vectors of ``vector_len`` rows; the codebooks come from k-means weighted
    by ``H_cc * scale_c²`` (``diag(H)`` in the normalised space);
 4. columns are quantised in that order, in blocks, to the nearest centroid (plus, with a residual
@@ -122,7 +122,7 @@ def kmeans(x, w, k: int, iters: int, gen):
     for _ in range(iters):
         idx = nearest(x, book)
         inertia = float((w * _sq_dist(x, book, idx)).sum())
-        if last - inertia <= KMEANS_TOL * last:
+        if last < math.inf and last - inertia <= KMEANS_TOL * last:
             break
         last = inertia
         sums = torch.zeros_like(book).index_add_(0, idx, x * w[:, None])
@@ -219,13 +219,31 @@ def _quantize_column(col, s, b, book, residual):
     return q, first.reshape(-1, rows // v), second, left
 
 
+def _quantize_position(col, n, s, b, books: Books, n_outliers: int, out):
+    """Quantise column ``n`` (in quantisation order) of every layer of a batch into ``out``
+    (``(idx, ridx, left)``, written in place); returns its reconstruction ``(L, rows)``."""
+    idx, ridx, left = out
+    if n < n_outliers and books.outlier is None:          # an outlier column kept in fp16
+        idx[:, n] = 0
+        left[:, n] = 0
+        if ridx is not None:
+            ridx[:, n] = 0
+        return col.half().float()
+    book = books.outlier if n < n_outliers else books.main
+    q, idx[:, n], second, rest = _quantize_column(col, s[:, n], b[:, n], book, books.residual)
+    if ridx is not None:
+        ridx[:, n] = second.reshape(col.shape[0], -1)
+    left[:, n] = rest.reshape(col.shape[0], -1, left.shape[3])
+    return q
+
+
 def vptq_pass(W, Hinv, s, b, books: Books, n_outliers: int, v: int):
     """One pass over a batch of layers in quantisation order: ``W`` (L, rows, cols) permuted,
     ``Hinv`` (L, cols, cols) the upper factor of the permuted ``H⁻¹``, ``s``/``b`` (L, cols).
 
     Returns ``(Q, indices, residual_indices, left)``: the reconstruction, the indices
-    ``(L, cols, rows / v)`` (residual ones or None) and the first-stage normalised residuals
-    ``(L, cols, rows / v, v)``."""
+    ``(L, cols, rows / v)`` (residual ones or None; zero for fp16 columns) and the first-stage
+    normalised residuals ``(L, cols, rows / v, v)``."""
     import torch
 
     L, rows, cols = W.shape
@@ -239,14 +257,8 @@ def vptq_pass(W, Hinv, s, b, books: Books, n_outliers: int, v: int):
         block, err = W[:, :, i:j].clone(), torch.empty(L, rows, j - i, dtype=W.dtype, device=W.device)
         hb = Hinv[:, i:j, i:j]
         for k in range(j - i):
-            n = i + k
-            book = books.outlier if n < n_outliers else books.main
-            q, idx[:, n], second, r = _quantize_column(block[:, :, k], s[:, n], b[:, n], book,
-                                                       books.residual)
-            if ridx is not None:
-                ridx[:, n] = second.reshape(L, -1)
-            left[:, n] = r.reshape(L, -1, v)
-            Q[:, :, n] = q
+            q = _quantize_position(block[:, :, k], i + k, s, b, books, n_outliers, (idx, ridx, left))
+            Q[:, :, i + k] = q
             e = (block[:, :, k] - q) / hb[:, k, k, None]
             block[:, :, k + 1:] -= e[:, :, None] * hb[:, None, k, k + 1:]
             err[:, :, k] = e
@@ -280,6 +292,8 @@ def run_pass(layers: list[Layer], books: Books, v: int, damp: float):
         quantised.append((Q[i][:, inv].contiguous(), idx[i][inv],
                           None if ridx is None else ridx[i][inv]))
     imp = torch.stack([l.importance[l.perm] for l in layers])
+    if books.outlier is None:
+        imp[:, :layers[0].n_outliers] = 0                      # fp16 columns leave no residual
     weights = imp[:, :, None].expand(-1, -1, left.shape[2]).reshape(-1)
     return quantised, left.reshape(-1, v), weights
 
@@ -330,7 +344,7 @@ def quantize_group(weights: list, hessians: list, cfg, gen, progress=lambda n: N
     layers = [prepare(w, h, cfg.outlier_fraction) for w, h in zip(weights, hessians)]
     v, k = cfg.vector_len, 1 << cfg.codebook_bits
     books = Books(kmeans(*training_vectors(layers, v, False), k, cfg.kmeans_iters, gen))
-    if layers[0].n_outliers:
+    if layers[0].n_outliers and cfg.outlier_storage == "codebook":
         books.outlier = kmeans(*training_vectors(layers, v, True), k, cfg.kmeans_iters, gen)
     step = layers_per_pass(*layers[0].weight.shape)
     chunks = [layers[i:i + step] for i in range(0, len(layers), step)]

@@ -7,14 +7,20 @@ codebook (``2**residual_codebook_bits`` entries) for what is left. Columns are q
 time with GPTQ-style error feedback through the inverse Hessian ``H = 2 X Xᵀ / n`` of the layer
 input, collected in one forward pass over the calibration texts; codebooks come from k-means
 weighted by ``diag(H)``. A fraction of the most important columns (``outlier_fraction``, ranked by
-``H_cc * |W[:, c]|²``) get a codebook of their own. Columns are normalised (fp16 mean and std per
-column) so that one codebook fits every layer of a projection type (``share_codebooks``): the
-``q_proj`` of all decoder layers share one codebook, stored once as a ``table`` record. The
-algorithm is in ``_vptq_core``, the calibration in ``_vptq_calib``, the record layout and numpy
-decoder in ``edgebuild.device_agent.codecs.vptq``.
+``H_cc * |W[:, c]|²``) are quantised first and kept in fp16 (``outlier_storage="fp16"``) or given
+a codebook of their own (``"codebook"``). Columns are normalised (fp16 mean and std per column) so
+that one codebook fits every layer of a projection type (``share_codebooks``): the ``q_proj`` of
+all decoder layers share one codebook, stored once as a ``table`` record. The algorithm is in
+``_vptq_core``, the calibration in ``_vptq_calib``, the record layout and numpy decoder in
+``edgebuild.device_agent.codecs.vptq``.
 
-Defaults (``vector_len=4``, 8-bit codebook, 8-bit residual codebook) give about 4.05 bits per
-weight on SmolLM2-135M (4 for the indices, ~0.05 for column scales, codebooks and outliers).
+Defaults: vectors of 2 rows, a 256-entry codebook (8 bits per vector: 4 bits per weight), no
+residual codebook, 1% of the columns in fp16: about 4.2 bits per weight on SmolLM2-135M (4 for
+the indices, ~0.16 for the fp16 columns, ~0.05 for column scales and codebooks). They are chosen
+for CPU time: the nearest-centroid search costs ``2**codebook_bits / vector_len`` distances per
+weight per pass, and a residual codebook adds a pass. A few columns per layer (those fed by the
+"massive" activation channels) carry most of the output error; keeping them exact matters more
+than codebook size, and a shared outlier codebook cannot be relied on to hold them.
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ log = logging.getLogger(__name__)
 MAX_BITS = 16              # index bits of one codebook (2**16 entries)
 MAX_VECTOR_LEN = 32
 RETRY_SAMPLES = 128        # recommend() raises calibration_samples to this
-RETRY_MAX_BITS = 12        # recommend() raises codebook_bits up to this
+RETRY_MAX_BITS = 10        # recommend() raises codebook_bits up to this
+RETRY_OUTLIERS = 0.02      # recommend() raises outlier_fraction to this
+OUTLIER_STORAGE = ("fp16", "codebook")
 
 
 @dataclass
@@ -45,16 +53,18 @@ class VPTQConfig:
 
     ``vector_len``: rows per vector (must divide every tensor's row count); ``codebook_bits``:
     index bits (codebook of ``2**bits`` entries); ``residual_codebook_bits``: index bits of the
-    residual codebook, 0 = none; ``outlier_fraction``: share of columns given their own codebook;
-    ``kmeans_iters``: Lloyd iterations; ``calibration_samples`` x ``calibration_seq_len``: tokens
+    residual codebook, 0 = none; ``outlier_fraction``: share of columns treated as outliers;
+    ``outlier_storage``: ``"fp16"`` (kept as they are) or ``"codebook"`` (a codebook of their
+    own, as large as the first); ``kmeans_iters``: Lloyd iterations; ``calibration_samples`` x ``calibration_seq_len``: tokens
     of calibration; ``damp``: Hessian damping, a fraction of its mean diagonal;
     ``share_codebooks``: one codebook per projection type instead of one per tensor.
     """
 
-    vector_len: int = 4
+    vector_len: int = 2
     codebook_bits: int = 8
-    residual_codebook_bits: int = 8
-    outlier_fraction: float = 0.0
+    residual_codebook_bits: int = 0
+    outlier_fraction: float = 0.01
+    outlier_storage: str = "fp16"
     kmeans_iters: int = 20
     calibration_samples: int = 64
     calibration_seq_len: int = 256
@@ -74,6 +84,9 @@ class VPTQConfig:
         _int_in("calibration_seq_len", self.calibration_seq_len, 1, 1 << 20)
         _real_in("outlier_fraction", self.outlier_fraction, 0.0, 0.5, "from 0 to 0.5")
         _real_in("damp", self.damp, 1e-6, 10.0, "from 1e-6 to 10")
+        if self.outlier_storage not in OUTLIER_STORAGE:
+            raise ConfigError(f"vptq knob 'outlier_storage' = {self.outlier_storage!r} is not "
+                              f"allowed (allowed: {', '.join(OUTLIER_STORAGE)})")
         if not isinstance(self.share_codebooks, bool):
             raise ConfigError(f"vptq knob 'share_codebooks' = {self.share_codebooks!r} is not "
                               "allowed (allowed: true or false)")
@@ -144,13 +157,13 @@ class VPTQ(CompressionMethod):
         return list(tables.values()), records, proxies
 
     def recommend(self, verdict=None):
-        """Next knobs after a failed gate, each step larger or slower than the last: add a residual
-        codebook as wide as the first, raise ``calibration_samples`` to 128, then add two
-        codebook bits at a time up to 12; ``None`` when all are done. The verdict is not
-        inspected: the ladder is the same whatever failed."""
+        """Next knobs after a failed gate, each step larger or slower than the last: raise
+        ``outlier_fraction`` to 2% (fp16 columns, ~+0.16 bits/weight), raise
+        ``calibration_samples`` to 128, then add two codebook bits at a time up to 10; ``None``
+        when all are done. The verdict is not inspected: the ladder is the same whatever failed."""
         cfg = self.config
-        if cfg.residual_codebook_bits == 0:
-            return replace(cfg, residual_codebook_bits=cfg.codebook_bits)
+        if cfg.outlier_fraction < RETRY_OUTLIERS:
+            return replace(cfg, outlier_fraction=RETRY_OUTLIERS)
         if cfg.calibration_samples < RETRY_SAMPLES:
             return replace(cfg, calibration_samples=RETRY_SAMPLES)
         if cfg.codebook_bits < RETRY_MAX_BITS:
@@ -221,19 +234,25 @@ def table_record(name: str, book) -> Record:
 
 def tensor_record(name, shape, result, layer, cfg, tables) -> Record:
     """The ``vptq`` record of one tensor (layout in ``edgebuild.device_agent.codecs.vptq``)."""
+    import torch
+
     params = {"vector_len": cfg.vector_len, "index_bits": cfg.codebook_bits,
               "codebook": tables["codebook"].name,
               "outlier_codebook": _name(tables.get("outlier_codebook")),
               "residual_bits": cfg.residual_codebook_bits,
               "residual_codebook": _name(tables.get("residual_codebook"))}
-    arrays = {"indices": pack_indices(result.indices.cpu().numpy(), cfg.codebook_bits),
-              "scales": layer.scales.cpu().numpy(), "biases": layer.biases.cpu().numpy()}
-    if result.residual_indices is not None:
-        arrays["residual_indices"] = pack_indices(result.residual_indices.cpu().numpy(),
-                                                  cfg.residual_codebook_bits)
+    arrays = {"scales": layer.scales.cpu().numpy(), "biases": layer.biases.cpu().numpy()}
+    coded = torch.ones(shape[1], dtype=torch.bool, device=result.indices.device)
     if layer.n_outliers:
         columns = layer.perm[:layer.n_outliers].sort().values
         arrays["outlier_columns"] = columns.cpu().numpy().astype("int32")
+        if cfg.outlier_storage == "fp16":
+            arrays["outlier_values"] = result.reconstruction[:, columns].half().cpu().numpy()
+            coded[columns] = False
+    arrays["indices"] = pack_indices(result.indices[coded].cpu().numpy(), cfg.codebook_bits)
+    if result.residual_indices is not None:
+        arrays["residual_indices"] = pack_indices(result.residual_indices[coded].cpu().numpy(),
+                                                  cfg.residual_codebook_bits)
     return Record(name, shape, VPTQ.name, params, arrays)
 
 
@@ -251,7 +270,7 @@ def _facts(records, proxies, tokens, calib_s, quant_s, knobs) -> dict:
             continue
         for key, arr in rec.arrays.items():
             part = {"indices": "indices", "residual_indices": "residual_indices",
-                    "outlier_columns": "outliers"}.get(key, "column_scales")
+                    "outlier_columns": "outliers", "outlier_values": "outliers"}.get(key, "column_scales")
             parts[part] += arr.nbytes
     bpw = {part: 8 * n / weights for part, n in sorted(parts.items())}
     bpw["total"] = sum(bpw.values())

@@ -150,6 +150,7 @@ def test_hessian_weighting_beats_plain_vq_on_model_activations(tiny):
 
 @pytest.mark.parametrize("knobs", [
     {}, {"residual_codebook_bits": 0}, {"outlier_fraction": 0.1},
+    {"outlier_fraction": 0.1, "outlier_storage": "codebook"},
     {"vector_len": 4, "codebook_bits": 7, "residual_codebook_bits": 5, "outlier_fraction": 0.3},
 ])
 def test_numpy_decoder_equals_torch_reconstruction_exactly(knobs):
@@ -165,17 +166,37 @@ def test_numpy_decoder_equals_torch_reconstruction_exactly(knobs):
         out = decode(record, tables_of(tables.values()))
         assert out.dtype == np.float32
         np.testing.assert_array_equal(out, result.reconstruction.numpy())
-        assert record.params["outlier_codebook"] == ("outliers" if cfg.outlier_fraction else None)
+        with_book = cfg.outlier_fraction and cfg.outlier_storage == "codebook"
+        assert record.params["outlier_codebook"] == ("outliers" if with_book else None)
 
 
-def test_outlier_columns_are_the_heaviest_and_get_their_own_codebook():
+def _spiky_weight():
     weight = torch.randn(16, 40, generator=_gen(1))
     weight[:, 11] *= 30
     weight[:, 29] *= 20
-    results, books, layers = quantize_group([weight], [torch.eye(40)],
-                                            _cfg(outlier_fraction=0.05), _gen())
-    assert sorted(layers[0].perm[:2].tolist()) == [11, 29]
+    return weight
+
+
+def test_outlier_columns_are_the_heaviest_and_kept_in_fp16():
+    weight = _spiky_weight()
+    cfg = _cfg(outlier_fraction=0.05, residual_codebook_bits=0)
+    results, books, layers = quantize_group([weight], [torch.eye(40)], cfg, _gen())
+    assert sorted(layers[0].perm[:2].tolist()) == [11, 29] and books.outlier is None
+    record = tensor_record("w", (16, 40), results[0], layers[0], cfg, _group_tables(books))
+    assert record.arrays["outlier_columns"].tolist() == [11, 29]
+    assert record.arrays["outlier_values"].dtype == np.float16
+    assert record.arrays["indices"].size == packed_nbytes(38 * 8, 5)     # no indices for them
+    out = decode(record, tables_of(_group_tables(books).values()))
+    np.testing.assert_array_equal(out[:, [11, 29]], weight[:, [11, 29]].half().float().numpy())
+
+
+def test_outlier_columns_can_have_their_own_codebook():
+    cfg = _cfg(outlier_fraction=0.05, outlier_storage="codebook")
+    results, books, layers = quantize_group([_spiky_weight()], [torch.eye(40)], cfg, _gen())
     assert books.outlier is not None and books.outlier.shape == books.main.shape
+    record = tensor_record("w", (16, 40), results[0], layers[0], cfg, _group_tables(books))
+    assert "outlier_values" not in record.arrays
+    assert record.arrays["indices"].size == packed_nbytes(40 * 8, 5)
 
 
 # --- calibration ----------------------------------------------------------------------------------
@@ -223,7 +244,7 @@ def test_compress_decodes_close_to_the_original(tiny, compressed):
 def test_shared_codebooks_are_stored_once(compressed, tiny):
     records, facts = compressed
     tables = [r for r in records if r.codec == TABLE]
-    assert len(tables) == len(LINEARS) * 3 == facts["tables"]   # codebook, outliers, residual
+    assert len(tables) == len(LINEARS) * 2 == facts["tables"]   # codebook, residual
     assert records[:len(tables)] == tables
     for proj in LINEARS:
         recs = [r for r in records if r.name.endswith(f"{proj}.weight") and r.codec == "vptq"]
@@ -239,11 +260,16 @@ def test_bits_per_weight_counts_codebooks(compressed):
     records, facts = compressed
     bpw = facts["bits_per_weight"]
     weights = facts["weights"]
+    tensors = [r for r in records if r.codec == "vptq"]
+    coded = [(r.shape[1] - r.arrays["outlier_columns"].size) * r.shape[0] // 2 for r in tensors]
     table_bytes = sum(r.nbytes for r in records if r.codec == TABLE)
-    assert bpw["codebooks"] + bpw["outliers"] > 0
-    assert bpw["indices"] == pytest.approx(5 / 2) and bpw["residual_indices"] == pytest.approx(3 / 2)
+    assert bpw["codebooks"] == pytest.approx(8 * table_bytes / weights) and table_bytes > 0
+    assert bpw["indices"] == pytest.approx(sum(8 * packed_nbytes(c, 5) for c in coded) / weights)
+    assert bpw["residual_indices"] == pytest.approx(sum(8 * packed_nbytes(c, 3) for c in coded) / weights)
+    fp16 = sum(r.arrays["outlier_values"].size for r in tensors)
+    assert bpw["outliers"] >= 16 * fp16 / weights > 0
     assert bpw["total"] == pytest.approx(packed_stats(records)["bits_per_weight"], rel=1e-6)
-    vptq_bytes = sum(r.nbytes for r in records if r.codec == "vptq")
+    vptq_bytes = sum(r.nbytes for r in tensors)
     assert bpw["total"] == pytest.approx(8 * (vptq_bytes + table_bytes) / weights, rel=1e-6)
 
 
@@ -300,7 +326,7 @@ def test_compress_needs_calibration_texts_and_fitting_tensors(tiny):
     ("vector_len", 0), ("vector_len", 2.0), ("codebook_bits", 0), ("codebook_bits", 17),
     ("residual_codebook_bits", -1), ("outlier_fraction", 0.9), ("outlier_fraction", True),
     ("kmeans_iters", 0), ("calibration_samples", 0), ("calibration_seq_len", "long"),
-    ("damp", 0.0), ("share_codebooks", "yes"),
+    ("damp", 0.0), ("share_codebooks", "yes"), ("outlier_storage", "disk"),
 ])
 def test_bad_knobs_raise_config_error(knob, value):
     with pytest.raises(ConfigError, match=knob):
@@ -308,16 +334,16 @@ def test_bad_knobs_raise_config_error(knob, value):
 
 
 def test_recommend_trades_size_for_quality_until_exhausted():
-    method = VPTQ(VPTQConfig(residual_codebook_bits=0, calibration_samples=32))
+    method = VPTQ(VPTQConfig(outlier_fraction=0.0, calibration_samples=32))
     seen = []
     while (cfg := method.recommend(None)) is not None:
         seen.append(cfg)
         method = VPTQ(cfg)
         assert len(seen) < 10
-    assert seen[0].residual_codebook_bits == 8
+    assert seen[0].outlier_fraction == 0.02
     assert seen[1].calibration_samples == 128
-    assert [c.codebook_bits for c in seen[2:]] == [10, 12]
-    assert dataclasses.asdict(seen[-1])["residual_codebook_bits"] == 8
+    assert [c.codebook_bits for c in seen[2:]] == [10]
+    assert dataclasses.asdict(seen[-1])["outlier_fraction"] == 0.02
 
 
 def test_registered_and_decoder_refuses_a_missing_table(compressed):

@@ -8,16 +8,20 @@ index of a codebook row (a centroid), optionally plus the index of a row of a re
     x[j*v:(j+1)*v, c] = codebook[indices[c, j]] + residual_codebook[residual_indices[c, j]]
     w[:, c]           = x[:, c] * scale[c] + bias[c]
 
-Columns listed in ``outlier_columns`` take their first-stage centroid from the outlier codebook
-instead. Codebooks are auxiliary ``table`` records (shared by several tensors) holding one
-float16 array ``centroids`` of shape ``(entries, vector_len)``; the decoder casts them to float32
-and does the arithmetic above in float32, in this order.
+Columns listed in ``outlier_columns`` are either stored as they are, in float16
+(``outlier_values``, ``(rows, outliers)``; such columns have no indices), or take their
+first-stage centroid from the outlier codebook. Codebooks are auxiliary ``table`` records
+(shared by several tensors) holding one float16 array ``centroids`` of shape
+``(entries, vector_len)``; the decoder casts them to float32 and does the arithmetic above in
+float32, in this order.
 
 Arrays: ``indices`` and, with a residual codebook, ``residual_indices`` (uint8 bit streams of
-the ``(cols, rows / vector_len)`` indices in row-major order, packed by :func:`pack_indices`),
-``scales`` and ``biases`` (float16, ``(cols,)``), and, with outliers, ``outlier_columns``
-(int32, sorted). Params: ``vector_len``, ``index_bits``, ``codebook``, ``residual_bits``
-(0: none), ``residual_codebook``, ``outlier_codebook`` (table names, ``None`` when unused).
+the ``(coded cols, rows / vector_len)`` indices in row-major order, packed by
+:func:`pack_indices`; coded columns are all but the float16 ones, in order), ``scales`` and
+``biases`` (float16, ``(cols,)``), and, with outliers, ``outlier_columns`` (int32, sorted) and
+possibly ``outlier_values``. Params: ``vector_len``, ``index_bits``, ``codebook``,
+``residual_bits`` (0: none), ``residual_codebook``, ``outlier_codebook`` (table names, ``None``
+when unused).
 """
 from __future__ import annotations
 
@@ -102,26 +106,42 @@ def _lookup(book, indices, what):
     return book[indices]
 
 
+def _outliers(arrays, cols):
+    """``(outlier columns, fp16 values or None)`` of a record, checked against ``cols``."""
+    columns = np.asarray(arrays.get("outlier_columns", []), dtype=np.int64).reshape(-1)
+    if columns.size and (columns.min() < 0 or columns.max() >= cols
+                         or np.unique(columns).size != columns.size):
+        raise VPTQFormatError(f"vptq outlier columns are not distinct columns of {cols}")
+    values = arrays.get("outlier_values")
+    if values is not None and tuple(values.shape[1:]) != (columns.size,):
+        raise VPTQFormatError(f"vptq outlier values have shape {tuple(values.shape)}, expected "
+                              f"(rows, {columns.size})")
+    return columns, values
+
+
 def decode(params, arrays, shape, tables=None):
     """Decode a ``vptq`` record to float32 weights of ``shape`` using the codebook ``tables``."""
     rows, cols, v, bits = _check(params, arrays, shape)
     tables = tables or {}
-    count = cols * (rows // v)
-    indices = unpack_indices(arrays["indices"], bits, count).reshape(cols, rows // v)
-    book = _table(tables, params["codebook"], v, bits, "codebook")
-    x = _lookup(book, indices, "codebook")                      # (cols, rows / v, v)
+    columns, values = _outliers(arrays, cols)
+    coded = np.ones(cols, dtype=bool)
+    if values is not None:
+        coded[columns] = False
+    count = int(coded.sum()) * (rows // v)
+    indices = unpack_indices(arrays["indices"], bits, count).reshape(-1, rows // v)
+    x = _lookup(_table(tables, params["codebook"], v, bits, "codebook"), indices, "codebook")
     if params.get("outlier_codebook"):
-        columns = np.asarray(arrays.get("outlier_columns", []), dtype=np.int64).reshape(-1)
-        if columns.size and (columns.min() < 0 or columns.max() >= cols):
-            raise VPTQFormatError(f"vptq outlier columns lie outside the {cols} columns")
-        outliers = _table(tables, params["outlier_codebook"], v, bits, "outlier codebook")
-        x[columns] = _lookup(outliers, indices[columns], "outlier codebook")
+        book = _table(tables, params["outlier_codebook"], v, bits, "outlier codebook")
+        at = np.searchsorted(np.flatnonzero(coded), columns)
+        x[at] = _lookup(book, indices[at], "outlier codebook")
     res_bits = int(params.get("residual_bits") or 0)
     if res_bits:
-        res = unpack_indices(arrays["residual_indices"], res_bits, count).reshape(cols, rows // v)
+        res = unpack_indices(arrays["residual_indices"], res_bits, count).reshape(-1, rows // v)
         res_book = _table(tables, params["residual_codebook"], v, res_bits, "residual codebook")
         x = x + _lookup(res_book, res, "residual codebook")
-    x = x.reshape(cols, rows)
-    scales = arrays["scales"].astype(np.float32)[:, None]
-    out = x * scales + arrays["biases"].astype(np.float32)[:, None]
+    out = np.empty((cols, rows), dtype=np.float32)
+    scales = arrays["scales"].astype(np.float32)[coded, None]
+    out[coded] = x.reshape(-1, rows) * scales + arrays["biases"].astype(np.float32)[coded, None]
+    if values is not None:
+        out[columns] = values.astype(np.float32).T
     return np.ascontiguousarray(out.T)
