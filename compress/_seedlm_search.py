@@ -187,11 +187,37 @@ def compiled_tile():
     return torch.compile(tile_best, dynamic=False)
 
 
+def fused_available(device) -> bool:
+    """Whether the fused Triton kernel (``_seedlm_triton``) can run on ``device``: CUDA + Triton."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+FUSED_ROWS = 1 << 20      # blocks per fused kernel call: enough programs to fill a large GPU
+FUSED_MAX_LATENT = 4
+
+
 class Searcher:
-    """Runs the tile kernel over blocks; compiled when possible, eager otherwise."""
+    """Runs the search over blocks: the fused Triton kernel on CUDA ("fused"), else the tile
+    kernel compiled when possible ("compiled"), eager otherwise ("eager")."""
 
     def __init__(self, bank: SeedBank, kernel: str = "auto", block_chunk: int = 256):
         self.bank, self.kernel, self.block_chunk = bank, kernel, block_chunk
+        self.fused = None
+        usable = fused_available(bank.proj.device) and bank.latent_dim <= FUSED_MAX_LATENT
+        if kernel == "fused" and not usable:
+            raise ConfigError("seedlm kernel 'fused' needs CUDA, Triton and latent_dim <= "
+                              f"{FUSED_MAX_LATENT}; set kernel = 'auto'")
+        if kernel in ("auto", "fused") and usable:
+            from edgebuild.compress import _seedlm_triton
+
+            self.fused, self.kernel = _seedlm_triton.FusedTerms(bank), "fused"
+            self.block_chunk = FUSED_ROWS
 
     def search(self, blocks: torch.Tensor, exp_lo: int, exp_hi: int, progress=None) -> SearchResult:
         """Best candidate seed of each row of ``blocks`` (N, C); ``progress(rows_done)`` per chunk."""
@@ -208,6 +234,11 @@ class Searcher:
         return finish(blocks, index, self.bank, lo, hi)
 
     def _rows(self, rows, lo, hi):
+        if self.fused is not None:
+            from edgebuild.compress._seedlm_triton import best_seeds
+
+            index = best_seeds(rows, self.fused, int(lo), int(hi))
+            return torch.where(index < len(self.bank.seeds), index, 0)
         if self.kernel != "eager":
             try:
                 return self._sweep(rows, lo, hi, compiled=True)

@@ -21,10 +21,10 @@ CONFIGS = [
     # label, method, knobs, note — each method next to rtn at about the same bits/weight
     ("rtn 4b g128", "rtn", {"bits": 4, "group_size": 128}, ""),
     ("seedlm C8 P3", "seedlm", {}, ""),
-    ("vptq v4 8+8 bits", "vptq", {"outlier_fraction": 0.01}, ""),
+    ("vptq v2 8b, 1% fp16 cols", "vptq", {}, ""),
     ("rtn 3b g128", "rtn", {"bits": 3, "group_size": 128}, ""),
     ("seedlm C12 P4", "seedlm", {"block_size": 12, "latent_dim": 4}, ""),
-    ("vptq v4 8+4 bits", "vptq", {"outlier_fraction": 0.01, "residual_codebook_bits": 4}, ""),
+    ("vptq v4 8+4b, 1% fp16 cols", "vptq", {"vector_len": 4, "residual_codebook_bits": 4}, ""),
     ("rtn 6b g128", "rtn", {"bits": 6, "group_size": 128}, ""),
     ("hyper m2 θ12", "hyper", {}, ""),
 ]

@@ -18,9 +18,11 @@ Seed budget: on CUDA every one of the ``2**K - 1`` seeds is searched (the paper'
 fixed subset of ``seed_budget`` seeds (drawn with ``ctx.seed``) is searched. ``ctx.log["seedlm"]``
 records the seeds searched, the device, the kernel, the throughput and the relative error.
 
-Kernel: the search tile runs fused under ``torch.compile`` ("compiled": C++ on CPU, Triton on CUDA; the
-first call compiles, 10-40 s on 2 cores) or as plain torch ops ("eager", about 4x slower on CPU);
-"auto" tries the first and falls back to the second with a warning.
+Kernel: on CUDA with Triton, "fused" is one hand-written Triton kernel that streams seed tiles past
+blocks held in registers and keeps a running minimum (``_seedlm_triton``). Elsewhere the search tile
+runs under ``torch.compile`` ("compiled": C++ on CPU, Triton on CUDA; the first call compiles,
+10-40 s on 2 cores) or as plain torch ops ("eager", about 4x slower on CPU). "auto" picks "fused"
+where it can run, else tries "compiled" and falls back to "eager" with a warning.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from edgebuild.device_agent.packed import Record
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_SEED_BUDGET = 4096
-KERNELS = ("auto", "compiled", "eager")
+KERNELS = ("auto", "fused", "compiled", "eager")
 EXP_LIMIT = 100          # |exponent| bound that keeps 2**e a normal float32
 # (block_chunk, seed_chunk) of the search tiles.
 TILES = {"cpu": (1024, 128), "cuda": (1024, 1024)}
@@ -54,7 +56,7 @@ class SeedLMConfig:
     lfsr_bits: int = 16          # K: LFSR length, so seeds are K-bit
     seed_budget: int = DEFAULT_CPU_SEED_BUDGET   # seeds searched on CPU (all 2**K - 1 at most)
     full_search_on_gpu: bool = True              # on CUDA, search every seed whatever the budget
-    kernel: str = "auto"         # "compiled" (torch.compile), "eager", or "auto": compiled, else eager
+    kernel: str = "auto"         # "fused" (Triton, CUDA), "compiled" (torch.compile), "eager", "auto"
 
     def __post_init__(self):
         self.validate()

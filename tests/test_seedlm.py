@@ -323,3 +323,46 @@ def test_cuda_search_matches_cpu_and_decodes_exactly():
     record, recon = method.compress_tensor("w", weight.cuda(), method.searcher(
         method.candidate_seeds("cuda"), "cuda"))
     np.testing.assert_array_equal(decode(record), recon.numpy())
+
+
+_FUSED_CHECK = """
+import numpy as np, torch
+from edgebuild.compress import _seedlm_search as search, _seedlm_triton as fused
+for C, P in [(8, 3), (12, 4), (6, 2), (4, 1)]:
+    bank = search.make_bank(np.arange(1, 300), C, P, 16, 64)
+    rows = torch.randn(77, C, generator=torch.Generator().manual_seed(C)) * 0.05
+    lo, hi = torch.tensor(106, dtype=torch.int32), torch.tensor(121, dtype=torch.int32)
+    _, col = search.tile_best(rows, bank.proj, bank.tri, bank.solve, lo, hi)
+    got = fused.best_seeds(rows, fused.FusedTerms(bank, 64), 106, 121)
+    want = search.finish(rows, col, bank, lo, hi).score
+    have = search.finish(rows, got, bank, lo, hi).score
+    assert torch.equal(have, want), (C, P, (have - want).abs().max())
+    print(C, P, float((got == col).float().mean()))
+"""
+
+
+def test_fused_triton_kernel_matches_the_tile_kernel_in_the_interpreter():
+    """The Triton kernel, run by Triton's CPU interpreter, picks seeds scoring exactly as the tile's."""
+    pytest.importorskip("triton", reason="Triton is installed with CUDA builds of torch")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.split("\n")) >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_kernel_on_cuda_is_the_fused_one_and_matches_eager():
+    blocks = torch.randn(5000, 8) * 0.05
+    seeds = np.arange(1, 4097)
+    cpu = search.Searcher(search.make_bank(seeds, 8, 3, 16, 512), "eager", 1024).search(blocks, -20, -3)
+    gpu_search = search.Searcher(search.make_bank(seeds, 8, 3, 16, 1024, "cuda"), "auto")
+    got = gpu_search.search(blocks, -20, -3)
+    assert gpu_search.kernel == "fused"
+    assert (got.index.cpu() == cpu.index).float().mean() > 0.99
+    torch.testing.assert_close(got.score.cpu(), cpu.score, rtol=1e-4, atol=1e-7)
