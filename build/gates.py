@@ -8,6 +8,12 @@ the threshold, ``fail`` when even the interval's upper end misses it, and ``inco
 (counted as configured by ``gates.on_inconclusive``). A benchmark whose reference is not
 significantly above chance cannot tell a broken model from a good one: it is reported as
 ``uninformative`` and does not gate, while the KL divergence against the baseline still does.
+The statistics themselves live in ``edgebuild.bench.stats``.
+
+Two more checks look at the stage alone: the eudaimonia score (``edgebuild.bench.eudaimonia``:
+an overall threshold per stage, and a critical floor on every rule) when the host results hold
+one, and the edge-of-chaos band (``edgebuild.bench.edge``) of the benchmark named by
+``StageEvidence.edge_task``.
 """
 from __future__ import annotations
 
@@ -15,28 +21,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from edgebuild.bench import edge, eudaimonia
+from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, UNINFORMATIVE, Retention,
+                                   mean_interval, paired, retention, verdict)
 from edgebuild.build.config import GateConfig
 
-PASS, FAIL, INCONCLUSIVE, UNINFORMATIVE, NOT_RUN = "pass", "fail", "inconclusive", "uninformative", "not_run"
-
-
-@dataclass
-class Retention:
-    raw: float | None
-    normalised: float | None
-    raw_ci: tuple | None
-    normalised_ci: tuple | None
-    n: int
-    informative: bool
-
-    def get(self, kind: str):
-        return (self.raw, self.raw_ci) if kind == "raw" else (self.normalised, self.normalised_ci)
+__all__ = ["PASS", "FAIL", "INCONCLUSIVE", "UNINFORMATIVE", "NOT_RUN", "Retention", "Check",
+           "GateReport", "StageEvidence", "paired", "retention", "verdict", "evaluate", "device_checks"]
 
 
 @dataclass
 class Check:
     name: str
-    group: str            # core, expert, cumulative, critical, kl, device
+    group: str            # core, expert, cumulative, critical, eudaimonia, edge, kl, device
     verdict: str
     value: float | None = None
     threshold: float | None = None
@@ -59,56 +56,6 @@ class GateReport:
         return [c for c in self.checks if c.verdict == FAIL]
 
 
-def paired(stage_items, ref_items):
-    """Align two per-item lists ``[[doc_id, correct], ...]`` on doc id; returns two arrays."""
-    ref = {str(d): float(c) for d, c in ref_items}
-    common = [(float(c), ref[str(d)]) for d, c in stage_items if str(d) in ref]
-    if not common:
-        return np.zeros(0), np.zeros(0)
-    a = np.array(common)
-    return a[:, 0], a[:, 1]
-
-
-def retention(stage_items, ref_items, chance: float, *, confidence=0.95, n_boot=1000, seed=0) -> Retention:
-    """Raw and chance-normalised retention with paired bootstrap intervals."""
-    s, b = paired(stage_items, ref_items)
-    n = len(s)
-    if n == 0:
-        return Retention(None, None, None, None, 0, False)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    sb, bb = s[idx].mean(axis=1), b[idx].mean(axis=1)
-    lo_q, hi_q = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
-    informative = bool(np.percentile(bb - chance, lo_q) > 0)
-    raw = _ratio(s.mean(), b.mean())
-    norm = _ratio(s.mean() - chance, b.mean() - chance) if informative else None
-    raw_ci = _ci(sb, bb, lo_q, hi_q)
-    norm_ci = _ci(sb - chance, bb - chance, lo_q, hi_q) if informative else None
-    return Retention(raw, norm, raw_ci, norm_ci, n, informative)
-
-
-def _ratio(num: float, den: float):
-    return float(num / den) if den > 0 else None
-
-
-def _ci(num, den, lo_q, hi_q):
-    ok = den > 0
-    if not ok.any():
-        return None
-    r = num[ok] / den[ok]
-    return (float(np.percentile(r, lo_q)), float(np.percentile(r, hi_q)))
-
-
-def verdict(value, ci, threshold: float) -> str:
-    if value is None:
-        return UNINFORMATIVE
-    if value >= threshold:
-        return PASS
-    if ci is not None and ci[1] < threshold:
-        return FAIL
-    return INCONCLUSIVE if ci is not None else FAIL
-
-
 @dataclass
 class StageEvidence:
     """Everything the gate looks at for one stage."""
@@ -121,6 +68,7 @@ class StageEvidence:
     device: dict | None = None       # {"status": "ok"|"unreachable"|..., "prefill_ms": [...], ...}
     artifact_bytes: int | None = None
     budgets: dict | None = None      # the target's budgets
+    edge_task: str | None = None     # host benchmark whose accuracy must lie in the edge band
 
 
 def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
@@ -129,6 +77,9 @@ def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
     checks += _retention_checks(ev, cfg, seed)
     checks += _cumulative_check(ev, cfg, seed)
     checks += _critical_checks(ev, cfg)
+    checks += _eudaimonia_checks(ev, cfg, seed)
+    if ev.edge_task:
+        checks += _edge_check(ev, cfg, seed)
     checks += _kl_check(ev, cfg)
     if cfg.device_budgets:
         checks += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {})
@@ -172,7 +123,8 @@ def _cumulative_check(ev, cfg, seed) -> list:
     for task, res in ev.host.items():
         if res.get("kind") != "core" or task not in ev.baseline:
             continue
-        r = retention(res["items"], ev.baseline[task]["items"], res["chance"], n_boot=cfg.bootstrap, seed=seed)
+        r = retention(res["items"], ev.baseline[task]["items"], res["chance"],
+                      confidence=cfg.confidence, n_boot=cfg.bootstrap, seed=seed)
         value, _ = r.get(cfg.retention)
         if r.informative and value is not None:
             values.append(value)
@@ -230,8 +182,35 @@ def _critical_eudaimonia(ev, cfg) -> list:
             continue
         for rule, score in sorted(res.get("rules", {}).items()):
             v = FAIL if score < cfg.critical_eudaimonia else PASS
-            out.append(Check(f"critical/eudaimonia/{rule}", "critical", v, score, cfg.critical_eudaimonia))
+            out.append(Check(f"critical/eudaimonia/{rule}", "critical", v, score, cfg.critical_eudaimonia,
+                             detail=f"{rule} {score:.2f} (floor {cfg.critical_eudaimonia:.2f})"))
     return out
+
+
+def _eudaimonia_checks(ev, cfg, seed) -> list:
+    """The overall eudaimonia score against the stage's threshold (the critical floor per rule
+    is in ``_critical_eudaimonia``)."""
+    threshold = eudaimonia.threshold_for(ev.stage)
+    out = []
+    for task, res in sorted(ev.host.items()):
+        if res.get("kind") != eudaimonia.TASK_NAME or threshold is None or not res.get("items"):
+            continue
+        correct = [c for _, c in res["items"]]
+        ci = mean_interval(correct, cfg.confidence, cfg.bootstrap, seed)
+        v = verdict(res["score"], ci, threshold)
+        out.append(Check(f"eudaimonia/{task}", "eudaimonia", v, res["score"], threshold, ci,
+                         f"score {res['score']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] vs {threshold:.2f}, "
+                         f"n={len(correct)}"))
+    return out
+
+
+def _edge_check(ev, cfg, seed) -> list:
+    res = ev.host.get(ev.edge_task)
+    name = f"edge/{ev.edge_task}"
+    if not res or not res.get("items"):
+        return [Check(name, "edge", NOT_RUN, detail=f"{ev.edge_task} was not run on this stage")]
+    r = edge.check(res, task=ev.edge_task, confidence=cfg.confidence, n_boot=cfg.bootstrap, seed=seed)
+    return [Check(name, "edge", r.verdict, r.accuracy, edge.EDGE_LOW, r.ci, r.detail)]
 
 
 def _kl_check(ev, cfg) -> list:

@@ -2,36 +2,44 @@
 
 One JSON object per line, each way::
 
-    request  {"id": 1, "cmd": "hello", "args": {"protocol": 1, "target": "rpi4"}}
+    request  {"id": 1, "cmd": "hello", "args": {"protocol": "1.1", "target": "rpi4"}}
     reply    {"id": 1, "ok": true, "result": {...}}
     error    {"id": 1, "ok": false, "error": {"type": "StageError", "message": "..."}}
 
 Commands (``args`` -> ``result``):
 
-    hello     {protocol, target?}          -> {protocol, agent_version, target, recorded_target,
-                                               root, active, loaded, pid}
+    hello     {protocol, target?}          -> {protocol, agent_version, commands, target,
+                                               recorded_target, root, active, loaded, pid}
     info      {}                            -> {arch, machine, cores, ram_total_mb, ram_available_mb,
                                                disk_free_mb, cpu_temp_c, throttled, python,
                                                onnxruntime, stages: {name: [versions]}, ...}
     stage     {name, version, files: [{path, sha256, as}]}
                                             -> {path, files: {as: {sha256, bytes}}, existing}
-    load      {name, version, threads?, packed? = "weights.ebpk"} -> {loaded, load_s, threads}
+    load      {name?, version?, threads?, packed? = "weights.ebpk"}
+                                            -> {loaded, load_s, threads}   (no name: the active stage)
     time      {prompt_len?, decode_tokens?, warmup?, repeats?}
                                             -> raw samples {prefill_ms: [..],
                                                decode_ms_per_token: [..], peak_rss_mb, ...}
-    score     {requests: [{context: [ids], continuation: [ids]}]}
-                                            -> {results: [[logprob, is_greedy], ...]}
+    score     {requests: [{context: [ids], continuation: [ids]}], max_batch_tokens?}
+                                            -> {results: [[logprob, is_greedy], ...], tokens, score_s}
     activate  {name, version}               -> {active, previous, changed}
     rollback  {}                            -> {active, rolled_back}
     shutdown  {}                            -> {stopping: true}, then the agent exits
+
+``score`` takes token ids computed on the host (the device needs no tokenizer) and returns, per
+request, the sum of the continuation's log-probabilities given the context and whether every
+continuation token is the model's greedy choice.
 
 Error types: ``ProtocolError``, ``BadRequest``, ``UnknownCommand``, ``VersionMismatch``,
 ``StageError``, ``NotLoaded``, ``NothingToRollback``, ``RuntimeMissing``, or the class name of an
 unexpected exception inside a command. A line that cannot be parsed gets an error reply whose
 ``id`` is the request's id when it could be read, else ``null``.
 
-``PROTOCOL_VERSION`` changes only when an existing command changes meaning; the agent refuses a
-``hello`` whose major version differs from its own.
+The protocol version is ``"MAJOR.MINOR"``. The minor number grows when commands or optional
+arguments are added (1.1: ``score`` batches requests that share a context and takes
+``max_batch_tokens``; ``hello`` lists ``commands``; ``load`` without a name loads the active
+stage); the major number changes only when an existing command changes meaning. Each side refuses
+a peer of another major version; a host checks ``hello``'s ``commands`` before using a newer one.
 
 This module is shared by the agent and the host's client, and uses the standard library only.
 """
@@ -39,7 +47,9 @@ from __future__ import annotations
 
 import json
 
-PROTOCOL_VERSION = 1
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 1
+PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 AGENT_VERSION = "0.1.0"   # keep equal to the version in device_agent/pyproject.toml
 
 
@@ -158,17 +168,25 @@ def parse_reply(line) -> dict:
     return obj
 
 
+def parse_version(version) -> tuple:
+    """``(major, minor)`` of a protocol version given as ``1``, ``"1"`` or ``"1.2"``."""
+    parts = str(version).split(".")
+    try:
+        if len(parts) > 2 or isinstance(version, bool):
+            raise ValueError
+        return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+    except ValueError:
+        raise VersionMismatch(f"protocol version {version!r} is not MAJOR or MAJOR.MINOR") from None
+
+
 def major(version) -> int:
     """The major number of a protocol version given as ``1``, ``"1"`` or ``"1.2"``."""
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        raise VersionMismatch(f"protocol version {version!r} is not a number") from None
+    return parse_version(version)[0]
 
 
 def check_version(theirs, side: str = "host") -> None:
     """Raise ``VersionMismatch`` unless ``theirs`` has this module's major version."""
-    if major(theirs) != PROTOCOL_VERSION:
+    if major(theirs) != PROTOCOL_MAJOR:
         raise VersionMismatch(
             f"{side} speaks agent protocol {theirs}, this side speaks {PROTOCOL_VERSION}; "
             f"install matching versions of edgebuild and edgebuild-agent")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 GRAPH_FORMAT = 1
 MODEL_FILE = "model.onnx"
 GRAPH_FILE = "graph.json"
+DEFAULT_BATCH_TOKENS = 8192   # batch x (context + continuation) tokens of one scoring run
 
 
 class RuntimeLoadError(ValueError):
@@ -169,6 +170,69 @@ class Runtime:
         total = float(logprobs[np.arange(len(target)), target].sum())
         return total, bool((logits.argmax(axis=-1) == target).all())
 
+    def score(self, requests, max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list:
+        """``[(logprob, is_greedy)]`` of ``[(context_ids, continuation_ids), ...]``, in order.
+
+        Requests that share a context share one prefill of it: its last logits row scores each
+        continuation's first token, and the continuations' other tokens run as one batch (right-
+        padded, ``batch x (context + longest continuation)`` within ``max_batch_tokens``) on
+        copies of the context's KV cache. A lone request costs the same as a whole-sequence
+        prefill; four answers to one five-shot prompt cost about one.
+        """
+        pairs = [(list(ctx), list(cont)) for ctx, cont in requests]
+        for ctx, cont in pairs:
+            self._check_ids(ctx + cont)
+            if not ctx or not cont:
+                raise ValueError("score needs a non-empty context and continuation in each request")
+        groups: dict = {}
+        for index, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(index)
+        results = [None] * len(pairs)
+        for ctx, indices in groups.items():
+            logits, past = self.forward(ctx)
+            for batch in _token_batches(indices, pairs, len(ctx), max_batch_tokens):
+                scored = self._continuations(logits[-1], past, [pairs[i][1] for i in batch])
+                for index, value in zip(batch, scored):
+                    results[index] = value
+        return results
+
+    def _continuations(self, first_logits, past, continuations) -> list:
+        """Score continuations that follow one context whose cache is ``past``."""
+        steps = max(len(cont) for cont in continuations) - 1
+        step_logits = self._batch_step(past, [cont[:-1] for cont in continuations], steps)
+        out = []
+        for row, cont in enumerate(continuations):
+            rows = [first_logits[None]]
+            if len(cont) > 1:
+                rows.append(step_logits[row, :len(cont) - 1])
+            logits = np.concatenate(rows)
+            logprobs = _log_softmax(logits)
+            target = np.asarray(cont)
+            total = float(logprobs[np.arange(len(cont)), target].sum())
+            out.append((total, bool((logits.argmax(axis=-1) == target).all())))
+        return out
+
+    def _batch_step(self, past, inputs, steps):
+        """Logits (B, steps, V) of right-padded ``inputs`` run on B copies of the cache ``past``."""
+        if steps == 0:
+            return None
+        batch, start = len(inputs), past[0].shape[2]
+        ids = np.zeros((batch, steps), dtype=np.int64)
+        mask = np.ones((batch, start + steps), dtype=np.int64)
+        for row, tokens in enumerate(inputs):
+            ids[row, :len(tokens)] = tokens
+            mask[row, start + len(tokens):] = 0
+        feeds = {"input_ids": ids, "attention_mask": mask,
+                 "position_ids": np.broadcast_to(np.arange(start, start + steps, dtype=np.int64),
+                                                 (batch, steps)).copy()}
+        feeds.update((name, np.repeat(p, batch, axis=0)) for name, p in zip(self._past_names, past))
+        return self.session.run(["logits"], feeds)[0]
+
+    def _check_ids(self, ids) -> None:
+        vocab = self.graph["vocab_size"]
+        if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {vocab})")
+
     def greedy(self, input_ids, max_new_tokens, stop_at_eos=True) -> tuple:
         """Greedy decode with the KV cache; returns ``(new tokens, logits (n, V) that chose them)``."""
         tokens, steps = [], []
@@ -215,6 +279,21 @@ class Runtime:
             logits, past = self.forward([int(logits[-1].argmax())], past)
         decode = _time.perf_counter() - start
         return prefill * 1e3, decode * 1e3 / decode_tokens
+
+
+def _token_batches(indices, pairs, context_len, max_batch_tokens):
+    """Split ``indices`` (requests of one context) into batches of bounded padded size."""
+    order = sorted(indices, key=lambda i: len(pairs[i][1]))
+    batch, longest = [], 0
+    for index in order:
+        longest_if = max(longest, len(pairs[index][1]))
+        if batch and (len(batch) + 1) * (context_len + longest_if) > max_batch_tokens:
+            yield batch
+            batch, longest_if = [], len(pairs[index][1])
+        batch.append(index)
+        longest = longest_if
+    if batch:
+        yield batch
 
 
 def _session(model_path, arrays: dict, threads: int):

@@ -5,6 +5,7 @@ State on the device lives under one root folder::
     <root>/incoming/                 uploads, placed by the host's transport
     <root>/stages/<name>/<version>/  installed stages (files + stage.json manifest), immutable
     <root>/active                    JSON: the active stage and the ones active before it
+    <root>/current                   symlink to the active stage's folder (for applications)
     <root>/target.json               the target key the host last introduced itself with
 
 Stages are built in a temporary folder beside their final place and renamed into it, so a
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 INCOMING = "incoming"
 STAGES = "stages"
 ACTIVE = "active"
+CURRENT = "current"
 TARGET = "target.json"
 MANIFEST = "stage.json"
 PACKED_FILE = "weights.ebpk"     # default packed-weights file name inside a stage
@@ -41,6 +43,7 @@ HISTORY_LIMIT = 16               # earlier active stages remembered for rollback
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TIME_ARGS = {"prompt_len": 1, "decode_tokens": 1, "warmup": 0, "repeats": 1}   # name: minimum
+MIN_BATCH_TOKENS = 16
 _MISSING = object()
 
 
@@ -81,6 +84,18 @@ def write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_symlink(link: Path, target: Path) -> None:
+    """Make ``link`` point at ``target`` atomically: a new link beside it, renamed over it."""
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except OSError as err:       # e.g. a file system without symlinks: the JSON record still holds
+        log.warning("cannot update the %s symlink: %s", link.name, err)
 
 
 def _read_json(path: Path, default):
@@ -214,6 +229,17 @@ def _token_ids(value, what: str) -> list:
     return value
 
 
+def _score_request(req, index: int, vocab: int) -> tuple:
+    if not isinstance(req, dict):
+        raise BadRequest(f"requests[{index}] must be an object with 'context' and 'continuation'")
+    pair = (_token_ids(req.get("context"), f"requests[{index}].context"),
+            _token_ids(req.get("continuation"), f"requests[{index}].continuation"))
+    if any(t >= vocab for ids in pair for t in ids):
+        raise BadRequest(f"requests[{index}] holds token ids >= the vocabulary size {vocab}; "
+                         f"tokenize with the model's own tokenizer")
+    return pair
+
+
 class Agent:
     """Command handlers over one root folder; ``serve`` runs the request loop."""
 
@@ -232,7 +258,7 @@ class Agent:
 
     def serve(self, stdin, stdout) -> None:
         """Answer one reply line per request line until end of input or ``shutdown``."""
-        log.info("agent %s serving %s (protocol %d)", protocol.AGENT_VERSION, self.root,
+        log.info("agent %s serving %s (protocol %s)", protocol.AGENT_VERSION, self.root,
                  protocol.PROTOCOL_VERSION)
         for line in iter(stdin.readline, b""):
             if not line.strip():
@@ -272,7 +298,7 @@ class Agent:
         if target is not None and target != recorded:
             write_json_atomic(self.root / TARGET, {"target": target, "recorded_at": time.time()})
         return {"protocol": protocol.PROTOCOL_VERSION, "agent_version": protocol.AGENT_VERSION,
-                "target": target, "recorded_target": recorded, "root": str(self.root),
+                "commands": list(self.commands), "target": target, "recorded_target": recorded, "root": str(self.root),
                 "active": self._active_state().get("active"), "loaded": self.loaded,
                 "pid": os.getpid()}
 
@@ -288,8 +314,9 @@ class Agent:
                              _arg(args, "files", list))
 
     def load(self, args: dict) -> dict:
-        """Load a staged graph + packed weights into the runtime and keep it loaded."""
-        stage_dir = self._stage_dir(args)
+        """Load a staged graph + packed weights (default: the active stage) and keep it loaded."""
+        named = "name" in args or "version" in args
+        stage_dir = self._stage_dir(args if named else self._active_entry())
         packed = stage_dir / safe_name(_arg(args, "packed", str, PACKED_FILE), "packed file")
         if not packed.is_file():
             raise StageError(f"stage {stage_dir.parent.name}/{stage_dir.name} has no {packed.name}")
@@ -300,7 +327,7 @@ class Agent:
         self.runtime = runtime_class.load(stage_dir, packed, threads=threads)
         self.loaded = {"name": stage_dir.parent.name, "version": stage_dir.name}
         return {"loaded": self.loaded, "load_s": round(time.perf_counter() - start, 3),
-                "threads": threads}
+                "threads": self.runtime.threads}
 
     def time(self, args: dict) -> dict:
         """Time prefill and decode on the loaded model; raw samples come back."""
@@ -317,20 +344,23 @@ class Agent:
         return result
 
     def score(self, args: dict) -> dict:
-        """Log-likelihood of each continuation given its context: ``[[logprob, is_greedy], ...]``."""
+        """Log-likelihood of each continuation given its context: ``[[logprob, is_greedy], ...]``.
+
+        Token ids come from the host; requests sharing a context share its prefill.
+        """
         runtime = self._runtime()
         requests = _arg(args, "requests", list)
-        pairs = []
-        for i, req in enumerate(requests):
-            if not isinstance(req, dict):
-                raise BadRequest(f"requests[{i}] must be an object with 'context' and 'continuation'")
-            pairs.append((_token_ids(req.get("context"), f"requests[{i}].context"),
-                          _token_ids(req.get("continuation"), f"requests[{i}].continuation")))
-        results = []
-        for context, continuation in pairs:
-            logprob, greedy = runtime.loglikelihood(context, continuation)
-            results.append([float(logprob), bool(greedy)])
-        return {"results": results}
+        budget = _arg(args, "max_batch_tokens", int, None)
+        if budget is not None and budget < MIN_BATCH_TOKENS:
+            raise BadRequest(f"argument 'max_batch_tokens' must be >= {MIN_BATCH_TOKENS}, got {budget}")
+        vocab = runtime.graph["vocab_size"]
+        pairs = [_score_request(req, i, vocab) for i, req in enumerate(requests)]
+        start = time.perf_counter()
+        kwargs = {} if budget is None else {"max_batch_tokens": budget}
+        results = runtime.score(pairs, **kwargs)
+        return {"results": [[float(lp), bool(greedy)] for lp, greedy in results],
+                "tokens": sum(len(c) + len(x) for c, x in pairs),
+                "score_s": round(time.perf_counter() - start, 4)}
 
     def activate(self, args: dict) -> dict:
         """Mark a staged version active, remembering the one it replaces."""
@@ -342,8 +372,7 @@ class Agent:
             return {"active": entry, "previous": history[-1] if history else None, "changed": False}
         if current:
             history = (history + [current])[-HISTORY_LIMIT:]
-        write_json_atomic(self.root / ACTIVE, {"active": entry, "history": history,
-                                               "activated_at": time.time()})
+        self._switch(entry, history)
         return {"active": entry, "previous": current, "changed": True}
 
     def rollback(self, args: dict) -> dict:
@@ -354,8 +383,7 @@ class Agent:
             raise NothingToRollback("no earlier active stage is recorded; activate one by name")
         previous = history[-1]
         self._stage_dir(previous)
-        write_json_atomic(self.root / ACTIVE, {"active": previous, "history": history[:-1],
-                                               "activated_at": time.time()})
+        self._switch(previous, history[:-1])
         return {"active": previous, "rolled_back": state.get("active")}
 
     def shutdown(self, args: dict) -> dict:
@@ -375,6 +403,18 @@ class Agent:
 
     def _active_state(self) -> dict:
         return _read_json(self.root / ACTIVE, {})
+
+    def _active_entry(self) -> dict:
+        active = self._active_state().get("active")
+        if not active:
+            raise BadRequest("no stage is active; name the stage to load, or activate one first")
+        return active
+
+    def _switch(self, entry: dict, history: list) -> None:
+        """Point ``active`` (the record) and ``current`` (the symlink) at ``entry``, each atomically."""
+        write_json_atomic(self.root / ACTIVE, {"active": entry, "history": history,
+                                               "activated_at": time.time()})
+        replace_symlink(self.root / CURRENT, Path(STAGES) / entry["name"] / entry["version"])
 
     def _runtime(self):
         if self.runtime is None:

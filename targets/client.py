@@ -12,6 +12,11 @@
 Every failure raises ``DeviceError`` with a one-line message: the agent died (with its last
 stderr lines), no reply in time (the agent is then stopped), a protocol error, or an error the
 agent reported (its type and message).
+
+``connect(target)`` starts a target's agent and checks the protocol; when the device cannot be
+reached, ``unreachable_result(target, err)`` either re-raises (``on_unreachable = "fail"``) or
+returns the record of a device step that did not run (``"warn"``): no measured numbers, so the
+device gates read ``not_run``.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from edgebuild.device_agent import protocol
 
 log = logging.getLogger(__name__)
 
-SCORE_BATCH = 64          # score requests sent per protocol request
+SCORE_BATCH = 64          # score requests sent per protocol request (a context group stays whole)
 
 
 def _read_lines(stream, sink: queue.Queue) -> None:
@@ -52,6 +57,25 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def context_batches(pairs: list, size: int) -> list[list[int]]:
+    """Indices of ``pairs`` in batches of about ``size``, requests with equal contexts together.
+
+    Groups keep their first appearance's order; a group larger than ``size`` gets its own batch.
+    """
+    groups: dict = {}
+    for index, (context, _) in enumerate(pairs):
+        groups.setdefault(tuple(context), []).append(index)
+    batches, batch = [], []
+    for indices in groups.values():
+        if batch and len(batch) + len(indices) > size:
+            batches.append(batch)
+            batch = []
+        batch = batch + indices
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 class AgentClient:
     """Starts the agent through ``transport`` and sends it requests."""
 
@@ -60,6 +84,7 @@ class AgentClient:
         self.timeout_s = timeout_s
         self._next_id = 0
         self._closed = False
+        self.agent_hello: dict | None = None
         self._stdin, stdout = transport.open()
         self._lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=_read_lines, args=(stdout, self._lines),
@@ -81,7 +106,12 @@ class AgentClient:
             protocol.check_version(result.get("protocol"), side="agent")
         except protocol.VersionMismatch as err:
             raise DeviceError(str(err)) from None
+        self.agent_hello = result
         return result
+
+    def supports(self, cmd: str) -> bool:
+        """Whether the agent announced ``cmd`` in its ``hello`` (agents before protocol 1.1 did not)."""
+        return cmd in (self.agent_hello or {}).get("commands", [])
 
     def info(self) -> dict:
         """Device facts: arch, cores, RAM, free disk, temperature, throttling, versions, stages."""
@@ -91,9 +121,9 @@ class AgentClient:
         """Install uploaded files (``[{path, sha256, as}]``) as stage ``name/version``."""
         return self.call("stage", {"name": name, "version": version, "files": files})
 
-    def load(self, name: str, version: str, threads: int | None = None, packed: str | None = None,
-             timeout_s: float | None = None) -> dict:
-        """Load a staged model into the agent's runtime."""
+    def load(self, name: str | None = None, version: str | None = None, threads: int | None = None,
+             packed: str | None = None, timeout_s: float | None = None) -> dict:
+        """Load a staged model (default: the active stage) into the agent's runtime."""
         args = {"name": name, "version": version, "threads": threads, "packed": packed}
         return self.call("load", {k: v for k, v in args.items() if v is not None}, timeout_s)
 
@@ -101,16 +131,28 @@ class AgentClient:
         """Time the loaded model (prompt_len, decode_tokens, warmup, repeats); raw samples."""
         return self.call("time", kwargs, timeout_s)
 
-    def score(self, requests, timeout_s: float | None = None) -> list[tuple[float, bool]]:
+    def score(self, requests, timeout_s: float | None = None, max_batch_tokens: int | None = None,
+              progress=None) -> list[tuple[float, bool]]:
         """Log-likelihoods of ``[(context_ids, continuation_ids), ...]``: ``[(logprob, greedy)]``.
 
-        Sent in batches of ``SCORE_BATCH``; ``timeout_s`` applies to each batch.
+        Sent in batches of about ``SCORE_BATCH`` requests, keeping requests that share a context
+        in one batch (the agent prefills each context once); ``timeout_s`` applies to each batch.
+        ``progress(done, total)`` is called after each batch.
         """
-        pairs = [{"context": list(ctx), "continuation": list(cont)} for ctx, cont in requests]
-        out = []
-        for start in range(0, len(pairs), SCORE_BATCH):
-            result = self.call("score", {"requests": pairs[start:start + SCORE_BATCH]}, timeout_s)
-            out.extend((float(lp), bool(greedy)) for lp, greedy in result["results"])
+        pairs = [(list(ctx), list(cont)) for ctx, cont in requests]
+        out: list = [None] * len(pairs)
+        for batch in context_batches(pairs, SCORE_BATCH):
+            args = {"requests": [{"context": pairs[i][0], "continuation": pairs[i][1]} for i in batch]}
+            if max_batch_tokens is not None:
+                args["max_batch_tokens"] = max_batch_tokens
+            result = self.call("score", args, timeout_s)
+            if len(result["results"]) != len(batch):
+                raise DeviceError(f"agent returned {len(result['results'])} scores for {len(batch)} "
+                                  f"requests; update edgebuild-agent on the device")
+            for index, (logprob, greedy) in zip(batch, result["results"]):
+                out[index] = (float(logprob), bool(greedy))
+            if progress is not None:
+                progress(sum(r is not None for r in out), len(out))
         return out
 
     def activate(self, name: str, version: str) -> dict:
@@ -219,3 +261,38 @@ def deploy_stage(client: AgentClient, transport, name: str, version: str,
         remote = transport.upload(path, f"{name}.{version}.{as_name}")
         entries.append({"path": remote, "sha256": sha, "as": as_name})
     return client.stage(name, version, entries)
+
+
+def connect(target, transport=None) -> AgentClient:
+    """Start ``target``'s agent (through ``transport``, default: the target's own) and say hello.
+
+    Raises ``DeviceError`` when the device cannot be reached or speaks another protocol.
+    """
+    from edgebuild.targets.transport import transport_for
+
+    transport = transport or transport_for(target)
+    client = AgentClient(transport, timeout_s=target.connection.timeout_s)
+    try:
+        client.hello(target=target.name)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def unreachable_result(target, error: DeviceError, predicted: dict | None = None) -> dict:
+    """The device step's record when ``target`` could not be reached.
+
+    ``on_unreachable = "fail"`` re-raises ``error``. ``"warn"`` logs it and returns
+    ``{"status": "unreachable", "error": ..., "target": ...}`` without measured numbers, so the
+    device gates report ``not_run``; ``predicted`` (e.g. ``spec.predicted_latency``), kept under
+    its own key and labelled so, may be added for information.
+    """
+    if target.on_unreachable == "fail":
+        raise error
+    log.warning("device of target %s unreachable, its gates are not run: %s", target.name,
+                error.one_line())
+    result = {"status": "unreachable", "error": error.one_line(), "target": target.name}
+    if predicted is not None:
+        result["predicted"] = dict(predicted, label="predicted")
+    return result

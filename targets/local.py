@@ -89,6 +89,15 @@ class LocalTransport(Transport):
             raise DeviceError(f"cannot copy {local_path} to {final}: {err.strerror or err}") from None
         return str(final)
 
+    def run(self, argv, timeout_s: float = 600.0) -> tuple[int, str]:
+        """Run ``argv`` here; ``(exit status, stdout and stderr together)``."""
+        try:
+            done = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise DeviceError(f"cannot run {argv[0]}: {err}") from None
+        return done.returncode, done.stdout.decode("utf-8", "replace")
+
     def close(self) -> None:
         """Close the agent's stdin, wait for it to exit, and kill it if it does not."""
         proc = self.proc
@@ -115,11 +124,15 @@ class LocalTransport(Transport):
 
 
 def from_target(target) -> LocalTransport:
-    """The local transport of a target spec: root and interpreter from its ``[connection]``.
+    """The local transport of a target spec: root and interpreter from its ``[connection]``
+    (with the setup record laid over it, ``spec.resolve_connection``).
 
     A ``root`` of ``"@home"`` means a folder named after the target under ``$EDGEBUILD_HOME``."""
-    root = target.connection.root
+    from edgebuild.targets.spec import resolve_connection
+
+    connection = resolve_connection(target)
+    root = connection.root
     if root == "@home":
         from edgebuild.build.paths import edgebuild_home
         root = str(edgebuild_home() / f"agent-{target.name}")
-    return LocalTransport(root, python=target.connection.agent_python)
+    return LocalTransport(root, python=connection.agent_python)

@@ -8,6 +8,12 @@ runtime settings, the budgets a stage must meet on the device, and how to reach 
     target.budgets.decode_ms_per_token_p95, target.timing.prompt_len
 
 Errors raise ``TargetError`` with the file, the key and the allowed values.
+
+A spec's ``[connection]`` is what the board class usually needs; ``resolve_connection(target)``
+(used by the transports) lays over it what ``edgebuild device setup`` recorded for this machine
+(``$EDGEBUILD_HOME/devices/<target>.json``: e.g. the device venv's interpreter, a loopback port
+and key), then, for a spec that sets ``connection.env_prefix``, environment variables
+(``<prefix>PORT``, ``<prefix>USER``, ``<prefix>KEY``, ``<prefix>KNOWN_HOSTS``, ...).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,12 +38,18 @@ from edgebuild.build.errors import TargetError
 from edgebuild.build.registry import Registry
 from edgebuild.targets.transport import transports
 
+log = logging.getLogger(__name__)
+
 SPECS_DIR = Path(__file__).parent / "specs"
 BUILTIN = ("local", "local-ssh", "rpi4", "rpi5", "jetson-orin-nano", "generic-aarch64")
 ARCHES = ("native", "aarch64", "armv7l", "x86_64", "riscv64")   # native: whatever the host is
 ON_UNREACHABLE = ("fail", "warn")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _ZERO_ALLOWED = {"connection.retries", "timing.warmup"}
+_VERSION = re.compile(r"^\d+\.\d+$")
+# Connection keys a setup record or the environment may set, with their types.
+OVERRIDABLE = {"host": str, "user": str, "port": int, "key": str, "known_hosts": str,
+               "trust_on_first_use": bool, "agent_python": str, "root": str}
 _NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
           str: ("a string", "strings"), bool: ("true or false", "booleans")}
 
@@ -51,6 +64,8 @@ class RuntimeSpec:
 
     threads: int | None = None                 # intra-op threads; omitted: onnxruntime's default
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    python_version: str | None = None          # the device's Python ("3.11"), for its wheels
+    glibc: str | None = None                   # the device's glibc ("2.36"): newest manylinux tag
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Connection:
     connect_timeout_s: float = 10.0
     retries: int = 3                           # connection retries, with exponential backoff
     timeout_s: float = 300.0                   # longest wait for one agent reply (load, time)
+    env_prefix: str | None = None              # read <prefix>PORT, <prefix>USER, ... from the env
 
 
 @dataclass
@@ -106,7 +122,7 @@ class Target:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     timing: Timing = field(default_factory=Timing)
     connection: Connection = field(default_factory=Connection)
-    on_unreachable: str = "fail"               # warn: fall back to predicted latency
+    on_unreachable: str = "fail"               # warn: device gates not_run (never invented numbers)
     source: Path | None = field(default=None, compare=False)   # the spec file; not a TOML key
 
     def validate(self) -> "Target":
@@ -133,6 +149,11 @@ class Target:
         if not self.runtime.providers or bad:
             raise TargetError(f"{where}: key 'runtime.providers' must list onnxruntime providers "
                               f"such as 'CPUExecutionProvider', got {self.runtime.providers!r}")
+        for key, value in (("runtime.python_version", self.runtime.python_version),
+                           ("runtime.glibc", self.runtime.glibc)):
+            if value is not None and not _VERSION.match(value):
+                raise TargetError(f"{where}: key {key!r} must be MAJOR.MINOR such as '3.11', "
+                                  f"got {value!r}")
         if self.connection.transport == "ssh" and not self.connection.host:
             raise TargetError(f"{where}: key 'connection.host' is required when "
                               f"connection.transport is 'ssh'")
@@ -264,3 +285,117 @@ def load_target(name_or_path) -> Target:
         raise TargetError(f"{path}: key 'name' is {target.name!r} but the spec is registered as "
                           f"{name_or_path!r}; make them equal")
     return target
+
+
+# ------------------------------------------------------------------ connection overrides
+
+def setup_path(name: str) -> Path:
+    """Where ``edgebuild device setup`` records what it set up for target ``name``."""
+    from edgebuild.build.paths import edgebuild_home
+    return edgebuild_home() / "devices" / f"{name}.json"
+
+
+def read_setup(name: str) -> dict:
+    """The recorded connection settings of target ``name`` (``{}`` when there are none)."""
+    path = setup_path(name)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise TargetError(f"{path}: cannot read the device setup record ({err}); rerun "
+                          f"`edgebuild device setup --target {name}` or delete the file") from None
+    if not isinstance(data, dict):
+        raise TargetError(f"{path}: the device setup record must be a JSON object; rerun "
+                          f"`edgebuild device setup --target {name}`")
+    return _checked_overrides(data, str(path))
+
+
+def write_setup(name: str, values: dict) -> Path:
+    """Merge ``values`` into target ``name``'s setup record (temp file, then rename)."""
+    values = _checked_overrides(values, "device setup values")
+    path = setup_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**read_setup(name), **values}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _checked_overrides(data: dict, where: str) -> dict:
+    for key, value in data.items():
+        kind = OVERRIDABLE.get(key)
+        if kind is None:
+            raise TargetError(f"{where}: unknown connection key {key!r} "
+                              f"(allowed: {', '.join(OVERRIDABLE)})")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TargetError(f"{where}: key {key!r} must be {_describe(kind)}, got {value!r}")
+    return dict(data)
+
+
+def _env_overrides(prefix: str) -> dict:
+    out = {}
+    for key, kind in OVERRIDABLE.items():
+        var = prefix + key.upper()
+        text = os.environ.get(var)
+        if text is None or text == "":
+            continue
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise TargetError(f"environment variable {var} must be true or false, got {text!r}")
+            out[key] = text.lower() in ("1", "true", "yes")
+        elif kind is int:
+            if not text.isdigit():
+                raise TargetError(f"environment variable {var} must be an integer, got {text!r}")
+            out[key] = int(text)
+        else:
+            out[key] = text
+    return out
+
+
+def resolve_connection(target: Target) -> Connection:
+    """``target.connection`` with the setup record, then the environment, laid over it.
+
+    Paths from the setup record and the environment are taken as given (``~`` expanded by the
+    transport); the spec's own relative paths stay relative to the spec file.
+    """
+    overrides = read_setup(target.name)
+    if target.connection.env_prefix:
+        overrides.update(_env_overrides(target.connection.env_prefix))
+    for key in ("key", "known_hosts"):
+        if key in overrides:
+            overrides[key] = str(Path(overrides[key]).expanduser().absolute())
+    resolved = dataclasses.replace(target.connection, **overrides)
+    dataclasses.replace(target, connection=resolved).validate()
+    return resolved
+
+
+# ------------------------------------------------------------------ predicted latency
+
+def bytes_per_token(graph: dict, context_len: int) -> int:
+    """Bytes one decode step reads, from an exported ``graph.json``: every weight the graph
+    binds (the embedding lookup reads one row), plus the KV cache of ``context_len`` tokens."""
+    total = 0
+    for spec in graph["weights"].values():
+        rows = spec["shape"][0] if len(spec["shape"]) == 2 else 1
+        count = 1
+        for dim in spec["shape"]:
+            count *= dim
+        lookup = len(spec["shape"]) == 2 and not spec.get("transpose") and rows == graph["vocab_size"]
+        total += 4 * (count // rows if lookup else count)
+    kv = 2 * graph["num_layers"] * graph["num_kv_heads"] * graph["head_dim"] * 4 * context_len
+    return total + kv
+
+
+def predicted_latency(target: Target, graph: dict, context_len: int | None = None) -> dict:
+    """Decode latency predicted from memory traffic: bytes per token / the target's bandwidth.
+
+    Labelled ``"predicted"``: it is a bound from the spec, never a device measurement, and no
+    gate reads it.
+    """
+    context_len = context_len or target.timing.prompt_len + target.timing.decode_tokens
+    moved = bytes_per_token(graph, context_len)
+    ms = moved / (target.memory_bandwidth_gbps * 1e9) * 1e3
+    return {"label": "predicted", "decode_ms_per_token": round(ms, 3), "bytes_per_token": moved,
+            "memory_bandwidth_gbps": target.memory_bandwidth_gbps, "context_len": context_len}

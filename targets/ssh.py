@@ -3,19 +3,25 @@
 Host keys are checked strictly against the spec's ``known_hosts`` file: an unknown key is refused
 unless ``trust_on_first_use`` is set (then it is recorded there), and a changed key is always
 refused. Login uses the spec's key file or the ssh-agent. Connecting retries with exponential
-backoff on network errors, never on host-key or authentication failures. Uploads go over SFTP to
-a temporary name, are checked with sha256 on the device, then renamed into ``<root>/incoming/``.
+backoff on network errors, never on host-key or authentication failures.
+
+Uploads use their own SSH connection, so a dropped transfer can reconnect without touching the
+agent's session. A file goes over SFTP to a temporary name derived from its sha256
+(``.<name>.part-<sha256 prefix>``); when a transfer breaks, the next attempt (after a backoff, or
+in a later run) finds that partial file, checks that its bytes hash like the start of the local
+file, and appends the rest. The whole file's sha256 is then computed on the device, and only a
+match is renamed to ``<root>/incoming/<name>``.
 """
 from __future__ import annotations
 
 import collections
 import getpass
+import hashlib
 import logging
 import os
 import posixpath
 import shlex
 import time
-import uuid
 from pathlib import Path
 
 import paramiko
@@ -27,9 +33,11 @@ from edgebuild.targets.transport import Transport
 
 log = logging.getLogger(__name__)
 
+_NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException)
 _REMOTE_SHA256 = ("import hashlib, sys\nh = hashlib.sha256()\nwith open(sys.argv[1], 'rb') as f:\n"
                   "    for b in iter(lambda: f.read(1 << 20), b''):\n        h.update(b)\n"
                   "print(h.hexdigest())")
+CHUNK_BYTES = 1 << 20     # bytes read from the local file per SFTP write
 
 
 def _host_entry(host: str, port: int) -> str:
@@ -38,6 +46,19 @@ def _host_entry(host: str, port: int) -> str:
 
 def _fingerprint(key) -> str:
     return f"{key.get_name()} {key.fingerprint}" if hasattr(key, "fingerprint") else key.get_name()
+
+
+def sha256_prefix(path, nbytes: int, chunk: int = CHUNK_BYTES) -> str:
+    """Hex sha256 of the first ``nbytes`` bytes of a local file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while nbytes > 0:
+            block = f.read(min(chunk, nbytes))
+            if not block:
+                break
+            digest.update(block)
+            nbytes -= len(block)
+    return digest.hexdigest()
 
 
 class _Reject(paramiko.RejectPolicy):
@@ -76,7 +97,7 @@ class SSHTransport(Transport):
                  known_hosts="~/.ssh/known_hosts", trust_on_first_use: bool = False,
                  agent_python: str | None = None, root: str = "~/.cache/edgebuild/agent",
                  connect_timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 1.0,
-                 stop_timeout_s: float = 5.0):
+                 stop_timeout_s: float = 5.0, io_timeout_s: float = 60.0):
         self.host, self.port, self.user = host, port, user or getpass.getuser()
         self.key = str(Path(key).expanduser()) if key else None
         self.known_hosts = Path(known_hosts).expanduser()
@@ -85,7 +106,9 @@ class SSHTransport(Transport):
         self.root = root
         self.connect_timeout_s, self.retries, self.backoff_s = connect_timeout_s, retries, backoff_s
         self.stop_timeout_s = stop_timeout_s
-        self._client = self._channel = self._sftp = self._drain = None
+        self.io_timeout_s = io_timeout_s
+        self._client = self._channel = self._drain = None      # the agent's session
+        self._files = self._sftp = None                        # uploads and commands
         self._stderr: collections.deque = collections.deque(maxlen=STDERR_LINES)
 
     @property
@@ -134,7 +157,7 @@ class SSHTransport(Transport):
             except paramiko.AuthenticationException as err:
                 raise DeviceError(f"SSH login as {self.where} failed ({err}); check connection.user "
                                   f"and connection.key, or load the key into ssh-agent") from None
-            except (OSError, EOFError, paramiko.SSHException) as err:
+            except _NETWORK_ERRORS as err:
                 last = err
             if attempt <= self.retries:
                 log.warning("cannot reach %s (%s); retrying in %.1f s", self.where, last, delay)
@@ -154,6 +177,29 @@ class SSHTransport(Transport):
         """``agent_python`` (split like a shell would) followed by ``args``, quoted for the shell."""
         return " ".join(shlex.quote(w) for w in shlex.split(self.agent_python) + list(args))
 
+    def _file_session(self):
+        """The SFTP session of the transfer connection, (re)connected when needed."""
+        if self._sftp is None:
+            self._files = self.connect()
+            try:
+                self._sftp = self._files.open_sftp()
+            except _NETWORK_ERRORS as err:
+                self._drop_files()
+                raise DeviceError(f"cannot open SFTP on {self.where}: {err}; enable the sftp "
+                                  f"subsystem of the device's sshd") from None
+            self._sftp.get_channel().settimeout(self.io_timeout_s)
+            self.root = self._remote_root(self._sftp)
+        return self._sftp
+
+    def _drop_files(self) -> None:
+        for thing in (self._sftp, self._files):
+            try:
+                if thing is not None:
+                    thing.close()
+            except _NETWORK_ERRORS:
+                pass
+        self._files = self._sftp = None
+
     # --- Transport ----------------------------------------------------------------------
 
     def open(self):
@@ -162,49 +208,79 @@ class SSHTransport(Transport):
             raise DeviceError(f"the SSH transport to {self.where} is already open")
         self._client = self.connect()
         try:
-            self._sftp = self._client.open_sftp()
-            self.root = self._remote_root(self._sftp)
+            sftp = self._client.open_sftp()
+            self.root = self._remote_root(sftp)
+            sftp.close()
             command = self._remote_command("-m", "edgebuild.device_agent", "serve", "--stdio",
                                            "--root", self.root)
             log.info("starting the agent on %s: %s", self.where, command)
             self._channel = self._client.get_transport().open_session()
             self._channel.exec_command(command)
-        except (OSError, EOFError, paramiko.SSHException) as err:
+        except _NETWORK_ERRORS as err:
             self.close()
             raise DeviceError(f"cannot start the agent on {self.where}: {err}") from None
         self._drain = drain_lines(self._channel.makefile_stderr("rb"), self._stderr)
         return self._channel.makefile_stdin("wb"), self._channel.makefile("rb")
 
+    def device_root(self) -> str:
+        """The agent's root folder as an absolute path on the device."""
+        self._file_session()
+        return self.root
+
     def upload(self, local_path, remote_name: str) -> str:
-        """SFTP ``local_path`` to a temporary name, check its sha256 on the device, then rename it
-        to ``<root>/incoming/<remote_name>``."""
-        if self._sftp is None:
-            raise DeviceError("open the SSH transport before uploading")
+        """SFTP ``local_path`` to ``<root>/incoming/<remote_name>``: resumable, then sha256-checked
+        on the device, then renamed into place.
+
+        A dropped connection is retried (``retries`` times, with backoff) from where the partial
+        file ends. When every attempt fails, the partial file stays for a later upload to resume.
+        """
         if not remote_name or "/" in remote_name or remote_name.startswith("."):
             raise DeviceError(f"upload name {remote_name!r} must be a plain file name")
-        incoming = posixpath.join(self.root, "incoming")
+        size, sha = os.path.getsize(local_path), sha256_file(local_path)
+        incoming = posixpath.join(self.device_root(), "incoming")
         final = posixpath.join(incoming, remote_name)
-        tmp = posixpath.join(incoming, f".{remote_name}.part-{uuid.uuid4().hex[:12]}")
+        tmp = posixpath.join(incoming, f".{remote_name}.part-{sha[:16]}")
+        self._transfer(local_path, incoming, tmp, size)
+        problem = self._verify(sha, tmp)
+        if problem is not None:
+            self._remove_quietly(tmp)
+            raise DeviceError(f"upload of {local_path} to {self.where}:{final} failed: {problem}")
         try:
-            self._makedirs(incoming)
-            self._sftp.put(str(local_path), tmp, confirm=True)
-            problem = self._verify(local_path, tmp)
-            if problem is None:
-                self._rename(tmp, final)
-                return final
-        except (OSError, EOFError, paramiko.SSHException) as err:
-            problem = str(err) or type(err).__name__
-        self._remove_quietly(tmp)
-        raise DeviceError(f"upload of {local_path} to {self.where}:{final} failed: {problem}")
+            self._rename(tmp, final)
+        except _NETWORK_ERRORS as err:
+            raise DeviceError(f"cannot rename {tmp} to {final} on {self.where}: {err}") from None
+        return final
+
+    def run(self, argv, timeout_s: float = 600.0) -> tuple[int, str]:
+        """Run ``argv`` on the device (no shell: each word is quoted); ``(exit status, output)``
+        with stdout and stderr together."""
+        command = " ".join(shlex.quote(str(word)) for word in argv)
+        self._file_session()
+        try:
+            channel = self._files.get_transport().open_session(timeout=self.connect_timeout_s)
+            channel.set_combine_stderr(True)
+            channel.settimeout(timeout_s)
+            channel.exec_command(command)
+            channel.shutdown_write()
+            with channel.makefile("rb") as out:
+                text = out.read().decode("utf-8", "replace")
+            status = channel.recv_exit_status()
+            channel.close()
+            return status, text
+        except _NETWORK_ERRORS as err:
+            self._drop_files()
+            raise DeviceError(f"running {argv[0]} on {self.where} failed: "
+                              f"{str(err) or type(err).__name__}") from None
 
     def close(self) -> None:
-        """End the agent's input, wait briefly for it to exit, and close the connection."""
+        """End the agent's input, wait briefly for it to exit, and close the connections."""
+        self._drop_files()
         if self._client is None:
             return
         if self._channel is not None:
             try:
                 self._channel.shutdown_write()
-            except (OSError, EOFError, paramiko.SSHException):
+            except _NETWORK_ERRORS:
                 pass
             deadline = time.monotonic() + self.stop_timeout_s
             while not self._channel.exit_status_ready() and time.monotonic() < deadline:
@@ -212,10 +288,8 @@ class SSHTransport(Transport):
             if self._drain is not None:
                 self._drain.join(timeout=2.0)
             self._channel.close()
-        if self._sftp is not None:
-            self._sftp.close()
         self._client.close()
-        self._client = self._sftp = None
+        self._client = None
 
     def stderr_tail(self, lines: int = 20) -> list[str]:
         """The agent's last stderr lines, as relayed by SSH."""
@@ -227,47 +301,123 @@ class SSHTransport(Transport):
             return None
         return self._channel.recv_exit_status()
 
-    # --- helpers ------------------------------------------------------------------------
+    # --- transfer -----------------------------------------------------------------------
 
-    def _makedirs(self, path: str) -> None:
+    def _transfer(self, local_path, incoming: str, tmp: str, size: int) -> None:
+        """Send the file to ``tmp``, reconnecting and resuming after network errors."""
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 2):
+            try:
+                sftp = self._file_session()
+                self._makedirs(sftp, incoming)
+                if attempt == 1:
+                    self._remove_stale_partials(sftp, incoming, tmp)
+                self._send(sftp, local_path, tmp, size)
+                return
+            except _NETWORK_ERRORS as err:
+                self._drop_files()
+                if attempt > self.retries:
+                    raise DeviceError(
+                        f"upload of {local_path} to {self.where} failed after {attempt} attempt(s): "
+                        f"{str(err) or type(err).__name__}; the partial file {tmp} is kept and the "
+                        f"next upload resumes from it") from None
+                log.warning("upload to %s broke off (%s); resuming in %.1f s", self.where,
+                            str(err) or type(err).__name__, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def _send(self, sftp, local_path, tmp: str, size: int) -> None:
+        """Append to ``tmp`` what it lacks of the local file (all of it when nothing is usable)."""
+        offset = self._resume_offset(sftp, local_path, tmp, size)
+        with open(local_path, "rb") as src, self._open_remote(sftp, tmp, "r+b" if offset else "wb") as dst:
+            src.seek(offset)
+            dst.seek(offset)
+            dst.set_pipelined(True)
+            for block in iter(lambda: src.read(CHUNK_BYTES), b""):
+                dst.write(block)
+        have = sftp.stat(tmp).st_size
+        if have != size:
+            raise OSError(f"{tmp} holds {have} bytes after the transfer, expected {size}")
+
+    def _remove_stale_partials(self, sftp, incoming: str, tmp: str) -> None:
+        """Delete partial uploads of the same name but other contents (a file changed since)."""
+        prefix = posixpath.basename(tmp).rsplit("-", 1)[0] + "-"
+        for name in sftp.listdir(incoming):
+            if name.startswith(prefix) and name != posixpath.basename(tmp):
+                log.info("removing the stale partial upload %s", name)
+                sftp.remove(posixpath.join(incoming, name))
+
+    def _open_remote(self, sftp, path: str, mode: str):
+        """The remote file to write (a seam: tests wrap it to cut a transfer off)."""
+        return sftp.open(path, mode)
+
+    def _resume_offset(self, sftp, local_path, tmp: str, size: int) -> int:
+        """Bytes of a partial upload that can stay: its length when it hashes like the start of
+        the local file, else 0."""
+        try:
+            have = sftp.stat(tmp).st_size
+        except FileNotFoundError:
+            return 0
+        if not have or have > size:
+            return 0
+        remote = self._remote_sha256(tmp)
+        if remote is not None and remote == sha256_prefix(local_path, have):
+            log.info("resuming the upload of %s at byte %d of %d", Path(local_path).name, have, size)
+            return have
+        log.warning("partial upload %s does not match %s; sending it again from the start",
+                    tmp, local_path)
+        return 0
+
+    def _remote_sha256(self, path: str) -> str | None:
+        """sha256 of a device file by ``sha256sum``, else by the device's Python; None if neither runs."""
+        pythons = dict.fromkeys([("python3",), tuple(shlex.split(self.agent_python))])
+        for argv in [["sha256sum", "--", path]] + [[*py, "-c", _REMOTE_SHA256, path] for py in pythons]:
+            status, output = self.run(argv, timeout_s=max(self.io_timeout_s, 600.0))
+            words = output.split()
+            if status == 0 and words and len(words[0]) == 64:
+                return words[0].lower()
+        return None
+
+    def _verify(self, expected: str, remote_path: str) -> str | None:
+        """None when the device's sha256 of ``remote_path`` is ``expected``, else why not."""
+        actual = self._remote_sha256(remote_path)
+        if actual is None:
+            return "cannot hash it on the device (neither sha256sum nor python3 runs there)"
+        return None if actual == expected else f"sha256 on the device is {actual}, expected {expected}"
+
+    def _makedirs(self, sftp, path: str) -> None:
         missing = []
         while path not in ("", "/"):
             try:
-                self._sftp.stat(path)
+                sftp.stat(path)
                 break
             except FileNotFoundError:
                 missing.append(path)
                 path = posixpath.dirname(path)
         for folder in reversed(missing):
-            self._sftp.mkdir(folder)
-
-    def _verify(self, local_path, remote_path: str) -> str | None:
-        """None when the device's sha256 of ``remote_path`` equals the local file's, else why not."""
-        expected = sha256_file(local_path)
-        command = self._remote_command("-c", _REMOTE_SHA256, remote_path)
-        _stdin, out, err = self._client.exec_command(command, timeout=600)
-        actual = out.read().decode().strip()
-        if out.channel.recv_exit_status() != 0:
-            return f"cannot hash it on the device: {err.read().decode().strip()[-300:]}"
-        return None if actual == expected else f"sha256 on the device is {actual}, expected {expected}"
+            sftp.mkdir(folder)
 
     def _rename(self, tmp: str, final: str) -> None:
+        sftp = self._file_session()
         try:
-            self._sftp.posix_rename(tmp, final)
+            sftp.posix_rename(tmp, final)
         except (OSError, paramiko.SSHException):    # a server without the posix-rename extension
             self._remove_quietly(final)
-            self._sftp.rename(tmp, final)
+            sftp.rename(tmp, final)
 
     def _remove_quietly(self, path: str) -> None:
         try:
-            self._sftp.remove(path)
-        except (OSError, paramiko.SSHException):
+            self._file_session().remove(path)
+        except (DeviceError, *_NETWORK_ERRORS):
             pass
 
 
 def from_target(target) -> SSHTransport:
-    """The SSH transport of a target spec: host, login, host keys and agent from ``[connection]``."""
-    c = target.connection
+    """The SSH transport of a target: host, login, host keys and agent from its ``[connection]``,
+    with the setup record and environment laid over it (``spec.resolve_connection``)."""
+    from edgebuild.targets.spec import resolve_connection
+
+    c = resolve_connection(target)
     return SSHTransport(c.host, c.user, c.port, key=target.path_of(c.key) if c.key else None,
                         known_hosts=target.path_of(c.known_hosts),
                         trust_on_first_use=c.trust_on_first_use, agent_python=c.agent_python,

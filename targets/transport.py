@@ -2,7 +2,8 @@
 
 A transport starts the agent (a local subprocess, or the remote command of an SSH session) and
 hands back its stdin and stdout; ``AgentClient`` speaks the protocol over them. It also puts
-files into ``<root>/incoming/`` on the device, where the agent's ``stage`` command finds them.
+files into ``<root>/incoming/`` on the device, where the agent's ``stage`` command finds them,
+and runs the few commands that provisioning needs (``run``).
 
 ``transports`` maps a target's ``connection.transport`` to a factory ``f(target) -> Transport``::
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import BinaryIO
 
-from edgebuild.build.errors import ConfigError
+from edgebuild.build.errors import ConfigError, DeviceError
 from edgebuild.build.registry import Registry
 
 transports: Registry = Registry("transport", error=ConfigError)
@@ -41,6 +42,17 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop the agent if it still runs and release the connection. Safe to call twice."""
+
+    def device_root(self) -> str:
+        """The agent's root folder, as an absolute path on the device."""
+        return str(self.root)
+
+    def run(self, argv: list[str], timeout_s: float = 600.0) -> tuple[int, str]:
+        """Run a command on the device (for provisioning); ``(exit status, stdout and stderr)``.
+
+        Raises ``DeviceError`` when the command cannot be started at all.
+        """
+        raise DeviceError(f"the {type(self).__name__} cannot run commands on the device")
 
     def stderr_tail(self, lines: int = 20) -> list[str]:
         """The agent's last stderr lines (for error messages when it dies)."""

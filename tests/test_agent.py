@@ -75,7 +75,24 @@ def test_hello_refuses_another_protocol_major_and_keeps_serving(client):
     with pytest.raises(DeviceError, match=r"VersionMismatch: host speaks agent protocol 2") as err:
         client.call("hello", {"protocol": 2})
     assert err.value.exit_code == ExitCode.DEVICE
-    assert client.hello()["protocol"] == 1
+    with pytest.raises(DeviceError, match=r"VersionMismatch: protocol version 'x.1' is not MAJOR"):
+        client.call("hello", {"protocol": "x.1"})
+    assert client.call("hello", {"protocol": "1.0"})["protocol"] == protocol.PROTOCOL_VERSION
+    assert client.call("hello", {"protocol": 1})["protocol"] == "1.1"
+    assert client.hello()["protocol"] == protocol.PROTOCOL_VERSION
+
+
+def test_hello_lists_the_commands_and_the_client_remembers_them(client):
+    hello = client.hello()
+    assert {"score", "activate", "rollback", "load", "time"} <= set(hello["commands"])
+    assert client.supports("score") and not client.supports("generate")
+
+
+def test_protocol_versions_parse_as_major_minor():
+    assert protocol.parse_version("1.1") == (1, 1) and protocol.parse_version(2) == (2, 0)
+    for bad in ("1.2.3", "", True, "one"):
+        with pytest.raises(protocol.VersionMismatch):
+            protocol.parse_version(bad)
 
 
 def test_client_refuses_an_agent_of_another_protocol(tmp_path):
@@ -184,11 +201,15 @@ def test_activate_and_rollback(client, transport, tmp_path, root):
     for version in ("v1", "v2"):
         _stage(client, transport, tmp_path, "rtn", version)
     assert client.activate("rtn", "v1")["previous"] is None
+    assert (root / "current" / "weights.ebpk").read_bytes() == b"rtn/v1"
     assert client.activate("rtn", "v2")["previous"] == {"name": "rtn", "version": "v1"}
     assert client.activate("rtn", "v2")["changed"] is False
     assert json.loads((root / "active").read_text())["active"]["version"] == "v2"
+    assert os.readlink(root / "current") == os.path.join("stages", "rtn", "v2")
     assert client.rollback() == {"active": {"name": "rtn", "version": "v1"},
                                  "rolled_back": {"name": "rtn", "version": "v2"}}
+    assert (root / "current" / "weights.ebpk").read_bytes() == b"rtn/v1"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary link is left"
     assert client.hello()["active"] == {"name": "rtn", "version": "v1"}
     with pytest.raises(DeviceError, match="NothingToRollback"):
         client.rollback()
@@ -216,7 +237,7 @@ def test_malformed_lines_get_error_replies_and_the_agent_keeps_serving(transport
 def test_unknown_command_is_an_error_reply(client):
     with pytest.raises(DeviceError, match=r"UnknownCommand: unknown command 'frobnicate' \(known: hello"):
         client.call("frobnicate")
-    assert client.hello()["protocol"] == 1
+    assert client.hello()["protocol"] == protocol.PROTOCOL_VERSION
 
 
 def test_time_and_score_need_a_loaded_model(client):
@@ -291,7 +312,8 @@ def test_stray_output_of_libraries_goes_to_stderr():
 
 # --- the agent stays a small, torch-free, Python 3.9 distribution -----------------------
 
-@pytest.mark.parametrize("module", ["__main__.py", "server.py", "protocol.py", "sysinfo.py"])
+@pytest.mark.parametrize("module", ["__main__.py", "server.py", "protocol.py", "sysinfo.py",
+                                    "runtime.py"])
 def test_agent_modules_parse_as_python_39(module):
     ast.parse((AGENT_DIR / module).read_text(), feature_version=(3, 9))
 
@@ -306,32 +328,58 @@ def test_agent_core_imports_only_the_standard_library():
 
 # --- load / time / score on a tiny exported model ---------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_stage(tmp_path_factory):
-    """A 2-layer random Llama exported to ONNX, with its weights packed as fp32 ``raw``."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+def export_tiny_stage(base: Path, vocab_size: int = 256):
+    """A seeded 2-layer random Llama, exported to ONNX with its weights packed as fp32 ``raw``
+    in ``base/tiny-<vocab_size>`` (once: the folder is reused when it is complete).
+
+    Returns ``(model, {file name in the stage: path})``.
+    """
     import numpy as np
+    import torch
+    import transformers
 
     from edgebuild.device_agent.packed import Record, write
     from edgebuild.export import exporters
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, vocab_size=256,
-                                      tie_word_embeddings=True)
+                                      num_key_value_heads=2, intermediate_size=128,
+                                      vocab_size=vocab_size, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(config).eval()
-    out = tmp_path_factory.mktemp("tiny")
-    exporters.get("onnx")().export(model, None, out)
-    records = [Record(name, tuple(t.shape), "raw", {}, {"data": t.detach().numpy().astype(np.float32)})
-               for name, t in model.state_dict().items() if name != "lm_head.weight"]
-    write(out / "weights.ebpk", records, {})
-    files = {name: out / name for name in ("model.onnx", "graph.json", "weights.ebpk")}
-    return model, files
+    out = base / f"tiny-{vocab_size}"
+    if not (out / "weights.ebpk").is_file():
+        work = base / f".tiny-{vocab_size}-{os.getpid()}"
+        exporters.get("onnx")().export(model, None, work)
+        records = [Record(name, tuple(t.shape), "raw", {}, {"data": t.detach().numpy().astype(np.float32)})
+                   for name, t in model.state_dict().items() if name != "lm_head.weight"]
+        write(work / "weights.ebpk", records, {})
+        os.rename(work, out)
+    return model, {name: out / name for name in ("model.onnx", "graph.json", "weights.ebpk")}
+
+
+@pytest.fixture(scope="module")
+def tiny_stage(tmp_path_factory):
+    """A 2-layer random Llama exported to ONNX, with its weights packed as fp32 ``raw``."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return export_tiny_stage(tmp_path_factory.getbasetemp())
+
+
+def torch_scores(model, requests) -> list:
+    """``[(logprob, is_greedy)]`` of ``[(context, continuation)]`` from the torch model."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for context, continuation in requests:
+            logits = model(torch.tensor([context + continuation])).logits[0].double()
+            steps = torch.log_softmax(logits, -1)[len(context) - 1:-1]
+            logprob = sum(steps[i, t].item() for i, t in enumerate(continuation))
+            out.append((logprob, bool((steps.argmax(-1) == torch.tensor(continuation)).all())))
+    return out
 
 
 def test_load_time_and_score_a_staged_model(client, transport, tiny_stage):
-    torch = pytest.importorskip("torch")
     model, files = tiny_stage
     deploy_stage(client, transport, "raw", "v1", files)
     loaded = client.load("raw", "v1", threads=1)
@@ -340,14 +388,65 @@ def test_load_time_and_score_a_staged_model(client, transport, tiny_stage):
     assert len(timing["prefill_ms"]) == 2 and len(timing["decode_ms_per_token"]) == 2
     assert all(ms > 0 for ms in timing["prefill_ms"]) and timing["peak_rss_mb"] > 0
     requests = [([1, 2, 3, 4], [5, 6]), ([7], [8, 9, 10])]
-    scores = client.score(requests)
+    for (logprob, greedy), (want, want_greedy) in zip(client.score(requests),
+                                                      torch_scores(model, requests)):
+        assert logprob == pytest.approx(want, abs=1e-3) and greedy == want_greedy
+
+
+def test_score_shares_contexts_and_keeps_the_request_order(client, transport, tiny_stage):
+    import numpy as np
+
+    model, files = tiny_stage
+    deploy_stage(client, transport, "raw", "v1", files)
+    client.load("raw", "v1", threads=1)
+    rng = np.random.default_rng(1)
+    contexts = [rng.integers(0, 256, n).tolist() for n in (1, 9, 30)]
+    requests = [(contexts[i % 3], rng.integers(0, 256, 1 + i % 5).tolist()) for i in range(15)]
+    greedy = ([5, 6, 7], [int(t) for t in torch_greedy(model, [5, 6, 7], 3)])
+    requests += [greedy, (greedy[0], greedy[1][:1])]
+    want = torch_scores(model, requests)
+    for budget in (None, 16):        # one batch per context, or one continuation per batch
+        got = client.score(requests, max_batch_tokens=budget)
+        assert [g for _, g in got] == [g for _, g in want] and got[-1][1] and got[-2][1]
+        np.testing.assert_allclose([lp for lp, _ in got], [lp for lp, _ in want], atol=1e-4)
+
+
+def torch_greedy(model, context, n) -> list:
+    """Greedy continuation of ``context`` by the torch model, ``n`` tokens."""
+    import torch
+
     with torch.no_grad():
-        for (context, continuation), (logprob, greedy) in zip(requests, scores):
-            logits = model(torch.tensor([context + continuation])).logits[0].double()
-            steps = torch.log_softmax(logits, -1)[len(context) - 1:-1]
-            want = sum(steps[i, t].item() for i, t in enumerate(continuation))
-            assert logprob == pytest.approx(want, abs=1e-3)
-            assert greedy == bool((steps.argmax(-1) == torch.tensor(continuation)).all())
+        out = model.generate(torch.tensor([context]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[0, len(context):].tolist()
+
+
+def test_score_reports_tokens_and_refuses_bad_ids(client, transport, tiny_stage):
+    deploy_stage(client, transport, "raw", "v1", tiny_stage[1])
+    client.load("raw", "v1", threads=1)
+    reply = client.call("score", {"requests": [{"context": [1, 2], "continuation": [3]}]})
+    assert reply["tokens"] == 3 and reply["score_s"] >= 0 and len(reply["results"]) == 1
+    with pytest.raises(DeviceError, match="BadRequest: requests\\[0\\] holds token ids >= the vocabulary size 256"):
+        client.score([([1], [256])])
+    with pytest.raises(DeviceError, match="BadRequest: argument 'max_batch_tokens' must be >= 16"):
+        client.score([([1], [2])], max_batch_tokens=4)
+
+
+def test_load_without_a_name_loads_the_active_stage(client, transport, tiny_stage):
+    deploy_stage(client, transport, "raw", "v1", tiny_stage[1])
+    with pytest.raises(DeviceError, match="BadRequest: no stage is active"):
+        client.load()
+    client.activate("raw", "v1")
+    assert client.load(threads=1)["loaded"] == {"name": "raw", "version": "v1"}
+
+
+def test_context_batches_keep_equal_contexts_together():
+    from edgebuild.targets.client import context_batches
+
+    pairs = [([1], [2]), ([3], [4]), ([1], [5]), ([6], [7]), ([3], [8]), ([9], [1])]
+    assert context_batches(pairs, 3) == [[0, 2], [1, 4, 3], [5]]
+    assert context_batches(pairs, 100) == [[0, 2, 1, 4, 3, 5]]
+    assert context_batches([([1], [2])] * 5, 2) == [[0, 1, 2, 3, 4]]
 
 
 def test_load_and_time_refuse_bad_requests(client, transport, tmp_path, tiny_stage):

@@ -149,3 +149,24 @@ def test_runtime_imports_neither_torch_nor_the_build_core():
             "bad = [m for m in ('torch', 'edgebuild.build', 'onnx') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_score_equals_whole_sequence_loglikelihood(runtime):
+    rng = np.random.default_rng(3)
+    contexts = [rng.integers(0, 1000, n).tolist() for n in (1, 6, 25)]
+    requests = [(contexts[i % 3], rng.integers(0, 1000, 1 + i % 4).tolist()) for i in range(12)]
+    chosen = runtime.generate(PROMPT, 3)
+    requests += [(PROMPT, chosen), (PROMPT, chosen[:1]), (PROMPT, chosen[:2] + [999])]
+    want = [runtime.loglikelihood(ctx, cont) for ctx, cont in requests]
+    for budget in (8192, 20, 1):       # one batch per context; small batches; one per batch
+        got = runtime.score(requests, max_batch_tokens=budget)
+        assert [g for _, g in got] == [g for _, g in want]
+        np.testing.assert_allclose([lp for lp, _ in got], [lp for lp, _ in want], atol=1e-4, rtol=0)
+    assert [g for _, g in got[-3:]] == [True, True, False]
+    assert runtime.score([]) == []
+
+
+def test_score_refuses_bad_requests(runtime):
+    for bad in ([([], [1])], [([1], [])], [([1], [1000])], [([-1], [2])], [([1.5], [2])]):
+        with pytest.raises(ValueError):
+            runtime.score(bad)

@@ -1,13 +1,14 @@
 """Target specs and the transport registry."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from edgebuild.build.errors import ConfigError, ExitCode, TargetError
+from edgebuild.build.errors import ConfigError, DeviceError, ExitCode, TargetError
 from edgebuild.targets.local import LocalTransport
 from edgebuild.targets.spec import BUILTIN, SPECS_DIR, Target, load_target, parse_target, targets
 from edgebuild.targets.transport import transport_for, transports
@@ -88,7 +89,7 @@ def test_wrong_type_or_range_names_the_key(tmp_path, edit, expected):
 
 
 def test_a_table_given_as_a_value_is_refused(tmp_path):
-    path = _write_variant(tmp_path, (r"^\[runtime\]\nthreads = 4\nproviders = .*\n", ""),
+    path = _write_variant(tmp_path, (r"^\[runtime\]\nthreads = 4\nproviders = .*\n(\w+ = .*\n)*", ""),
                           (r'^name = "rpi5"', 'name = "rpi5"\nruntime = 3'))
     with pytest.raises(TargetError, match=re.escape("key 'runtime' must be a table ([runtime]), got 3")):
         load_target(path)
@@ -182,3 +183,178 @@ def test_ssh_transport_from_a_spec(tmp_path):
     assert transport._remote_root(home) == "/home/pi/.cache/edgebuild/agent"
     transport.root = "agent"
     assert transport._remote_root(home) == "/home/pi/agent"
+
+
+# --- device wheels -----------------------------------------------------------------------
+
+def test_builtin_boards_name_their_python_and_glibc():
+    for name, python, glibc in (("rpi4", "3.11", "2.36"), ("rpi5", "3.11", "2.36"),
+                                ("jetson-orin-nano", "3.10", "2.35")):
+        runtime = load_target(name).runtime
+        assert (runtime.python_version, runtime.glibc) == (python, glibc)
+
+
+
+def test_device_versions_are_checked(tmp_path):
+    with pytest.raises(TargetError, match="key 'runtime.glibc' must be MAJOR.MINOR such as '3.11', got '2'"):
+        load_target(_write_variant(tmp_path, (r'^glibc = .*', 'glibc = "2"')))
+
+
+def test_pip_download_arguments_for_an_aarch64_board(tmp_path):
+    from edgebuild.targets.provision import download_args, wheel_platforms
+
+    rpi4 = load_target("rpi4")
+    platforms = wheel_platforms(rpi4)
+    assert platforms[0] == "manylinux_2_36_aarch64" and platforms[-2:] == [
+        "manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    args = download_args(rpi4, tmp_path)
+    assert args[:4] == ["download", "--only-binary=:all:", "-d", str(tmp_path)]
+    assert "--platform manylinux_2_28_aarch64" in " ".join(args)
+    assert " --python-version 3.11 --implementation cp " in " ".join(args)
+    assert [a.split(">=")[0] for a in args[-2:]] == ["numpy", "onnxruntime"]
+    local = download_args(load_target("local"), tmp_path)
+    assert "--platform" not in local and "--python-version" not in local
+    no_glibc = parse_target((SPECS_DIR / "rpi5.toml").read_text().replace('glibc = "2.36"\n', ""))
+    with pytest.raises(TargetError, match=r"target rpi5: set runtime.glibc"):
+        wheel_platforms(no_glibc)
+
+
+# --- connection overrides ----------------------------------------------------------------
+
+def test_setup_record_and_environment_override_the_connection(tmp_path, monkeypatch):
+    from edgebuild.targets.spec import resolve_connection, setup_path, write_setup
+
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    for var in ("PORT", "USER", "KEY", "KNOWN_HOSTS", "AGENT_PYTHON", "ROOT"):
+        monkeypatch.delenv(f"EDGEBUILD_LOCAL_SSH_{var}", raising=False)
+    target = load_target("local-ssh")
+    assert resolve_connection(target) == target.connection
+    write_setup("local-ssh", {"port": 2200, "key": str(tmp_path / "k"), "agent_python": "/v/python"})
+    write_setup("local-ssh", {"user": "me"})                  # records merge
+    resolved = resolve_connection(target)
+    assert (resolved.port, resolved.user, resolved.agent_python) == (2200, "me", "/v/python")
+    assert resolved.key == str(tmp_path / "k") and resolved.host == "127.0.0.1"
+    monkeypatch.setenv("EDGEBUILD_LOCAL_SSH_PORT", "2201")
+    assert resolve_connection(target).port == 2201
+    assert load_target("local-ssh").connection.port == 22, "the spec itself is unchanged"
+    monkeypatch.setenv("EDGEBUILD_LOCAL_SSH_PORT", "many")
+    with pytest.raises(TargetError, match="environment variable EDGEBUILD_LOCAL_SSH_PORT must be an integer"):
+        resolve_connection(target)
+    monkeypatch.setenv("EDGEBUILD_RPI5_PORT", "1")           # rpi5 names no env_prefix
+    assert resolve_connection(load_target("rpi5")).port == 22
+    setup_path("local-ssh").write_text('{"prot": 1}')
+    with pytest.raises(TargetError, match=r"local-ssh.json: unknown connection key 'prot'"):
+        resolve_connection(target)
+    with pytest.raises(TargetError, match="key 'port' must be an integer, got '22'"):
+        write_setup("rpi5", {"port": "22"})
+
+
+def test_ssh_transport_uses_the_setup_record(tmp_path, monkeypatch):
+    from edgebuild.targets.spec import write_setup
+
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    write_setup("rpi5", {"agent_python": "/home/pi/.cache/edgebuild/agent/venv/bin/python"})
+    transport = transport_for(load_target("rpi5"))
+    assert transport.agent_python == "/home/pi/.cache/edgebuild/agent/venv/bin/python"
+
+
+# --- unreachable devices and predicted latency --------------------------------------------
+
+def _unreachable(tmp_path, on_unreachable: str) -> Target:
+    from edgebuild.targets.provision import free_port
+
+    text = (SPECS_DIR / "rpi5.toml").read_text()
+    text = text.replace('on_unreachable = "warn"', f'on_unreachable = "{on_unreachable}"')
+    text = text.replace('host = "rpi5.local"', 'host = "127.0.0.1"').replace(
+        "port = 22", f"port = {free_port()}\nretries = 0\nconnect_timeout_s = 2.0\n"
+                     f"trust_on_first_use = true").replace(
+        'known_hosts = "~/.ssh/known_hosts"', f'known_hosts = "{tmp_path / "known_hosts"}"')
+    return parse_target(text)
+
+
+def test_on_unreachable_warn_reports_not_run_and_never_numbers(tmp_path, monkeypatch, caplog):
+    from edgebuild.build import gates
+    from edgebuild.targets.client import connect, unreachable_result
+
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    target = _unreachable(tmp_path, "warn")
+    with pytest.raises(DeviceError) as err:
+        connect(target)
+    result = unreachable_result(target, err.value, predicted={"decode_ms_per_token": 60.0})
+    assert result["status"] == "unreachable" and "cannot reach" in result["error"]
+    assert result["predicted"]["label"] == "predicted"
+    assert not {"prefill_ms", "decode_ms_per_token", "peak_rss_mb"} & set(result)
+    assert "gates are not run" in caplog.text
+    checks = gates.device_checks(result, 100e6, target.budgets_dict())
+    timing = [c for c in checks if c.name != "device/artifact_mb"]
+    assert len(timing) == 3 and {c.verdict for c in timing} == {gates.NOT_RUN}
+
+
+def test_on_unreachable_fail_raises(tmp_path, monkeypatch):
+    from edgebuild.targets.client import connect, unreachable_result
+
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    target = _unreachable(tmp_path, "fail")
+    with pytest.raises(DeviceError) as err:
+        connect(target)
+    with pytest.raises(DeviceError, match="cannot reach .* after 1 attempt") as raised:
+        unreachable_result(target, err.value)
+    assert raised.value.exit_code == ExitCode.DEVICE
+
+
+def test_predicted_latency_is_bytes_per_token_over_bandwidth():
+    from edgebuild.targets.spec import bytes_per_token, predicted_latency
+
+    graph = {"vocab_size": 100, "num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "weights": {
+        "embed": {"shape": [100, 16], "transpose": False},        # a lookup: one row per token
+        "embed.T": {"shape": [16, 100], "transpose": True},       # the tied output layer
+        "q.T": {"shape": [16, 16], "transpose": True}, "norm": {"shape": [16]}}}
+    weights = 4 * (16 + 1600 + 256 + 16)
+    assert bytes_per_token(graph, 0) == weights
+    assert bytes_per_token(graph, 10) == weights + 2 * 2 * 2 * 8 * 4 * 10
+    rpi4 = load_target("rpi4")
+    predicted = predicted_latency(rpi4, graph, context_len=10)
+    assert predicted["label"] == "predicted" and predicted["memory_bandwidth_gbps"] == 4.0
+    assert predicted["decode_ms_per_token"] == pytest.approx(bytes_per_token(graph, 10) / 4e9 * 1e3, abs=1e-3)
+    assert predicted_latency(rpi4, graph)["context_len"] == 64 + 32
+
+
+# --- edgebuild device setup / check ------------------------------------------------------
+
+def _cli(capsys, *args):
+    from edgebuild.build.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_device_setup_for_local_and_local_ssh(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from edgebuild.targets.provision import free_port
+    from edgebuild.targets.spec import read_setup
+
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    code, out, _ = _cli(capsys, "device", "setup", "--target", "local")
+    assert code == 0 and "nothing to install" in json.loads(out)["note"]
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen not installed")
+    port = free_port()
+    code, out, _ = _cli(capsys, "device", "setup", "--target", "local-ssh", "--port", str(port))
+    loopback = json.loads(out)["loopback"]
+    assert code == 0 and loopback["connection"]["port"] == port and not loopback["listening"]
+    assert loopback["next"].startswith("start the loopback sshd:") and "sshd_config" in loopback["next"]
+    recorded = read_setup("local-ssh")
+    assert recorded["key"] == str(tmp_path / "local-ssh" / "client_key")
+    assert Path(recorded["known_hosts"]).read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
+    code, _, err = _cli(capsys, "device", "check", "--target", "local-ssh")
+    assert code == ExitCode.DEVICE and "cannot reach" in err
+
+
+def test_device_check_through_the_local_agent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEBUILD_HOME", str(tmp_path))
+    code, out, _ = _cli(capsys, "device", "check", "--target", "local")
+    report = json.loads(out)
+    assert code == 0 and report["hello"]["target"] == "local"
+    assert report["info"]["root"] == str(tmp_path / "agent-local")

@@ -1,7 +1,6 @@
-"""``edgebuild methods``, ``report`` and ``package``."""
+"""``edgebuild methods``, ``report``, ``package`` and ``verify``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -24,10 +23,17 @@ def methods_cmd():
 @click.command("report")
 @out_option
 @target_option
-def report_cmd(out, target):
+@click.option("--html", "as_html", is_flag=True,
+              help="(Re)write OUT/TARGET/report.html from the manifest and print its path.")
+def report_cmd(out, target, as_html):
     """Print the build report of OUT/TARGET (written by `edgebuild all`)."""
     from edgebuild.build.errors import UsageError
-    path = Path(out) / target / "report.md"
+    build_dir = Path(out) / target
+    if as_html:
+        from edgebuild.build.report_html import write_html_report
+        click.echo(str(write_html_report(build_dir)))
+        return
+    path = build_dir / "report.md"
     if not path.exists():
         raise UsageError(f"no report at {path}", hint="run `edgebuild all` with the same --out and --target")
     click.echo(path.read_text())
@@ -45,6 +51,21 @@ def package_cmd(out, target, dest):
     click.echo(str(path))
 
 
+@click.command("verify")
+@click.argument("pkg", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--extract", "extract_to", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also install the verified package as DIR/<package name>/.")
+def verify_cmd(pkg, extract_to):
+    """Check a release package: every file's sha256, the package index, no missing, extra or unsafe
+    entries. Exits 8 when the package is corrupt or unsafe."""
+    from edgebuild.build.package import extract, verify
+    if extract_to is not None:
+        click.echo(f"ok: installed {extract(pkg, extract_to)}")
+        return
+    info = verify(pkg)
+    click.echo(f"ok: {info['name']} ({info['files']} files, {info['bytes']} bytes verified)")
+
+
 def register(group) -> None:
-    for cmd in (methods_cmd, report_cmd, package_cmd):
+    for cmd in (methods_cmd, report_cmd, package_cmd, verify_cmd):
         group.add_command(cmd)

@@ -1,7 +1,9 @@
-"""``edgebuild targets`` and ``edgebuild device``: target specs and device connectivity."""
+"""``edgebuild targets`` and ``edgebuild device``: target specs, device connectivity and setup."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import click
 
@@ -30,24 +32,81 @@ def show_cmd(name):
 
 @click.group("device")
 def device_group():
-    """Talk to a target's device agent."""
+    """Talk to a target's device agent, or set a device up for it."""
 
 
 @device_group.command("check")
 @click.option("--target", default="local", show_default=True, help="Target name or .toml file.")
 def check_cmd(target):
     """Connect to the device agent, say hello and print what the device reports."""
-    from edgebuild.targets import load_target, transports
-    from edgebuild.targets.client import AgentClient
+    from edgebuild.targets import load_target
+    from edgebuild.targets.client import connect
     t = load_target(target)
-    transport = transports.get(t.connection.transport)(t)
-    client = AgentClient(transport, timeout_s=t.connection.timeout_s)
-    try:
-        hello = client.hello(target=t.name)
-        info = client.info()
-    finally:
-        client.close()
+    with connect(t) as client:
+        hello, info = client.agent_hello, client.info()
     click.echo(json.dumps({"hello": hello, "info": info}, indent=2))
+
+
+@device_group.command("setup")
+@click.option("--target", default="local-ssh", show_default=True, help="Target name or .toml file.")
+@click.option("--wheelhouse", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of numpy/onnxruntime wheels for the device (skips the download).")
+@click.option("--device-python", default="python3", show_default=True,
+              help="The device's interpreter that creates the agent's venv.")
+@click.option("--no-runtime", is_flag=True, help="Install the agent without numpy and onnxruntime.")
+@click.option("--port", type=int, help="local-ssh: the loopback sshd's port (default: a free one).")
+@click.option("--start-sshd", is_flag=True, help="local-ssh: start the loopback sshd if it is not running.")
+@click.option("--install", is_flag=True,
+              help="local-ssh: install the agent into a venv over SSH too, as on a board.")
+def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, install):
+    """Set a device up: install the agent and its runtime, offline, into a venv on the device.
+
+    \b
+    The host builds the agent wheel, downloads numpy and onnxruntime wheels for the target's
+    platform and Python, pushes them over the target's transport and installs them with
+    `pip install --no-index`; the venv's interpreter is recorded for the target in
+    $EDGEBUILD_HOME/devices/<target>.json.
+    For local-ssh it first makes a key pair, a private sshd config on 127.0.0.1 and the
+    known_hosts entry under $EDGEBUILD_HOME/local-ssh/, and records them.
+    """
+    from edgebuild.targets import load_target
+    t = load_target(target)
+    result = {"target": t.name}
+    if t.name == "local-ssh":
+        result["loopback"] = _setup_loopback(t, port, start_sshd)
+        if not install:
+            return _report(result)
+    if t.connection.transport == "local" and not install:
+        result["note"] = "the local target runs the agent with this interpreter; nothing to install"
+        return _report(result)
+    result["installed"] = _install(t, wheelhouse, device_python, not no_runtime)
+    _report(result)
+
+
+def _setup_loopback(t, port, start) -> dict:
+    from edgebuild.build.paths import edgebuild_home
+    from edgebuild.targets.provision import setup_local_ssh
+    loopback = setup_local_ssh(t, edgebuild_home() / "local-ssh", port=port, start=start)
+    if not loopback["listening"]:
+        loopback["next"] = (f"start the loopback sshd: {' '.join(loopback['sshd_command'])} "
+                            f"(or rerun with --start-sshd)")
+    return loopback
+
+
+def _install(t, wheelhouse, device_python, with_runtime) -> dict:
+    from edgebuild.targets.provision import provision
+    from edgebuild.targets.transport import transport_for
+    transport = transport_for(t)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgebuild-wheels-") as work:
+            return provision(t, transport, work, wheelhouse=wheelhouse,
+                             device_python=device_python, with_runtime=with_runtime)
+    finally:
+        transport.close()
+
+
+def _report(result: dict) -> None:
+    click.echo(json.dumps(result, indent=2))
 
 
 def register(group) -> None:
