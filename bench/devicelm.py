@@ -46,6 +46,10 @@ class DeviceLM(TemplateLM):
         self.max_batch_tokens = max_batch_tokens
         self.progress = progress
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """lm-eval's tokenisation and ordering, without its bars when progress is reported."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress is not None)
+
     @property
     def eot_token_id(self) -> int:
         return self.tokenizer.eos_token_id

@@ -47,6 +47,7 @@ class GateConfig:
     critical_mmlu_gsm8k_drop: float = 0.20   # MMLU + GSM8K combined drop: critical
     critical_eudaimonia: float = 0.50        # any eudaimonia rule below: critical
     critical_expert_drop: float = 0.25       # primary expert benchmark drop: critical
+    eudaimonia: dict = field(default_factory=lambda: {"seedlm": 0.65, "vptq": 0.65, "hyper": 0.60})
     retention: str = "chance_normalised"     # which retention the thresholds apply to
     kl_max: dict = field(default_factory=lambda: {"seedlm": 0.5, "vptq": 0.75, "hyper": 1.0})
     confidence: float = 0.95                 # bootstrap interval level
@@ -61,6 +62,11 @@ class BuildConfig:
     stages: list = field(default_factory=lambda: list(LADDER))
     profile: str = "reduced"
     tasks: list = field(default_factory=lambda: ["arc_easy", "piqa"])
+    device_tasks: list | None = None  # tasks the device scores too (None: all of tasks; [] none)
+    device_profile: str = "reduced"   # items the device scores (a subset of the host's with the same seed)
+    eudaimonia: bool = True           # score the eudaimonia scenarios on every stage
+    eudaimonia_scenarios: str = ""    # a JSONL of your own scenarios ("" = the shipped set)
+    edge_task: str = ""               # a host task whose accuracy must lie in the edge band ("" = off)
     seed: int = 0
     calibration_texts: int = 32
     exporter: str = "onnx"
@@ -79,6 +85,14 @@ class BuildConfig:
         if len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"{where}: build.stages has duplicates: {self.stages}")
         _choice(where, "build.profile", self.profile, PROFILES)
+        _choice(where, "build.device_profile", self.device_profile, PROFILES)
+        for task in self.device_tasks or []:
+            if task not in self.tasks:
+                raise ConfigError(f"{where}: build.device_tasks: {task!r} is not one of build.tasks "
+                                  f"({', '.join(self.tasks)}); the device scores a subset of them")
+        if self.edge_task and self.edge_task not in self.tasks:
+            raise ConfigError(f"{where}: build.edge_task = {self.edge_task!r} is not one of build.tasks "
+                              f"({', '.join(self.tasks)})")
         _choice(where, "gates.retention", self.gates.retention, RETENTION_KINDS)
         _choice(where, "gates.on_inconclusive", self.gates.on_inconclusive, ("fail", "pass"))
         for name in self.stages[1:]:
@@ -101,7 +115,7 @@ class BuildConfig:
 
     def _validate_gates(self, where) -> None:
         g = self.gates
-        for key in ("core", "expert", "kl_max"):
+        for key in ("core", "expert", "kl_max", "eudaimonia"):
             for stage, value in getattr(g, key).items():
                 if not isinstance(value, (int, float)) or value < 0:
                     raise ConfigError(f"{where}: gates.{key}.{stage} must be a non-negative number, got {value!r}")

@@ -190,7 +190,7 @@ def _critical_eudaimonia(ev, cfg) -> list:
 def _eudaimonia_checks(ev, cfg, seed) -> list:
     """The overall eudaimonia score against the stage's threshold (the critical floor per rule
     is in ``_critical_eudaimonia``)."""
-    threshold = eudaimonia.threshold_for(ev.stage)
+    threshold = cfg.eudaimonia.get(ev.stage, eudaimonia.threshold_for(ev.stage))
     out = []
     for task, res in sorted(ev.host.items()):
         if res.get("kind") != eudaimonia.TASK_NAME or threshold is None or not res.get("items"):

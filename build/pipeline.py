@@ -178,7 +178,8 @@ class Pipeline:
         baseline = passed.get("baseline", run)
         reference = source or run
         ev = gates.StageEvidence(name, run.host, reference.host, baseline.host, run.quality, run.device,
-                                 run.pack.get("bytes"), self.target.budgets_dict())
+                                 run.pack.get("bytes"), self.target.budgets_dict(),
+                                 edge_task=self.cfg.edge_task or None)
         report = gates.evaluate(ev, self.cfg.gates, seed=self.cfg.seed)
         if name == "baseline":
             report = self._baseline_gate(report)
@@ -294,7 +295,7 @@ class Pipeline:
 
     def _host(self, run: StageRun) -> None:
         key = digest("host", run.keys["pack"], self.cfg.tasks, self.cfg.profile, self._data_fingerprint(),
-                     self.cfg.seed, code_version("bench"))
+                     self.cfg.seed, self._scenarios_fingerprint(), code_version("bench"))
         entry = self._get("host", key)
         if entry is None:
             from edgebuild.bench.runner import run_host
@@ -303,11 +304,30 @@ class Pipeline:
                     self.progress.step(f"benchmarks {run.stage}") as update:
                 results = run_host(model, tok, self.cfg.tasks, self.cfg.profile, self.req.data_dir,
                                    self.req.out / "cache" / "data", seed=self.cfg.seed, progress=update)
-                write_json_atomic(work / "results.json", {k: v.to_dict() for k, v in results.items()})
+                results = {k: v.to_dict() for k, v in results.items()}
+                if self.cfg.eudaimonia:
+                    results.update(self._eudaimonia(run, model, tok))
+                write_json_atomic(work / "results.json", results)
                 write_json_atomic(work / "quality.json", self._quality(run, model, tok))
             entry = self.cache.path("host", key)
         run.host = json.loads((entry / "results.json").read_text())
         run.quality = json.loads((entry / "quality.json").read_text())
+
+    def _eudaimonia(self, run: StageRun, model, tok) -> dict:
+        from edgebuild.bench import eudaimonia
+        with self.progress.step(f"eudaimonia {run.stage}") as update:
+            res = eudaimonia.run(model, tok, self.cfg.eudaimonia_scenarios or None, progress=update)
+        return {eudaimonia.TASK_NAME: res.to_dict()}
+
+    def _scenarios_fingerprint(self):
+        if not self.cfg.eudaimonia:
+            return None
+        from edgebuild.bench import eudaimonia
+        path = Path(self.cfg.eudaimonia_scenarios) if self.cfg.eudaimonia_scenarios else eudaimonia.DEFAULT_PATH
+        if not path.is_file():
+            raise DataError(f"eudaimonia scenarios file {path} does not exist",
+                            hint="set build.eudaimonia_scenarios to a JSONL file, or leave it empty")
+        return sha256_file(path)
 
     def _quality(self, run: StageRun, model, tok) -> dict:
         from edgebuild.bench import quality
@@ -324,7 +344,9 @@ class Pipeline:
 
     def _device(self, run: StageRun) -> None:
         key = digest("device", run.keys["pack"], run.keys["graph"], self.target.digest(),
-                     code_version("device_agent", "targets"))
+                     self._device_tasks(), self._device_profile(), self.cfg.seed,
+                     code_version("device_agent", "targets"),
+                     code_version("bench") if self._device_tasks() else None)
         entry = self._get("device", key)
         if entry is None:
             result = self._measure_on_device(run)
@@ -340,7 +362,7 @@ class Pipeline:
         from edgebuild.targets.client import deploy_stage
         client = self._connect()
         if client is None:
-            return {"status": "unreachable", "error": self._device_state}
+            return self._unreachable(run)
         graph_dir = self.cache.path("graph", run.keys["graph"])
         files = {"model.onnx": graph_dir / "model.onnx", "graph.json": graph_dir / "graph.json",
                  PACKED: Path(run.pack["path"])}
@@ -352,17 +374,58 @@ class Pipeline:
             client.load(run.stage, version, threads=rt.threads)
             samples = client.time(prompt_len=t.prompt_len, decode_tokens=t.decode_tokens,
                                   warmup=t.warmup, repeats=t.repeats)
-        return {"status": "ok", "version": version, "info": self._device_info, **samples}
+        result = {"status": "ok", "version": version, "info": self._device_info, **samples}
+        if self._device_tasks():
+            result.update(self._score_on_device(run, client))
+        return result
+
+    def _score_on_device(self, run: StageRun, client) -> dict:
+        """The device's own benchmark scores (same items and prompts as the host's, fewer of
+        them with a smaller device profile) and their agreement with the host's."""
+        from edgebuild.bench.devicelm import agreement, run_device
+        model, tok = self._base_model()
+        tasks = [t for t in self._device_tasks() if t in run.host and run.host[t].get("items")]
+        if not tasks:
+            return {}
+        with self.progress.step(f"device benchmarks {run.stage}") as update:
+            dev = run_device(client, tok, tasks, self._device_profile(), self.req.data_dir,
+                             self.req.out / "cache" / "data", seed=self.cfg.seed, progress=update,
+                             max_length=getattr(model.config, "max_position_embeddings", 2048))
+        scores = {t: r.to_dict() for t, r in dev.results.items()}
+        host = {t: [i for i in run.host[t]["items"] if i[0] in {d for d, _ in scores[t]["items"]}]
+                for t in tasks}
+        return {"scores": scores, "profile": self._device_profile(),
+                "agreement": agreement(host, {t: scores[t]["items"] for t in tasks})}
+
+    def _device_profile(self) -> str:
+        """The device's profile, never larger than the host's: its items are a subset of the host's."""
+        from edgebuild.build.config import PROFILES
+        return min(self.cfg.device_profile, self.cfg.profile, key=PROFILES.index)
+
+    def _device_tasks(self) -> list:
+        tasks = self.cfg.tasks if self.cfg.device_tasks is None else self.cfg.device_tasks
+        return [t for t in tasks if t in self.cfg.tasks]
+
+    def _unreachable(self, run: StageRun) -> dict:
+        from edgebuild.targets.spec import predicted_latency
+        result = {"status": "unreachable", "error": self._device_state, "target": self.target.name}
+        try:
+            graph = json.loads((self.cache.path("graph", run.keys["graph"]) / "graph.json").read_text())
+            predicted = predicted_latency(self.target, graph)
+        except (OSError, ValueError, KeyError, TypeError, EdgebuildError):
+            predicted = None
+        if predicted:
+            result["predicted"] = dict(predicted, label="predicted")
+        return result
 
     def _connect(self):
         if self._device_state is not None:
             return self._client
         from edgebuild.targets import transports
-        from edgebuild.targets.client import AgentClient
+        from edgebuild.targets.client import connect
         try:
             self._transport = transports.get(self.target.connection.transport)(self.target)
-            self._client = AgentClient(self._transport, timeout_s=self.target.connection.timeout_s)
-            self._client.hello(target=self.target.name)
+            self._client = connect(self.target, self._transport)
             self._device_info = self._client.info()
             self._device_state = "ok"
         except DeviceError as e:

@@ -118,8 +118,12 @@ def test_report_before_build_is_a_usage_error(capsys, tmp_path):
 def test_smoke_build_then_rerun_does_no_work(tmp_path, home):
     """The whole path on the tiny random model: real lm-eval, ONNX export, agent, gates."""
     env = {**os.environ, "EDGEBUILD_HOME": str(home)}
+    config = tmp_path / "random.toml"   # a random model scores ~0.5 on the scenarios: let every stage run
+    config.write_text("[gates]\ncritical_eudaimonia = 0.0\n[gates.eudaimonia]\nseedlm = 0.0\n"
+                      "vptq = 0.0\nhyper = 0.0\n")
     cmd = [sys.executable, "-m", "edgebuild.build.cli", "all", "--model", "tiny-random", "--target", "local",
-           "--profile", "smoke", "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "out"), "--json"]
+           "--profile", "smoke", "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "out"), "--json",
+           "--config", str(config), "--junit", str(tmp_path / "junit.xml")]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode in (ExitCode.OK, ExitCode.FALLBACK, ExitCode.BASELINE_ONLY), first.stderr[-2000:]
     summary = json.loads(first.stdout)
@@ -134,6 +138,10 @@ def test_smoke_build_then_rerun_does_no_work(tmp_path, home):
     assert all(len(a["sha256"]) == 64 for a in manifest["artifacts"][shipped])
     assert manifest["latency"]["measured"] is True
     assert all(s["latency"]["measured"] for s in manifest["stages"])
+    assert all(s["scores"]["eudaimonia"] is not None for s in manifest["stages"])
+    assert (tmp_path / "out" / "local" / "report.html").stat().st_size > 10_000
+    assert "<testcase" in (tmp_path / "junit.xml").read_text()
+    assert list((tmp_path / "out" / "local" / "wandb").glob("offline-run-*/run-*.wandb"))
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert second.returncode == first.returncode

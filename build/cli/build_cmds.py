@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -19,16 +20,13 @@ def _request(model, target, config_path, profile, data_dir, out, *, force=False,
                         from_stage=from_stage, steps=steps or STEPS, progress=Progress())
 
 
-def _run(req, as_json: bool, *, manifest: bool = True):
+def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None):
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
     result = Pipeline(req).run()
     path = None
     if manifest:
-        from edgebuild.build.manifest import write_manifest
-        from edgebuild.build.report import write_reports
-        path = write_manifest(result)
-        write_reports(result, path)
+        path = _record(result, junit, wandb_mode)
     if as_json:
         click.echo(json.dumps(summary.as_dict(result, path), indent=2, default=str))
     else:
@@ -36,15 +34,41 @@ def _run(req, as_json: bool, *, manifest: bool = True):
     return result
 
 
+def _record(result, junit, wandb_mode):
+    """Manifest, report.md, report.html, JUnit XML (when asked) and the W&B run of a build."""
+    from edgebuild.build.manifest import write_manifest
+    from edgebuild.build.report import write_reports
+    from edgebuild.build.report_html import write_html_report
+    path = write_manifest(result)
+    write_reports(result, path)
+    write_html_report(result.out_dir)
+    if junit is not None:
+        from edgebuild.build.junit import write_junit
+        write_junit(json.loads(path.read_text()), junit)
+    from edgebuild.build.tracking import log_build, resolve_mode
+    if resolve_mode(wandb_mode) != "disabled":
+        log_build(path, mode=wandb_mode)
+    return path
+
+
+def record_options(f):
+    f = click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Also write JUnit XML here: one test case per gate check.")(f)
+    return click.option("--wandb", "wandb_mode", type=click.Choice(("offline", "online", "disabled")),
+                        default=None, help="Weights & Biases logging (default: $WANDB_MODE, else offline, "
+                                           "into <out>/<target>/wandb; `wandb sync` it later).")(f)
+
+
 @click.command("all")
 @build_options
+@record_options
 @click.option("--force", is_flag=True, help="Redo every step, ignoring the cache.")
 @click.option("--from", "from_stage", default=None, help="Redo this stage and the ones after it.")
-def all_cmd(model, target, config_path, profile, data_dir, out, as_json, force, from_stage):
+def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, force, from_stage):
     """Run the whole build: baseline, each compression stage, export, host and device
     benchmarks, gates; write the manifest and reports; exit with a code CI can act on."""
     req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage)
-    return int(_run(req, as_json).exit_code)
+    return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode).exit_code)
 
 
 def _partial(name: str, steps: tuple, doc: str):
@@ -77,12 +101,13 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json):
 
 @click.command("gate")
 @build_options
+@record_options
 @click.option("--stage", default=None, help="Stage whose verdict sets the exit code (default: the last).")
-def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, stage):
+def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, stage):
     """Evaluate the gates of every stage (reusing cached results) and print each check.
     Exits 12 when the chosen stage failed."""
     req = _request(model, target, config_path, profile, data_dir, out)
-    result = _run(req, as_json)
+    result = _run(req, as_json, junit=junit, wandb_mode=wandb_mode)
     name = stage or req.config.stages[-1]
     runs = [r for r in result.runs if r.stage == name]
     if not runs:
