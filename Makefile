@@ -9,10 +9,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd model test test-slow demo smoke bench-compress clean help
+.PHONY: setup sshd model test test-slow test-gpu demo smoke bench-compress bench-device report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | smoke | bench-compress | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | report-screenshot | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: setup model
 test-slow: setup model
 	$(BIN)/pytest -q -m slow
 
+# Needs a CUDA device (and Triton, which CUDA builds of torch bring).
+test-gpu: setup
+	$(BIN)/pytest -q -m gpu
+
 smoke: setup
 	$(BIN)/edgebuild all --model tiny-random --target local --profile smoke --data-dir $(DATA_DIR) --out $(OUT)/smoke
 
@@ -46,6 +50,17 @@ demo: setup model
 # Every compression method next to rtn at matching bits/weight, on the default model, in one run.
 bench-compress: setup model
 	$(BIN)/python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
+
+# Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
+bench-device: setup
+	$(BIN)/python -m edgebuild.bench.speed --out $(OUT)/demo --target $(TARGET) --json $(OUT)/bench-device.json
+
+# A PNG of report.html rendered by headless Chromium (apt package chromium-headless-shell or chromium).
+report-screenshot: setup
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  { command -v apt-get >/dev/null && apt-get install -y -qq chromium-headless-shell >/dev/null; } || true
+	$(BIN)/edgebuild report --html --out $(OUT)/demo --target $(TARGET)
+	$(BIN)/python scripts/screenshot_report.py $(OUT)/demo/$(TARGET)/report.html $(OUT)/demo/$(TARGET)/report.png
 
 clean:
 	rm -rf $(OUT) .pytest_cache .setuptools-build device_agent/.setuptools-build
