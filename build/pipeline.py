@@ -392,10 +392,11 @@ class Pipeline:
                              self.req.out / "cache" / "data", seed=self.cfg.seed, progress=update,
                              max_length=getattr(model.config, "max_position_embeddings", 2048))
         scores = {t: r.to_dict() for t, r in dev.results.items()}
-        host = {t: [i for i in run.host[t]["items"] if i[0] in {d for d, _ in scores[t]["items"]}]
-                for t in tasks}
+        both = {t: {i[0] for i in run.host[t]["items"]} & {i[0] for i in scores[t]["items"]} for t in tasks}
+        pick = lambda items, t: [i for i in items if i[0] in both[t]]  # noqa: E731
         return {"scores": scores, "profile": self._device_profile(),
-                "agreement": agreement(host, {t: scores[t]["items"] for t in tasks})}
+                "agreement": agreement({t: pick(run.host[t]["items"], t) for t in tasks},
+                                       {t: pick(scores[t]["items"], t) for t in tasks})}
 
     def _device_profile(self) -> str:
         """The device's profile, never larger than the host's: its items are a subset of the host's."""
