@@ -50,6 +50,14 @@ def latency(device: dict) -> dict:
             "samples": {"prefill_ms": device["prefill_ms"], "decode_ms_per_token": device["decode_ms_per_token"]}}
 
 
+def device_scores(device: dict) -> dict | None:
+    """The device's own benchmark scores and their agreement with the host's, when it scored any."""
+    if not device or not device.get("scores"):
+        return None
+    return {"profile": device.get("profile"), "agreement": device.get("agreement"),
+            "tasks": {t: {"score": r["score"], "n": r["n"]} for t, r in sorted(device["scores"].items())}}
+
+
 def stage_summary(run, base) -> dict:
     stats = run.pack.get("stats", {})
     return {
@@ -61,6 +69,7 @@ def stage_summary(run, base) -> dict:
         "method_facts": run.pack.get("facts", {}),
         "scores": _scores(run), "retention_vs_baseline": _retention(run, base) if base else {},
         "quality": run.quality, "export_check": run.verify, "latency": latency(run.device),
+        "device_scores": device_scores(run.device),
         "gate": run.gate,
     }
 

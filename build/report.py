@@ -40,6 +40,7 @@ def render_markdown(result, manifest: dict) -> str:
         for c in st["gate"].get("checks", []):
             lines.append(f"- `{c['name']}` {c['verdict']}: {c['detail']}")
         lines.append("")
+    lines += _device_section(manifest)
     lines += ["## Path taken", "", " → ".join(manifest["fallback_path"]), ""]
     return "\n".join(lines)
 
@@ -55,3 +56,25 @@ def _facts(facts) -> str:
 
 def _f(v, spec=".2f") -> str:
     return "—" if v is None else format(v, spec)
+
+
+def _device_section(manifest: dict) -> list:
+    """Host and device scores side by side, with their agreement on the items both scored."""
+    rows = []
+    for st in manifest["stages"]:
+        dev = st.get("device_scores")
+        if not dev:
+            continue
+        agree = dev.get("agreement") or {}
+        for task, d in dev["tasks"].items():
+            a = (agree.get("tasks") or {}).get(task, {})
+            rows.append(f"| {st['stage']}#{st['attempt']} | {task} | {_f(st['scores'].get(task), '.3f')} | "
+                        f"{d['score']:.3f} (n={d['n']}, {dev.get('profile')}) | "
+                        f"{_f(a.get('same_prediction'), '.3f')} | {_f(a.get('max_loglik_diff'), '.2e')} |")
+    if not rows:
+        return []
+    return ["## Host and device", "",
+            "Device scores come from the agent (onnxruntime on the target) on the first items of the "
+            "host's seeded sample; agreement is over the items both scored.", "",
+            "| stage | task | host score | device score | same prediction | max log-lik diff |",
+            "|---|---|---|---|---|---|", *rows, ""]

@@ -75,6 +75,7 @@ def render(manifest: dict, plots: dict | None = None) -> str:
              tag("h2", "Benchmarks"), _benchmarks(manifest),
              tag("h2", "Stages"), _stages(manifest),
              tag("h2", "Device latency"), _latency(manifest),
+             tag("h2", "Host and device scores"), _device_scores(manifest),
              tag("h2", "Gate verdicts"), _gates(manifest),
              tag("h2", "Retries and knobs"), _retries(manifest),
              tag("h2", "Path taken"), _path(manifest),
@@ -158,6 +159,24 @@ def _latency(m: dict) -> str:
                      e(lat.get("error") or "")])
     return table(header, rows, numeric=range(2, 8)) + tag("p", f"Measured on target {e(m.get('target'))}; "
                                                   "statistics computed on the host from raw samples.", "muted")
+
+
+def _device_scores(m: dict) -> str:
+    """Each stage's host and device scores side by side, with their agreement."""
+    header = ["stage", "task", "host score", "device score", "device n", "same prediction", "max log-lik diff"]
+    rows = []
+    for st in m.get("stages", []):
+        dev = st.get("device_scores") or {}
+        agree = (dev.get("agreement") or {}).get("tasks") or {}
+        for task, d in (dev.get("tasks") or {}).items():
+            a = agree.get(task, {})
+            rows.append([e(label(st)), e(task), num((st.get("scores") or {}).get(task)), num(d.get("score")),
+                         e(d.get("n")), num(a.get("same_prediction")), num(a.get("max_loglik_diff"), ".2e")])
+    if not rows:
+        return tag("p", "The device scored no benchmarks in this build.", "muted")
+    return table(header, rows, numeric=range(2, 7)) + tag(
+        "p", "Device scores come from the agent on the target (onnxruntime), on the first items of the "
+        "host's seeded sample; agreement is over the items both scored.", "muted")
 
 
 def _ci(ci) -> str:
