@@ -9,10 +9,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd model test test-slow test-gpu demo smoke bench-compress bench-device report-screenshot clean help
+.PHONY: setup sshd model test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | report-screenshot | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ demo: setup model
 # Every compression method next to rtn at matching bits/weight, on the default model, in one run.
 bench-compress: setup model
 	$(BIN)/python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
+
+# Host benchmarks through edgebuild next to lm-eval's stock hf model, same model and items (PROFILE=full
+# for the whole ARC-Easy, PIQA and HellaSwag sets).
+PROFILE ?= reduced
+bench-host: setup model
+	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --json $(OUT)/bench-host.json
 
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup
