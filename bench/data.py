@@ -4,7 +4,9 @@ The data dir holds the files described in its ``SOURCES.md`` (ARC, PIQA, MMLU CS
 benchmark's converter reads them with the helpers here, which turn a missing or malformed file
 into a ``DataError`` naming the file and the ``--data-dir`` option. ``write_task`` then writes the
 converted documents as JSONL (content-addressed, so a cache is shared by runs and never stale)
-and a YAML that ``include:``s the built-in lm-eval task and points it at those files.
+and a YAML that ``include:``s the built-in lm-eval task and points it at those files, with any
+overrides (generation length, samples per item, metric); ``inline`` copies the built-in's keys
+instead of including it (see ``edgebuild.bench.base.Generation``).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from edgebuild.build.errors import DataError
+from edgebuild.bench.base import FunctionRef
+from edgebuild.build.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +141,78 @@ def write_jsonl(docs: list[dict], cache_dir) -> Path:
     return path
 
 
+def read_task_yaml(path: Path) -> dict:
+    """A built-in lm-eval task YAML with its ``include:``s merged (the including file's keys win,
+    as in lm-eval), each ``!function`` kept as a ``FunctionRef`` (nothing is imported)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function_ref(loader, node):
+        return FunctionRef(loader.construct_scalar(node), str(path.parent))
+
+    Loader.add_constructor("!function", function_ref)
+    config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (safe)
+    includes = config.pop("include", [])
+    merged: dict = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        merged.update(read_task_yaml(path.parent / include))
+    merged.update(config)
+    return merged
+
+
+def dump_task_yaml(config: dict) -> str:
+    """YAML text of a task config; ``FunctionRef`` values become ``!function`` tags."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def function_ref(dumper, ref: FunctionRef):
+        return dumper.represent_scalar("!function", ref.spec)
+
+    Dumper.add_representer(FunctionRef, function_ref)
+    return yaml.dump(config, Dumper=Dumper, sort_keys=False)
+
+
+def _relative_refs(value) -> list[str]:
+    """Specs of the ``FunctionRef``s in ``value`` that point next to a built-in YAML."""
+    if isinstance(value, FunctionRef):
+        return [value.spec] if value.base is not None else []
+    if isinstance(value, dict):
+        return [spec for item in value.values() for spec in _relative_refs(item)]
+    if isinstance(value, list):
+        return [spec for item in value for spec in _relative_refs(item)]
+    return []
+
+
+def _base_config(task_name: str, builtin_yaml: Path, overrides: dict, inline: bool) -> dict:
+    """``include:`` of the built-in, or (``inline``) a copy of its keys with ``overrides``."""
+    if not inline:
+        return {"include": str(builtin_yaml)}
+    config = read_task_yaml(builtin_yaml)
+    config.pop("tag", None)              # the copy must not join the built-in task's groups
+    config.update(overrides)
+    left = _relative_refs(config)
+    if left:
+        raise ConfigError(f"{task_name}: the built-in task {builtin_yaml.name} needs helper "
+                          f"functions {left} that an inline copy cannot reach; override them")
+    return config
+
+
 def task_config(task_name: str, builtin_yaml: Path, data_files: dict, num_fewshot: int,
-                cache_dir) -> dict:
+                cache_dir, overrides: dict | None = None, inline: bool = False) -> dict:
     """The YAML content of one generated lm-eval task.
 
     It includes the built-in YAML (prompt, choices, target, metrics, process_docs) and overrides
-    only where the data comes from: local JSON files, evaluated split ``test``, few-shot split
-    ``dev`` when there is one, and the few-shot count.
+    where the data comes from: local JSON files, evaluated split ``test``, few-shot split
+    ``dev`` when there is one, and the few-shot count; then the given ``overrides`` (generation
+    length, samples per item, metric). With ``inline`` the built-in's keys are copied in.
     """
-    config = {
-        "include": str(builtin_yaml),
+    overrides = dict(overrides or {})
+    config = _base_config(task_name, builtin_yaml, overrides, inline)
+    config.update({
         "task": task_name,
         "dataset_path": "json",
         "dataset_name": None,
@@ -159,24 +224,34 @@ def task_config(task_name: str, builtin_yaml: Path, data_files: dict, num_fewsho
         "validation_split": None,
         "test_split": EVAL_SPLIT,
         "num_fewshot": num_fewshot,
-    }
+    })
     if FEWSHOT_SPLIT in data_files:
         config["fewshot_split"] = FEWSHOT_SPLIT
+    config.update(overrides)
     return config
 
 
 def write_task(task_dir: Path, task_name: str, builtin_yaml: Path, eval_docs: list[dict],
-               fewshot_docs: list[dict], num_fewshot: int, cache_dir) -> Path:
-    """Write the JSONL files and ``<task_dir>/<task_name>.yaml`` for one lm-eval task."""
-    import yaml
+               fewshot_docs: list[dict], num_fewshot: int, cache_dir,
+               overrides: dict | None = None, inline: bool = False,
+               inline_fewshot: bool = False) -> Path:
+    """Write the JSONL files and ``<task_dir>/<task_name>.yaml`` for one lm-eval task.
 
+    Few-shot documents go to a ``dev`` split, or (``inline_fewshot``) into the YAML's
+    ``fewshot_config.samples``, taken in order.
+    """
     if not builtin_yaml.is_file():
         raise DataError(f"lm-eval has no built-in task file {builtin_yaml}",
                         hint="install the lm-eval version named in pyproject.toml")
     data_files = {EVAL_SPLIT: write_jsonl(eval_docs, cache_dir)}
-    if fewshot_docs:
+    overrides = dict(overrides or {})
+    if fewshot_docs and inline_fewshot:
+        overrides["fewshot_config"] = {**overrides.get("fewshot_config", {}),
+                                       "sampler": "first_n", "samples": list(fewshot_docs)}
+    elif fewshot_docs:
         data_files[FEWSHOT_SPLIT] = write_jsonl(fewshot_docs, cache_dir)
-    config = task_config(task_name, builtin_yaml, data_files, num_fewshot, cache_dir)
+    config = task_config(task_name, builtin_yaml, data_files, num_fewshot, cache_dir,
+                         overrides, inline)
     path = Path(task_dir) / f"{task_name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    path.write_text(dump_task_yaml(config), encoding="utf-8")
     return path

@@ -4,6 +4,12 @@
 include the built-in tasks, picks the profile's fixed sample indices and runs every task in one
 ``lm_eval.simple_evaluate`` call. It keeps lm-eval's per-sample log to return, for each task,
 which items were answered correctly: gates pair these against the baseline's.
+
+Generation tasks (GSM8K, HumanEval, MBPP, MATH) run through the same call: lm-eval generates
+with the model (greedy, or sampled where the task samples: the torch RNG is seeded from
+``seed`` for the run and restored afterwards), applies the task's filters (for code, running
+the programs in ``edgebuild.bench.sandbox``) and scores each item; the score of the
+benchmark's filter is its per-item result.
 """
 from __future__ import annotations
 
@@ -17,10 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from edgebuild.bench import benchmarks
-from edgebuild.bench.base import Benchmark
-from edgebuild.bench.data import lm_eval_tasks_dir, write_task
+from edgebuild.bench.base import Benchmark, Converted
+from edgebuild.bench.codeexec import FILTER_NAME, summarize
+from edgebuild.bench.data import lm_eval_tasks_dir, read_task_yaml, write_task
 from edgebuild.bench.profiles import Profile, get_profile, sample_indices
-from edgebuild.build.errors import ConfigError
+from edgebuild.build.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,10 @@ class TaskResult:
 
     ``items`` is ``[[doc_id, correct], ...]`` sorted by ``doc_id`` (the item's position in the
     converted data file); ``correct`` is 0.0/1.0 (TruthfulQA MC2: the probability mass on true
-    answers). ``chance`` is the expected score of uniform guessing on the same items.
+    answers; pass@k with k > 1: the item's unbiased estimate). ``chance`` is the expected score
+    of uniform guessing on the same items (0 for generation tasks). ``details`` holds facts of
+    generation tasks: samples per item, answer length bound, the score of every lm-eval filter,
+    and for code tasks the sandbox's status counts and network isolation.
     """
 
     name: str
@@ -45,6 +55,7 @@ class TaskResult:
     chance: float
     items: list = field(default_factory=list)
     stderr: float | None = None
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (``from_dict`` reverses it)."""
@@ -78,37 +89,42 @@ class PreparedTask:
 
 def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_dir, *,
              seed: int = 0, batch_size: int = 16, max_batch_tokens: int = 4096,
+             max_gen_toks: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` (an in-memory Hugging Face causal LM) on ``tasks``.
 
     ``profile`` ("smoke", "reduced", "full") and ``seed`` fix which items run; ``data_dir`` holds
     the benchmark files, ``cache_dir`` receives the converted JSONL (and the datasets cache).
     A batch holds at most ``batch_size`` requests and ``max_batch_tokens`` tokens (padded), which
-    bounds memory on long few-shot prompts. ``progress(done, total)`` is called as loglikelihood
-    requests complete. Returns ``{task name: TaskResult}`` in the order of ``tasks``.
+    bounds memory on long few-shot prompts. ``max_gen_toks`` (None: each benchmark's own bound)
+    caps the new tokens of every generated answer. ``seed`` also seeds sampled generation.
+    ``progress(done, total)`` is called as loglikelihood requests complete. Returns
+    ``{task name: TaskResult}`` in the order of ``tasks``.
     """
     chosen = get_profile(profile)
     if not tasks:
         raise ConfigError("no benchmark tasks given; name at least one of "
                           f"{', '.join(benchmarks.names())}")
     specs = [benchmarks.get(name) for name in dict.fromkeys(tasks)]
+    if max_gen_toks is not None and max_gen_toks < 1:
+        raise ConfigError(f"max_gen_toks must be a positive number of tokens, got {max_gen_toks}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
-        prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed)
+        prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks)
                     for spec in specs]
         output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size,
-                           max_batch_tokens, progress)
+                           max_batch_tokens, progress, seed)
     return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
 
 
 def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Profile,
-            seed: int) -> PreparedTask:
+            seed: int, max_gen_toks: int | None = None) -> PreparedTask:
     """Convert ``bench``'s data, pick its sample and write one lm-eval task per part."""
     converted = bench.convert(Path(data_dir))
     docs = converted.eval_docs
     strata = bench.strata(docs)
-    indices = sample_indices(bench.name, len(docs), profile.size_for(bench.name), seed, strata)
+    indices = _sample(bench, converted, profile.size_for(bench.name), seed, strata)
     builtin = lm_eval_tasks_dir()
     parts = []
     for stratum, doc_ids in _groups(strata, len(docs)):
@@ -121,11 +137,36 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
                    if stratum is None or d[bench.strata_key] == stratum]
         yaml_path = builtin / bench.lm_eval_yaml.format(stratum=stratum)
         write_task(task_dir, part.task_name, yaml_path, [docs[i] for i in doc_ids], fewshot,
-                   bench.num_fewshot, cache_dir)
+                   bench.num_fewshot, cache_dir, _overrides(bench, yaml_path, max_gen_toks),
+                   bench.generation is not None and bench.generation.inline, bench.inline_fewshot)
         parts.append(part)
     log.info("%s: %d of %d items in %d lm-eval task(s)", bench.name, len(indices), len(docs),
              len(parts))
     return PreparedTask(bench, docs, parts)
+
+
+def _sample(bench: Benchmark, converted: Converted, size: int | None, seed: int,
+            strata: list[str] | None) -> list[int]:
+    """The profile's doc ids: all for ``size`` None, else a seeded sample of the sample pool."""
+    pool = converted.sample_pool
+    if size is None or pool is None:
+        return sample_indices(bench.name, len(converted.eval_docs), size, seed, strata)
+    pool_strata = None if strata is None else [strata[i] for i in pool]
+    return [pool[i] for i in sample_indices(bench.name, len(pool), size, seed, pool_strata)]
+
+
+def _overrides(bench: Benchmark, yaml_path: Path, max_gen_toks: int | None) -> dict:
+    """YAML keys a generation benchmark sets over the built-in task: answer length bound,
+    samples per item, and its own ``overrides``."""
+    generation = bench.generation
+    if generation is None:
+        return {}
+    if not yaml_path.is_file():
+        raise DataError(f"lm-eval has no built-in task file {yaml_path}",
+                        hint="install the lm-eval version named in pyproject.toml")
+    kwargs = dict(read_task_yaml(yaml_path).get("generation_kwargs") or {})
+    kwargs["max_gen_toks"] = max_gen_toks or generation.max_gen_toks
+    return {"generation_kwargs": kwargs, "repeats": generation.repeats, **generation.overrides}
 
 
 def _groups(strata: list[str] | None, count: int) -> list[tuple[str | None, list[int]]]:
@@ -145,8 +186,9 @@ def _positions(doc_ids: list[int], indices: list[int]) -> list[int]:
 
 
 def _evaluate(model, tokenizer, prepared: list[PreparedTask], task_dir: Path, batch_size: int,
-              max_batch_tokens: int, progress) -> dict:
+              max_batch_tokens: int, progress, seed: int) -> dict:
     """One ``simple_evaluate`` call over every part of every prepared benchmark."""
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -160,36 +202,48 @@ def _evaluate(model, tokenizer, prepared: list[PreparedTask], task_dir: Path, ba
     samples = {part.task_name: part.selected for part in parts
                if len(part.selected) < len(part.doc_ids)}
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-    # No global seeding (loglikelihood scoring is deterministic; the caller's RNGs stay as they
-    # are) and no bootstrap: standard errors are computed from the per-item results.
-    return simple_evaluate(model=lm, tasks=[part.task_name for part in parts],
-                           samples=samples or None, log_samples=True, task_manager=manager,
-                           bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
-                           torch_random_seed=None)
+    # lm-eval seeds nothing (the caller's Python and numpy RNGs stay as they are); torch's RNG,
+    # which sampled generation draws from, is seeded here and restored on exit. No bootstrap:
+    # standard errors are computed from the per-item results. Code tasks are marked unsafe by
+    # lm-eval; their programs run only in edgebuild.bench.sandbox (see codeexec).
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return simple_evaluate(model=lm, tasks=[part.task_name for part in parts],
+                               samples=samples or None, log_samples=True, task_manager=manager,
+                               bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                               torch_random_seed=None, confirm_run_unsafe_code=True)
 
 
-def _part_items(part: TaskPart, logged: list[dict], docs: list[dict], metric: str) -> list[list]:
-    """``[[doc_id, correct]]`` of one part, checked against the documents asked for."""
-    rows = sorted(logged, key=lambda sample: sample["doc_id"])
+def _part_rows(part: TaskPart, logged: list[dict], docs: list[dict], name: str) -> list[dict]:
+    """The logged samples of one part and one filter, checked against the documents asked for."""
+    rows = sorted((sample for sample in logged if sample["filter"] == name),
+                  key=lambda sample: sample["doc_id"])
     positions = [sample["doc_id"] for sample in rows]
     if positions != part.selected:
-        raise RuntimeError(f"lm-eval evaluated items {positions[:5]}... of {part.task_name}, "
-                           f"not the {len(part.selected)} selected ones")
-    items = []
+        raise RuntimeError(f"lm-eval evaluated items {positions[:5]}... of {part.task_name} "
+                           f"(filter {name}), not the {len(part.selected)} selected ones")
     for sample in rows:
         doc_id = part.doc_ids[sample["doc_id"]]
-        expected = docs[doc_id]
-        if {key: sample["doc"].get(key) for key in expected} != expected:
+        expected, seen = docs[doc_id], sample["doc"]
+        shared = expected.keys() & seen.keys()   # a task's process_docs may drop or add fields
+        if not shared or any(seen[key] != expected[key] for key in shared):
             raise RuntimeError(f"lm-eval's document {sample['doc_id']} of {part.task_name} is not "
                                f"item {doc_id} of the converted data")
-        items.append([doc_id, float(sample[metric])])
-    return items
+    return rows
+
+
+def _part_items(part: TaskPart, logged: list[dict], docs: list[dict], bench: Benchmark) -> list[list]:
+    """``[[doc_id, correct]]`` of one part: the metric of the benchmark's filter."""
+    name = bench.generation.filter if bench.generation is not None else "none"
+    rows = _part_rows(part, logged, docs, name)
+    return [[part.doc_ids[sample["doc_id"]], float(sample[bench.metric])] for sample in rows]
 
 
 def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
     """Per-item results, score, chance and standard error of one benchmark."""
     bench = prepared.bench
-    per_part = [_part_items(part, samples[part.task_name], prepared.docs, bench.metric)
+    per_part = [_part_items(part, samples[part.task_name], prepared.docs, bench)
                 for part in prepared.parts]
     chance = [[bench.chance_of(prepared.docs[doc_id]) for doc_id, _ in items] for items in per_part]
     items = sorted((item for part_items in per_part for item in part_items),
@@ -199,7 +253,28 @@ def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
         score=_mean_of_means([[c for _, c in items] for items in per_part]),
         n=len(items), chance=_mean_of_means(chance), items=items,
         stderr=_stderr([[c for _, c in items] for items in per_part]),
+        details=_details(prepared, samples),
     )
+
+
+def _details(prepared: PreparedTask, samples: dict) -> dict:
+    """Facts of a generation run: samples per item, length bound, every filter's score, and
+    the sandbox's status counts for code tasks. Empty for loglikelihood tasks."""
+    bench = prepared.bench
+    if bench.generation is None:
+        return {}
+    logged = [sample for part in prepared.parts for sample in samples[part.task_name]]
+    filters: dict[str, list[float]] = {}
+    for sample in logged:
+        filters.setdefault(sample["filter"], []).append(float(sample[bench.metric]))
+    arguments = logged[0]["arguments"][0] if logged else ("", {})
+    details = {"repeats": bench.generation.repeats, "filter": bench.generation.filter,
+               "max_gen_toks": arguments[1].get("max_gen_toks"),
+               "filters": {name: sum(v) / len(v) for name, v in sorted(filters.items())}}
+    if bench.generation.filter == FILTER_NAME:
+        details["sandbox"] = summarize([sample["filtered_resps"][0] for sample in logged
+                                        if sample["filter"] == FILTER_NAME])
+    return details
 
 
 def _mean_of_means(groups: list[list[float]]) -> float:

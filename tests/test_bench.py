@@ -333,3 +333,50 @@ def test_batches_are_bounded_by_tokens(tiny_model):
     requests = [("long", [1] * 400, [2] * 100)] * 3 + [("short", [1] * 90, [2] * 10)] * 6
     chunks = list(Collator.get_chunks(requests, fn=lm._batch_scheduler))
     assert [len(chunk) for chunk in chunks] == [2, 2, 4, 1]
+
+
+# ----------------------------------------------------------------------------- task YAMLs
+
+
+def test_read_task_yaml_merges_includes_without_importing():
+    from edgebuild.bench.base import FunctionRef
+    from edgebuild.bench.data import lm_eval_tasks_dir, read_task_yaml
+
+    folder = lm_eval_tasks_dir() / "hendrycks_math"
+    config = read_task_yaml(folder / "hendrycks_math500.yaml")
+    assert config["task"] == "hendrycks_math500" and "include" not in config
+    assert config["dataset_path"] == "HuggingFaceH4/MATH-500"         # the including file wins
+    assert config["doc_to_text"].startswith("Problem:")                 # from the included one
+    assert config["process_results"] == FunctionRef("utils.process_results", str(folder))
+
+
+def test_dumped_yaml_keeps_function_tags(tmp_path):
+    import yaml
+
+    from edgebuild.bench.base import FunctionRef
+    from edgebuild.bench.data import dump_task_yaml
+
+    text = dump_task_yaml({"metric_list": [{"metric": FunctionRef("pkg.mod.fn")}], "k": [1]})
+    assert "!function 'pkg.mod.fn'" in text or "!function pkg.mod.fn" in text
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: ("fn", loader.construct_scalar(node)))
+    assert yaml.load(text, Loader=Loader) == {"metric_list": [{"metric": ("fn", "pkg.mod.fn")}],
+                                               "k": [1]}
+
+
+def test_inline_task_must_replace_the_builtin_helpers(tmp_path):
+    from edgebuild.bench.base import FunctionRef
+    from edgebuild.bench.data import lm_eval_tasks_dir, task_config
+
+    builtin = lm_eval_tasks_dir() / "humaneval" / "humaneval.yaml"
+    files = {"test": tmp_path / "x.jsonl"}
+    with pytest.raises(ConfigError, match="utils.pass_at_k"):
+        task_config("t", builtin, files, 0, tmp_path, inline=True)
+    replaced = {"metric_list": [{"metric": FunctionRef("m.f")}], "filter_list": []}
+    config = task_config("t", builtin, files, 0, tmp_path, replaced, inline=True)
+    assert config["doc_to_text"] == "{{prompt}}" and config["task"] == "t"
+    assert config["metric_list"] == replaced["metric_list"] and "include" not in config
+    assert task_config("t", builtin, files, 0, tmp_path)["include"] == str(builtin)
