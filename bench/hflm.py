@@ -11,7 +11,27 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+import transformers
 from lm_eval.models.huggingface import HFLM
+
+
+class StopStrings(transformers.StoppingCriteria):
+    """Per-row stop: a row is finished once any stop string appears in its newly generated text.
+
+    (lm-eval's criterion ends a batch only when one and the same stop string has appeared in every
+    row, so a batch whose rows stop on different strings runs to the token limit.)"""
+
+    def __init__(self, tokenizer, stops, prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+        self.lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stops),
+                            default=0) + 2
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_len:][:, -self.lookback:]
+        texts = self.tokenizer.batch_decode(new)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class HostLM(HFLM):
@@ -41,6 +61,16 @@ class HostLM(HFLM):
             self._chunk_size = max(1, min(self.max_batch, self.max_batch_tokens // tokens))
             self._chunk_end = pos + self._chunk_size
         return self._chunk_size
+
+    def _model_generate(self, context, max_length: int, stop: list, **generation_kwargs):
+        """Greedy unless the task asks to sample; every row stops at its own first stop string."""
+        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
+            generation_kwargs.pop("temperature", None)
+            generation_kwargs["do_sample"] = False
+        criteria = transformers.StoppingCriteriaList([StopStrings(self.tokenizer, stop, context.shape[1])])
+        return self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
+                                   pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
+                                   **generation_kwargs)
 
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
         """The fixed batch size (no trial runs) for request types other than loglikelihood."""

@@ -89,7 +89,7 @@ class PreparedTask:
 
 def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_dir, *,
              seed: int = 0, batch_size: int = 16, max_batch_tokens: int = 4096,
-             max_gen_toks: int | None = None,
+             max_gen_toks: int | None = None, doc_ids: dict | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` (an in-memory Hugging Face causal LM) on ``tasks``.
 
@@ -98,6 +98,8 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     A batch holds at most ``batch_size`` requests and ``max_batch_tokens`` tokens (padded), which
     bounds memory on long few-shot prompts. ``max_gen_toks`` (None: each benchmark's own bound)
     caps the new tokens of every generated answer. ``seed`` also seeds sampled generation.
+    ``doc_ids`` (``{task: [doc id, ...]}``) evaluates exactly those items of a task instead of the
+    profile's sample (adaptive sampling extends a sample this way).
     ``progress(done, total)`` is called as loglikelihood requests complete. Returns
     ``{task name: TaskResult}`` in the order of ``tasks``.
     """
@@ -111,20 +113,26 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
-        prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks)
-                    for spec in specs]
+        prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks,
+                            (doc_ids or {}).get(spec.name)) for spec in specs]
         output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size,
                            max_batch_tokens, progress, seed)
     return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
 
 
 def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Profile,
-            seed: int, max_gen_toks: int | None = None) -> PreparedTask:
-    """Convert ``bench``'s data, pick its sample and write one lm-eval task per part."""
+            seed: int, max_gen_toks: int | None = None, doc_ids: list | None = None) -> PreparedTask:
+    """Convert ``bench``'s data, pick its sample (or take ``doc_ids``) and write one lm-eval task
+    per part."""
     converted = bench.convert(Path(data_dir))
     docs = converted.eval_docs
     strata = bench.strata(docs)
-    indices = _sample(bench, converted, profile.size_for(bench.name), seed, strata)
+    if doc_ids is not None:
+        indices = sorted({int(i) for i in doc_ids})
+        if not indices or indices[0] < 0 or indices[-1] >= len(docs):
+            raise ConfigError(f"{bench.name}: item ids must lie in 0..{len(docs) - 1}")
+    else:
+        indices = _sample(bench, converted, profile.size_for(bench.name), seed, strata)
     builtin = lm_eval_tasks_dir()
     parts = []
     for stratum, doc_ids in _groups(strata, len(docs)):

@@ -54,6 +54,7 @@ class GateConfig:
     bootstrap: int = 1000                    # bootstrap resamples
     on_inconclusive: str = "fail"            # "fail" or "pass"
     max_retries: int = 1
+    adaptive_max_items: int = 800            # inconclusive retention: sample up to this many items (0: off)
     device_budgets: bool = True              # the target's latency/memory/size budgets gate too
 
 

@@ -6,6 +6,7 @@ loading the model, so a finished build reruns without importing torch and says i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -183,9 +184,81 @@ class Pipeline:
         report = gates.evaluate(ev, self.cfg.gates, seed=self.cfg.seed)
         if name == "baseline":
             report = self._baseline_gate(report)
+        elif self._adaptive(run, reference, ev, report):
+            report = gates.evaluate(ev, self.cfg.gates, seed=self.cfg.seed)
         run.gate = report.to_dict()
         run.status = "passed" if report.passed else "failed"
         return run
+
+    # -- adaptive sampling ------------------------------------------------------------------------
+    def _adaptive(self, run: StageRun, reference: StageRun, ev, report) -> bool:
+        """Extend the sample of each task whose retention verdict is inconclusive, round by round
+        (doubling, up to ``gates.adaptive_max_items`` and 4x the profile's sample) until decisive;
+        update ``run.host`` and the
+        evidence in place. Multiple-choice, unstratified tasks only. True when anything changed."""
+        limit = self.cfg.gates.adaptive_max_items
+        if not limit or "host" not in self.req.steps:
+            return False
+        from edgebuild.bench import benchmarks
+        undecided = [c.name.split("/", 1)[1] for c in report.checks
+                     if c.group in ("core", "expert") and c.verdict == gates.INCONCLUSIVE]
+        changed = False
+        for task in undecided:
+            bench = benchmarks.get(task)
+            if bench.strata_key is not None or bench.generation is not None or task not in ev.reference:
+                continue
+            changed |= self._extend(run, reference, ev, task, bench, limit)
+        return changed
+
+    def _extend(self, run, reference, ev, task, bench, limit) -> bool:
+        from edgebuild.bench import adaptive
+        g, res = self.cfg.gates, run.host[task]
+        threshold = (g.core if res.get("kind", "core") == "core" else g.expert).get(run.stage)
+        docs = bench.convert(Path(self.req.data_dir)).eval_docs
+        order = adaptive.extension_order(task, len(docs), [d for d, _ in res["items"]], self.cfg.seed)
+        limit = min(limit, 4 * len(res["items"]))     # at most two doublings past the profile's sample
+        if threshold is None or not order or len(res["items"]) >= limit:
+            return False
+        with self.progress.step(f"more items of {task} for {run.stage} (inconclusive)"):
+            out = adaptive.sample_until_decisive(
+                lambda ids: self._extra_items(run, task, ids), self._reference_items(reference, task),
+                order, threshold=threshold, chance=res["chance"], initial=res["items"],
+                kind=g.retention, confidence=g.confidence, n_boot=g.bootstrap, seed=self.cfg.seed,
+                max_items=limit)
+        run.host[task] = _with_items(res, out.items, bench, docs)
+        ev.host[task] = run.host[task]
+        ev.reference = {**ev.reference, task: _with_items(ev.reference[task], out.baseline_items, bench, docs)}
+        if ev.baseline is reference.host:
+            ev.baseline = ev.reference
+        run.host[task]["adaptive"] = [dataclasses.asdict(r) for r in out.history]
+        return True
+
+    def _reference_items(self, reference: StageRun, task: str):
+        """Reference items by doc id: those it already has, the rest evaluated (and cached)."""
+        known = {int(d): [int(d), c] for d, c in reference.host[task]["items"]}
+
+        def items(ids):
+            missing = [int(i) for i in ids if int(i) not in known]
+            for d, c in self._extra_items(reference, task, missing) if missing else []:
+                known[int(d)] = [int(d), c]
+            return [known[int(i)] for i in ids]
+        return items
+
+    def _extra_items(self, run: StageRun, task: str, ids: list) -> list:
+        """``[[doc_id, correct]]`` of ``run``'s model on the items ``ids`` of ``task`` (cached)."""
+        ids = sorted(int(i) for i in ids)
+        key = digest("host-items", run.keys["pack"], task, ids, self._data_fingerprint(), self.cfg.seed,
+                     code_version("bench"))
+        entry = self.cache.get("hostitems", key)
+        if entry is None:
+            from edgebuild.bench.runner import run_host
+            model, tok = self._model_for(run)
+            with self.cache.build("hostitems", key) as work:
+                res = run_host(model, tok, [task], self.cfg.profile, self.req.data_dir,
+                               self.req.out / "cache" / "data", seed=self.cfg.seed, doc_ids={task: ids})
+                write_json_atomic(work / "items.json", res[task].items)
+            entry = self.cache.path("hostitems", key)
+        return json.loads((entry / "items.json").read_text())
 
     def _baseline_gate(self, report):
         """The baseline is its own reference: only the device budgets can fail it."""
@@ -493,6 +566,15 @@ class Pipeline:
                 st = os.stat(os.path.join(dirpath, f))
                 entries.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
         return digest(sorted(entries))
+
+
+def _with_items(result: dict, items: list, bench, docs: list) -> dict:
+    """A task result carrying ``items`` (sorted by doc id), with score, n and chance recomputed
+    (plain means: adaptive sampling extends unstratified tasks only)."""
+    items = sorted(([int(d), float(c)] for d, c in items), key=lambda item: item[0])
+    chance = sum(bench.chance_of(docs[d]) for d, _ in items) / len(items)
+    return dict(result, items=items, n=len(items), score=sum(c for _, c in items) / len(items),
+                chance=chance, stderr=None)
 
 
 def _raw_records(model) -> list:
