@@ -74,3 +74,66 @@ def test_no_retries_when_configured(tmp_path, monkeypatch):
     res = Pipeline(BuildRequest("tiny-random", "local", cfg, tmp_path / "o", data_dir=tmp_path)).run()
     assert [r.stage for r in res.runs].count("hyper") == 1
     assert res.exit_code == ExitCode.FALLBACK
+
+
+# --- adaptive sampling in the gate step ------------------------------------------------------------
+
+def _adaptive_case(tmp_path, monkeypatch, stage_correct):
+    """ARC-Easy from the data dir; the reference answers 60 % of items right, the stage
+    ``stage_correct(doc_id, reference_correct)``. Returns (report before, report after, calls)."""
+    import numpy as np
+
+    from edgebuild.build import gates
+    from tests.conftest import DATA_DIR
+
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"benchmark data not found at {DATA_DIR}")
+    rng = np.random.default_rng(1)
+    truth = {d: float(rng.random() < 0.6) for d in range(3000)}
+    calls = []
+
+    def fake_items(self, run, task, ids):
+        calls.append((run.stage, len(ids)))
+        ref = run.stage == "baseline"
+        return [[int(d), truth[d] if ref else stage_correct(d, truth[d])] for d in sorted(ids)]
+    monkeypatch.setattr(Pipeline, "_extra_items", fake_items)
+    req = BuildRequest(model="tiny-random", target="local", config=load_config(None),
+                       out=tmp_path / "out", data_dir=DATA_DIR)
+    pipe = Pipeline(req)
+    first = list(range(0, 400, 2))
+    base = StageRun("baseline", "raw", {}, 0, None, keys={"pack": "b"})
+    stage = StageRun("seedlm", "seedlm", {}, 0, "baseline", keys={"pack": "s"})
+    base.host = {"arc_easy": {"kind": "core", "score": 0.6, "n": 200, "chance": 0.25,
+                              "items": [[d, truth[d]] for d in first]}}
+    stage.host = {"arc_easy": {"kind": "core", "score": 0.6, "n": 200, "chance": 0.25,
+                               "items": [[d, stage_correct(d, truth[d])] for d in first]}}
+    ev = gates.StageEvidence("seedlm", stage.host, base.host, base.host)
+    before = gates.evaluate(ev, pipe.cfg.gates)
+    changed = pipe._adaptive(stage, base, ev, before)
+    return before, gates.evaluate(ev, pipe.cfg.gates), changed, calls, stage
+
+
+def _check(report, name):
+    return next(c for c in report.checks if c.name == name)
+
+
+def test_inconclusive_retention_samples_more_items_until_decisive(tmp_path, monkeypatch):
+    # the stage answers 15 % of items the other way (both directions): retention ~0.91 against
+    # 0.98, but 200 items leave an interval that reaches 0.98
+    import numpy as np
+    flip = np.random.default_rng(7).random(3000) < 0.15
+    before, after, changed, calls, stage = _adaptive_case(
+        tmp_path, monkeypatch, lambda d, c: 1.0 - c if flip[d] else c)
+    assert _check(before, "core/arc_easy").verdict == "inconclusive"
+    assert changed and calls                                   # both sides were evaluated further
+    assert {s for s, _ in calls} == {"seedlm", "baseline"}
+    assert 200 < stage.host["arc_easy"]["n"] <= 800             # at most 4x the profile's sample
+    assert len(stage.host["arc_easy"]["adaptive"]) >= 2
+    assert _check(after, "core/arc_easy").detail.endswith(f"n={stage.host['arc_easy']['n']}")
+    assert _check(after, "core/arc_easy").verdict == "fail"               # decided on more items
+
+
+def test_decisive_retention_samples_nothing_more(tmp_path, monkeypatch):
+    before, _, changed, calls, _ = _adaptive_case(tmp_path, monkeypatch, lambda d, c: c)
+    assert _check(before, "core/arc_easy").verdict == "pass"
+    assert not changed and not calls
