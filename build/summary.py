@@ -104,3 +104,23 @@ def _verdict(r) -> str:
         return f"{r['status']} ({r['note']})"
     dev = "" if r["device"] in (None, "ok") else f", device {r['device']}"
     return f"{r['status']}{dev}"
+
+
+def print_benchmarks(result, confidence: float = 0.95) -> None:
+    """One row per benchmark of the baseline: kind, metric, score, n, bootstrap interval, chance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgebuild.bench.stats import mean_interval
+    base = _baseline(result)
+    table = Table(title=f"benchmarks: {result.model_ref.spec} (profile {result.config.profile})")
+    for col in ("benchmark", "kind", "metric", "score", "n", f"{confidence:.0%} interval", "chance"):
+        table.add_column(col, justify="left" if col in ("benchmark", "kind", "metric") else "right")
+    for task, r in (base.host if base else {}).items():
+        values = [c for _, c in r.get("items", [])]
+        lo, hi = mean_interval(values, confidence) if len(values) > 1 else (None, None)
+        table.add_row(task, str(r.get("kind", "")), str(r.get("metric", "")), _fmt(r.get("score"), ".4f"),
+                      str(r.get("n", len(values))), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]",
+                      _fmt(r.get("chance"), ".3f"))
+    import sys
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -11,11 +11,11 @@ from edgebuild.build.errors import ExitCode
 
 
 def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
-             steps=None, stages=None):
+             steps=None, stages=None, tasks=None):
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
     from edgebuild.build.progress import Progress
-    cfg = load_config(config_path, profile=profile, stages=stages)
+    cfg = load_config(config_path, profile=profile, stages=stages, tasks=tasks)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
                         from_stage=from_stage, steps=steps or STEPS, progress=Progress())
 
@@ -92,11 +92,31 @@ deploy_cmd = _partial("deploy", ("pack", "export", "device"), "Compress and expo
 
 @click.command("bench")
 @build_options
-def bench_cmd(model, target, config_path, profile, data_dir, out, as_json):
-    """Benchmark the model as it is (no compression) on the host and print each task's score."""
-    req = _request(model, target, config_path, profile, data_dir, out, steps=("pack", "host"), stages=["baseline"])
-    _run(req, as_json, manifest=False)
+@click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every core and expert "
+                                            "benchmark); default: the config's tasks.")
+def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, tasks):
+    """Benchmark the model as it is (no compression) on the host and print each benchmark's score,
+    n, bootstrap interval and chance level."""
+    from edgebuild.build.pipeline import Pipeline
+    from edgebuild.build import summary
+    req = _request(model, target, config_path, profile, data_dir, out, steps=("pack", "host"),
+                   stages=["baseline"], tasks=_tasks_option(tasks))
+    result = Pipeline(req).run()
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(result), indent=2, default=str))
+    else:
+        summary.print_benchmarks(result, req.config.gates.confidence)
     return 0
+
+
+def _tasks_option(value):
+    if value is None:
+        return None
+    from edgebuild.bench import benchmarks
+    names = benchmarks.names() if value.strip() == "all" else [t.strip() for t in value.split(",") if t.strip()]
+    for name in names:
+        benchmarks.get(name)             # unknown names: ConfigError with a did-you-mean
+    return names
 
 
 @click.command("gate")
