@@ -197,8 +197,8 @@ class Pipeline:
         update ``run.host`` and the
         evidence in place. Multiple-choice, unstratified tasks only. True when anything changed."""
         limit = self.cfg.gates.adaptive_max_items
-        if not limit or "host" not in self.req.steps:
-            return False
+        if not limit or "host" not in self.req.steps or report.critical:
+            return False                     # a critical failure is decided whatever more items say
         from edgebuild.bench import benchmarks
         undecided = [c.name.split("/", 1)[1] for c in report.checks
                      if c.group in ("core", "expert") and c.verdict == gates.INCONCLUSIVE]
