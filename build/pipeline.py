@@ -219,12 +219,12 @@ class Pipeline:
         limit = min(limit, 4 * len(res["items"]))     # at most two doublings past the profile's sample
         if threshold is None or not order or len(res["items"]) >= limit:
             return False
-        with self.progress.step(f"more items of {task} for {run.stage} (inconclusive)"):
-            out = adaptive.sample_until_decisive(
-                lambda ids: self._extra_items(run, task, ids), self._reference_items(reference, task),
-                order, threshold=threshold, chance=res["chance"], initial=res["items"],
-                kind=g.retention, confidence=g.confidence, n_boot=g.bootstrap, seed=self.cfg.seed,
-                max_items=limit)
+        self.progress.note(f"[{run.stage}] {task}: retention inconclusive, sampling more items")
+        out = adaptive.sample_until_decisive(
+            lambda ids: self._extra_items(run, task, ids), self._reference_items(reference, task),
+            order, threshold=threshold, chance=res["chance"], initial=res["items"],
+            kind=g.retention, confidence=g.confidence, n_boot=g.bootstrap, seed=self.cfg.seed,
+            max_items=limit)
         run.host[task] = _with_items(res, out.items, bench, docs)
         ev.host[task] = run.host[task]
         ev.reference = {**ev.reference, task: _with_items(ev.reference[task], out.baseline_items, bench, docs)}
@@ -253,9 +253,11 @@ class Pipeline:
         if entry is None:
             from edgebuild.bench.runner import run_host
             model, tok = self._model_for(run)
-            with self.cache.build("hostitems", key) as work:
+            with self.cache.build("hostitems", key) as work, \
+                    self.progress.step(f"{len(ids)} more items of {task} ({run.stage})") as update:
                 res = run_host(model, tok, [task], self.cfg.profile, self.req.data_dir,
-                               self.req.out / "cache" / "data", seed=self.cfg.seed, doc_ids={task: ids})
+                               self.req.out / "cache" / "data", seed=self.cfg.seed, doc_ids={task: ids},
+                               progress=update)
                 write_json_atomic(work / "items.json", res[task].items)
             entry = self.cache.path("hostitems", key)
         return json.loads((entry / "items.json").read_text())
