@@ -55,7 +55,27 @@ def device_scores(device: dict) -> dict | None:
     if not device or not device.get("scores"):
         return None
     return {"profile": device.get("profile"), "agreement": device.get("agreement"),
-            "tasks": {t: {"score": r["score"], "n": r["n"]} for t, r in sorted(device["scores"].items())}}
+            "tasks": {t: {"score": r["score"], "n": r["n"],
+                          "host_score": (device.get("host_scores") or {}).get(t)}
+                      for t, r in sorted(device["scores"].items())}}
+
+
+def eudaimonia(run) -> dict:
+    """The stage's eudaimonia result: overall score, per-rule scores and n."""
+    r = run.host.get("eudaimonia")
+    if not r:
+        return {"measured": False, "reason": "not scored in this build (build.eudaimonia = false)"}
+    return {"measured": True, "score": r["score"], "rules": r.get("rules", {}), "n": r.get("n")}
+
+
+def edge_of_chaos(run) -> dict:
+    """The stage's edge-of-chaos check (accuracy band on ``build.edge_task``), from its gate."""
+    check = next((c for c in (run.gate or {}).get("checks", []) if c.get("group") == "edge"), None)
+    if check is None:
+        return {"measured": False, "reason": "no build.edge_task configured"}
+    return {"measured": check["verdict"] != "not_run", "task": check["name"].split("/", 1)[-1],
+            "accuracy": check.get("value"), "ci": check.get("ci"), "verdict": check["verdict"],
+            "detail": check.get("detail")}
 
 
 def stage_summary(run, base) -> dict:
@@ -70,6 +90,7 @@ def stage_summary(run, base) -> dict:
         "scores": _scores(run), "retention_vs_baseline": _retention(run, base) if base else {},
         "quality": run.quality, "export_check": run.verify, "latency": latency(run.device),
         "device_scores": device_scores(run.device),
+        "eudaimonia": eudaimonia(run), "edge_of_chaos": edge_of_chaos(run),
         "gate": run.gate,
     }
 
@@ -125,8 +146,8 @@ def build_manifest(result) -> dict:
                        "final": {t: r["score"] for t, r in core.items()},
                        "retention": {t: v for t, v in _retention(shipped, base).items() if t in core}},
         "expert_benchmarks": {t: {"score": r["score"], "n": r["n"]} for t, r in expert.items()},
-        "edge_of_chaos": {"measured": False, "reason": "not part of the configured benchmark set"},
-        "eudaimonia": {"measured": False, "reason": "not part of the configured benchmark set"},
+        "edge_of_chaos": edge_of_chaos(shipped),
+        "eudaimonia": eudaimonia(shipped),
         "quality_gates": {"passed": shipped.status == "passed",
                           "retries": sum(1 for r in result.runs if r.attempt > 0),
                           "checks": gate.get("checks", []), "reasons": gate.get("reasons", [])},

@@ -469,9 +469,10 @@ class Pipeline:
         scores = {t: r.to_dict() for t, r in dev.results.items()}
         both = {t: {i[0] for i in run.host[t]["items"]} & {i[0] for i in scores[t]["items"]} for t in tasks}
         pick = lambda items, t: [i for i in items if i[0] in both[t]]  # noqa: E731
+        host = {t: pick(run.host[t]["items"], t) for t in tasks}
         return {"scores": scores, "profile": self._device_profile(),
-                "agreement": agreement({t: pick(run.host[t]["items"], t) for t in tasks},
-                                       {t: pick(scores[t]["items"], t) for t in tasks})}
+                "host_scores": {t: sum(c for _, c in host[t]) / len(host[t]) for t in tasks if host[t]},
+                "agreement": agreement(host, {t: pick(scores[t]["items"], t) for t in tasks})}
 
     def _device_profile(self) -> str:
         """The device's profile, never larger than the host's: its items are a subset of the host's."""

@@ -68,7 +68,7 @@ def _device_section(manifest: dict) -> list:
         agree = dev.get("agreement") or {}
         for task, d in dev["tasks"].items():
             a = (agree.get("tasks") or {}).get(task, {})
-            rows.append(f"| {st['stage']}#{st['attempt']} | {task} | {_f(st['scores'].get(task), '.3f')} | "
+            rows.append(f"| {st['stage']}#{st['attempt']} | {task} | {_f(d.get('host_score'), '.3f')} | "
                         f"{d['score']:.3f} (n={d['n']}, {dev.get('profile')}) | "
                         f"{_f(a.get('same_prediction'), '.3f')} | {_f(a.get('max_loglik_diff'), '.2e')} |")
     if not rows:
@@ -76,5 +76,5 @@ def _device_section(manifest: dict) -> list:
     return ["## Host and device", "",
             "Device scores come from the agent (onnxruntime on the target) on the first items of the "
             "host's seeded sample; agreement is over the items both scored.", "",
-            "| stage | task | host score | device score | same prediction | max log-lik diff |",
+            "| stage | task | host score (same items) | device score | same prediction | max log-lik diff |",
             "|---|---|---|---|---|---|", *rows, ""]

@@ -163,14 +163,14 @@ def _latency(m: dict) -> str:
 
 def _device_scores(m: dict) -> str:
     """Each stage's host and device scores side by side, with their agreement."""
-    header = ["stage", "task", "host score", "device score", "device n", "same prediction", "max log-lik diff"]
+    header = ["stage", "task", "host score (same items)", "device score", "n", "same prediction", "max log-lik diff"]
     rows = []
     for st in m.get("stages", []):
         dev = st.get("device_scores") or {}
         agree = (dev.get("agreement") or {}).get("tasks") or {}
         for task, d in (dev.get("tasks") or {}).items():
             a = agree.get(task, {})
-            rows.append([e(label(st)), e(task), num((st.get("scores") or {}).get(task)), num(d.get("score")),
+            rows.append([e(label(st)), e(task), num(d.get("host_score")), num(d.get("score")),
                          e(d.get("n")), num(a.get("same_prediction")), num(a.get("max_loglik_diff"), ".2e")])
     if not rows:
         return tag("p", "The device scored no benchmarks in this build.", "muted")

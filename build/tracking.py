@@ -66,7 +66,8 @@ def _flatten(prefix: str, obj, out: dict) -> None:
 def _measured(manifest: dict, st: dict, key: str):
     """A stage's ``edge_of_chaos``/``eudaimonia`` section; the build-level one belongs to the shipped stage."""
     section = st.get(key)
-    if section is None and st["stage"] == manifest.get("compression_level"):
+    unmeasured = not isinstance(section, dict) or section.get("measured") is False
+    if unmeasured and st["stage"] == manifest.get("compression_level"):
         section = manifest.get(key)
     if not isinstance(section, dict) or section.get("measured") is False:
         return None
@@ -77,6 +78,8 @@ def stage_metrics(manifest: dict, st: dict, kinds: dict) -> dict:
     """The metrics of one stage attempt, named ``{stage}/...``."""
     s, out = st["stage"], {}
     for task, score in sorted((st.get("scores") or {}).items()):
+        if task == "eudaimonia":          # logged under {stage}/eudaimonia/... below
+            continue
         out[f"{s}/{kinds.get(task, 'core')}/{task}"] = score
         ret = (st.get("retention_vs_baseline") or {}).get(task)
         if ret is not None:
