@@ -418,7 +418,7 @@ class Pipeline:
         return quality.compare(model, tok, texts, np.load(entry / "ref.npy"))
 
     def _device(self, run: StageRun) -> None:
-        key = digest("device", run.keys["pack"], run.keys["graph"], self.target.digest(),
+        key = digest("device", 2, run.keys["pack"], run.keys["graph"], self.target.digest(),
                      self._device_tasks(), self._device_profile(), self.cfg.seed,
                      code_version("device_agent", "targets"),
                      code_version("bench") if self._device_tasks() else None)
