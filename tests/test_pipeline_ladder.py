@@ -84,7 +84,7 @@ def _adaptive_case(tmp_path, monkeypatch, stage_correct):
     import numpy as np
 
     from edgebuild.build import gates
-    from tests.conftest import DATA_DIR
+    from conftest import DATA_DIR
 
     if not DATA_DIR.is_dir():
         pytest.skip(f"benchmark data not found at {DATA_DIR}")
