@@ -444,8 +444,13 @@ class Pipeline:
         version = digest(run.keys["pack"], run.keys["graph"])[:16]
         rt = self.target.runtime
         t = self.target.timing
+        with self.progress.step(f"upload {run.stage}") as update:
+            self._transport.progress = update
+            try:
+                deploy_stage(client, self._transport, run.stage, version, files)
+            finally:
+                self._transport.progress = None
         with self.progress.step(f"device {run.stage}"):
-            deploy_stage(client, self._transport, run.stage, version, files)
             client.load(run.stage, version, threads=rt.threads)
             samples = client.time(prompt_len=t.prompt_len, decode_tokens=t.decode_tokens,
                                   warmup=t.warmup, repeats=t.repeats)

@@ -333,8 +333,12 @@ class SSHTransport(Transport):
             src.seek(offset)
             dst.seek(offset)
             dst.set_pipelined(True)
+            done = offset
             for block in iter(lambda: src.read(CHUNK_BYTES), b""):
                 dst.write(block)
+                done += len(block)
+                if self.progress is not None:
+                    self.progress(done, size)
         have = sftp.stat(tmp).st_size
         if have != size:
             raise OSError(f"{tmp} holds {have} bytes after the transfer, expected {size}")

@@ -27,6 +27,8 @@ transports.register_lazy("ssh", "edgebuild.targets.ssh:from_target")
 class Transport(ABC):
     """A way to start the agent on a device and to put files there."""
 
+    progress = None    # callable(done_bytes, total_bytes) during an upload, when set
+
     @abstractmethod
     def open(self) -> tuple[BinaryIO, BinaryIO]:
         """Start the agent; return ``(stdin, stdout)``: a writable and a readable byte stream.
