@@ -44,8 +44,10 @@ test-gpu: setup
 smoke: setup
 	$(BIN)/edgebuild all --model tiny-random --target local --profile smoke --data-dir $(DATA_DIR) --out $(OUT)/smoke
 
+# Exit codes 10 (a less compressed stage shipped) and 11 (the baseline shipped) are results, not errors.
 demo: setup model
-	$(BIN)/edgebuild all --model smollm2-135m --target $(TARGET) --config configs/demo.toml --data-dir $(DATA_DIR) --out $(OUT)/demo
+	$(BIN)/edgebuild all --model smollm2-135m --target $(TARGET) --config configs/demo.toml --data-dir $(DATA_DIR) --out $(OUT)/demo; \
+	  rc=$$?; if [ $$rc -eq 10 ] || [ $$rc -eq 11 ]; then echo "demo finished: exit code $$rc (see out/demo/$(TARGET)/report.html)"; exit 0; fi; exit $$rc
 
 # Every compression method next to rtn at matching bits/weight, on the default model, in one run.
 bench-compress: setup model
