@@ -22,6 +22,8 @@ CONFIGS = [
     ("rtn 4b g128", "rtn", {"bits": 4, "group_size": 128}, ""),
     ("seedlm C8 P3", "seedlm", {}, ""),
     ("vptq v2 8b, 1% fp16 cols", "vptq", {}, ""),
+    ("rtn 4b g64", "rtn", {"bits": 4, "group_size": 64}, ""),
+    ("vptq v2 8b, 3% fp16 cols", "vptq", {"outlier_fraction": 0.03}, ""),
     ("rtn 3b g128", "rtn", {"bits": 3, "group_size": 128}, ""),
     ("seedlm C12 P4", "seedlm", {"block_size": 12, "latent_dim": 4}, ""),
     ("vptq v4 8+4b, 1% fp16 cols", "vptq", {"vector_len": 4, "residual_codebook_bits": 4}, ""),
