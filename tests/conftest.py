@@ -5,3 +5,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", REPO.parent / "shared" / "data"))
 TOKENIZER_DIR = REPO / "build" / "assets" / "smollm2-tokenizer"
+
+
+def tiny_llama(tokenizer_dir=TOKENIZER_DIR):
+    """A seeded 2-layer random LLaMA with the real SmolLM2 tokenizer: ``(model, tokenizer)``."""
+    import pytest
+
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 tokenizer files not found")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128,
+                         vocab_size=len(tokenizer), tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval(), tokenizer

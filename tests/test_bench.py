@@ -12,7 +12,7 @@ from edgebuild.bench.base import Benchmark
 from edgebuild.bench.profiles import PROFILES, allocate, get_profile, sample_indices, task_rng
 from edgebuild.build.errors import ConfigError, DataError
 
-from conftest import DATA_DIR  # noqa: E402
+from conftest import DATA_DIR, tiny_llama  # noqa: E402
 needs_data = pytest.mark.skipif(
     not DATA_DIR.is_dir(),
     reason=f"benchmark data dir {DATA_DIR} not found (set EDGEBUILD_DATA_DIR)")
@@ -28,18 +28,7 @@ def _tokenizer_dir() -> Path | None:
 @pytest.fixture(scope="module")
 def tiny_model():
     """A seeded 2-layer random LLaMA with the real SmolLM2 tokenizer."""
-    directory = _tokenizer_dir()
-    if directory is None:
-        pytest.skip("SmolLM2 tokenizer files not found")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128,
-                         vocab_size=len(tokenizer), tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(_tokenizer_dir())
 
 
 @pytest.fixture(scope="module")

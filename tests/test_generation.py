@@ -14,7 +14,7 @@ from edgebuild.bench.data import lm_eval_tasks_dir, read_jsonl
 from edgebuild.bench.profiles import PROFILES, get_profile, sample_indices
 from edgebuild.bench.sandbox import run_programs
 
-from conftest import DATA_DIR, TOKENIZER_DIR  # noqa: E402
+from conftest import DATA_DIR, TOKENIZER_DIR, tiny_llama  # noqa: E402
 
 GENERATION = ("gsm8k", "humaneval", "humaneval_pass10", "mbpp", "math")
 
@@ -48,17 +48,7 @@ def tasks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model():
     """A seeded 2-layer random LLaMA with the real SmolLM2 tokenizer."""
-    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
-        pytest.skip("SmolLM2 tokenizer files not found")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128,
-                         vocab_size=len(tokenizer), tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama()
 
 
 # ----------------------------------------------------------------------------- registry, profiles
