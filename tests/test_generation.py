@@ -14,7 +14,7 @@ from edgebuild.bench.data import lm_eval_tasks_dir, read_jsonl
 from edgebuild.bench.profiles import PROFILES, get_profile, sample_indices
 from edgebuild.bench.sandbox import run_programs
 
-from conftest import DATA_DIR, TOKENIZER_DIR, tiny_llama  # noqa: E402
+from conftest import DATA_DIR, tiny_llama  # noqa: E402
 
 GENERATION = ("gsm8k", "humaneval", "humaneval_pass10", "mbpp", "math")
 
