@@ -50,6 +50,26 @@ def _z(m0, m1, m2, m3, tri_ptr, k0, k1, k2, k3, s_off, two_e, P: tl.constexpr, p
     return z * two_e
 
 @triton.jit
+def _project(w_ptr, rows, row_ok, proj_ptr, s_off, n_seeds, C: tl.constexpr, P: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``y'_p = sum_c w_c (-2 Q)_cp`` for p < P (the others stay 0), as ``(BLOCK_N, BLOCK_S)`` tiles."""
+    y0 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    y1 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    y2 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    y3 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    for c in tl.static_range(C):
+        w = tl.load(w_ptr + rows * C + c, mask=row_ok, other=0.0)[:, None]
+        y0 += w * tl.load(proj_ptr + (c * P) * n_seeds + s_off)[None, :]
+        if P > 1:
+            y1 += w * tl.load(proj_ptr + (c * P + 1) * n_seeds + s_off)[None, :]
+        if P > 2:
+            y2 += w * tl.load(proj_ptr + (c * P + 2) * n_seeds + s_off)[None, :]
+        if P > 3:
+            y3 += w * tl.load(proj_ptr + (c * P + 3) * n_seeds + s_off)[None, :]
+    return y0, y1, y2, y3
+
+
+@triton.jit
 def search_kernel(w_ptr, proj_ptr, tri_ptr, solve_ptr, best_ptr, index_ptr,
                   n_rows, n_seeds, lo_bits, hi_bits,
                   C: tl.constexpr, P: tl.constexpr,
@@ -63,19 +83,7 @@ def search_kernel(w_ptr, proj_ptr, tri_ptr, solve_ptr, best_ptr, index_ptr,
     # offsets of R's upper-triangle terms, row-major: k(p, q) = p*P - p*(p-1)/2 + q - p
     for start in range(0, n_seeds, BLOCK_S):
         s_off = start + cols
-        y0 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
-        y1 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
-        y2 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
-        y3 = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
-        for c in tl.static_range(C):
-            w = tl.load(w_ptr + rows * C + c, mask=row_ok, other=0.0)[:, None]
-            y0 += w * tl.load(proj_ptr + (c * P) * n_seeds + s_off)[None, :]
-            if P > 1:
-                y1 += w * tl.load(proj_ptr + (c * P + 1) * n_seeds + s_off)[None, :]
-            if P > 2:
-                y2 += w * tl.load(proj_ptr + (c * P + 2) * n_seeds + s_off)[None, :]
-            if P > 3:
-                y3 += w * tl.load(proj_ptr + (c * P + 3) * n_seeds + s_off)[None, :]
+        y0, y1, y2, y3 = _project(w_ptr, rows, row_ok, proj_ptr, s_off, n_seeds, C, P, BLOCK_N, BLOCK_S)
         zero = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
         # back substitution, p = P-1 .. 0; k(p, q) for P <= 4 written out
         t3 = zero
