@@ -43,8 +43,13 @@ def _record(result, junit, wandb_mode):
     write_reports(result, path)
     write_html_report(result.out_dir)
     if junit is not None:
+        from edgebuild.build.errors import UsageError
         from edgebuild.build.junit import write_junit
-        write_junit(json.loads(path.read_text()), junit)
+        try:
+            write_junit(json.loads(path.read_text()), junit)
+        except OSError as e:
+            raise UsageError(f"cannot write the JUnit file {junit}: {e.strerror or e}",
+                             hint=f"pass a writable --junit path; the build's records are in {path.parent}") from None
     from edgebuild.build.tracking import log_build, resolve_mode
     if resolve_mode(wandb_mode) != "disabled":
         log_build(path, mode=wandb_mode)
