@@ -11,9 +11,12 @@ score counts, and the YAML keys that replace the built-in's (e.g. the code-execu
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 KINDS = ("core", "expert")
 LOGLIKELIHOOD_METRICS = ("acc", "acc_norm")
@@ -122,6 +125,17 @@ class Benchmark:
         if self.strata_key is None:
             return None
         return [doc[self.strata_key] for doc in docs]
+
+
+def hold_out(docs: list[dict], count: int, name: str) -> Converted:
+    """Documents of a benchmark that ships one split only: ``count`` of them, a fixed draw seeded
+    by ``name``, become the few-shot pool and leave the evaluated set (which keeps file order)."""
+    if count >= len(docs):
+        raise ValueError(f"{name}: cannot hold out {count} of {len(docs)} documents")
+    rng = np.random.default_rng(zlib.crc32(f"{name}/fewshot".encode("utf-8")))
+    held = sorted(int(i) for i in rng.permutation(len(docs))[:count])
+    chosen = set(held)
+    return Converted([d for i, d in enumerate(docs) if i not in chosen], [docs[i] for i in held])
 
 
 def uniform_chance(choices_key: str) -> Callable[[dict], float]:

@@ -238,7 +238,9 @@ def write_task(task_dir: Path, task_name: str, builtin_yaml: Path, eval_docs: li
     """Write the JSONL files and ``<task_dir>/<task_name>.yaml`` for one lm-eval task.
 
     Few-shot documents go to a ``dev`` split, or (``inline_fewshot``) into the YAML's
-    ``fewshot_config.samples``, taken in order.
+    ``fewshot_config.samples``; either way lm-eval takes them in order (``first_n``), so every
+    item gets the same examples and the prompt's few-shot part is a prefix shared by all items
+    (the host scorer computes it once). The caller chooses which examples (a seeded draw).
     """
     if not builtin_yaml.is_file():
         raise DataError(f"lm-eval has no built-in task file {builtin_yaml}",
@@ -250,6 +252,7 @@ def write_task(task_dir: Path, task_name: str, builtin_yaml: Path, eval_docs: li
                                        "sampler": "first_n", "samples": list(fewshot_docs)}
     elif fewshot_docs:
         data_files[FEWSHOT_SPLIT] = write_jsonl(fewshot_docs, cache_dir)
+        overrides["fewshot_config"] = {**overrides.get("fewshot_config", {}), "sampler": "first_n"}
     config = task_config(task_name, builtin_yaml, data_files, num_fewshot, cache_dir,
                          overrides, inline)
     path = Path(task_dir) / f"{task_name}.yaml"

@@ -26,7 +26,7 @@ from edgebuild.bench import benchmarks
 from edgebuild.bench.base import Benchmark, Converted
 from edgebuild.bench.codeexec import FILTER_NAME, summarize
 from edgebuild.bench.data import lm_eval_tasks_dir, read_task_yaml, write_task
-from edgebuild.bench.profiles import Profile, get_profile, sample_indices
+from edgebuild.bench.profiles import Profile, get_profile, sample_indices, task_rng
 from edgebuild.build.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
             continue
         suffix = f"_{stratum}" if stratum is not None else ""
         part = TaskPart(f"{TASK_PREFIX}{bench.name}{suffix}", doc_ids, selected)
-        fewshot = [d for d in converted.fewshot_docs
-                   if stratum is None or d[bench.strata_key] == stratum]
+        fewshot = _fewshot(bench, [d for d in converted.fewshot_docs
+                                   if stratum is None or d[bench.strata_key] == stratum],
+                           part.task_name, seed)
         yaml_path = builtin / bench.lm_eval_yaml.format(stratum=stratum)
         write_task(task_dir, part.task_name, yaml_path, [docs[i] for i in doc_ids], fewshot,
                    bench.num_fewshot, cache_dir, _overrides(bench, yaml_path, max_gen_toks),
@@ -151,6 +152,16 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
     log.info("%s: %d of %d items in %d lm-eval task(s)", bench.name, len(indices), len(docs),
              len(parts))
     return PreparedTask(bench, docs, parts)
+
+
+def _fewshot(bench: Benchmark, pool: list[dict], task_name: str, seed: int) -> list[dict]:
+    """The examples every item of a task gets: the whole pool when it holds no more than the
+    task's shot count (MMLU's five dev questions per subject, in order), else a seeded draw of
+    ``num_fewshot`` of them (ARC-Challenge: 25 of 1,119 train questions)."""
+    if bench.inline_fewshot or len(pool) <= bench.num_fewshot:
+        return pool
+    order = task_rng(f"{task_name}/fewshot", seed).permutation(len(pool))[:bench.num_fewshot]
+    return [pool[int(i)] for i in order]
 
 
 def _sample(bench: Benchmark, converted: Converted, size: int | None, seed: int,

@@ -63,6 +63,7 @@ class BuildConfig:
     stages: list = field(default_factory=lambda: list(LADDER))
     profile: str = "reduced"
     tasks: list = field(default_factory=lambda: ["arc_easy", "piqa"])
+    experts: list = field(default_factory=lambda: ["general"])  # the model's expert domains
     device_tasks: list | None = None  # tasks the device scores too (None: all of tasks; [] none)
     device_profile: str = "reduced"   # items the device scores (a subset of the host's with the same seed)
     eudaimonia: bool = True           # score the eudaimonia scenarios on every stage
@@ -94,6 +95,7 @@ class BuildConfig:
         if self.edge_task and self.edge_task not in self.tasks:
             raise ConfigError(f"{where}: build.edge_task = {self.edge_task!r} is not one of build.tasks "
                               f"({', '.join(self.tasks)})")
+        _check_experts(where, self.experts)
         _choice(where, "gates.retention", self.gates.retention, RETENTION_KINDS)
         _choice(where, "gates.on_inconclusive", self.gates.on_inconclusive, ("fail", "pass"))
         for name in self.stages[1:]:
@@ -126,6 +128,16 @@ class BuildConfig:
                 raise ConfigError(f"{where}: gates.{key} must be a number in [0, 1], got {value!r}")
         if not isinstance(g.max_retries, int) or not 0 <= g.max_retries <= 5:
             raise ConfigError(f"{where}: gates.max_retries must be an integer 0..5, got {g.max_retries!r}")
+
+
+def _check_experts(where: str, experts) -> None:
+    from edgebuild.bench.suite import check_domains
+    if not isinstance(experts, list):
+        raise ConfigError(f"{where}: build.experts must be a list of expert domains, got {experts!r}")
+    try:
+        check_domains(experts)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _choice(where: str, key: str, value, allowed) -> None:

@@ -123,6 +123,8 @@ def _place(src: Path, dst: Path, root: Path) -> dict:
 
 
 def build_manifest(result) -> dict:
+    from edgebuild.bench.suite import NOT_RUNNABLE, check_domains, expert_benchmarks
+
     runs = final_runs(result)
     base = runs.get("baseline")
     shipped = runs[result.shipped]
@@ -145,7 +147,10 @@ def build_manifest(result) -> dict:
         "benchmarks": {"baseline": {t: base.host[t]["score"] for t in core} if base else {},
                        "final": {t: r["score"] for t, r in core.items()},
                        "retention": {t: v for t, v in _retention(shipped, base).items() if t in core}},
-        "expert_benchmarks": {t: {"score": r["score"], "n": r["n"]} for t, r in expert.items()},
+        "expert_benchmarks": _experts(expert, shipped, base),
+        "expert_domains": check_domains(result.config.experts),
+        "unavailable_benchmarks": {n: NOT_RUNNABLE[n] for n in expert_benchmarks(result.config.experts)
+                                   if n in NOT_RUNNABLE},
         "edge_of_chaos": edge_of_chaos(shipped),
         "eudaimonia": eudaimonia(shipped),
         "quality_gates": {"passed": shipped.status == "passed",
@@ -160,6 +165,14 @@ def build_manifest(result) -> dict:
         "artifacts": artifacts,
         "profile": result.config.profile, "tasks": result.config.tasks,
     }
+
+
+def _experts(expert: dict, shipped, base) -> dict:
+    """Score, n, baseline score and retention of each expert benchmark of the shipped stage."""
+    retention = _retention(shipped, base)
+    return {t: {"score": r["score"], "n": r["n"],
+                "baseline": base.host[t]["score"] if base and t in base.host else None,
+                "retention": retention.get(t)} for t, r in expert.items()}
 
 
 def _device_ok(run) -> bool:

@@ -106,8 +106,9 @@ def _verdict(r) -> str:
     return f"{r['status']}{dev}"
 
 
-def print_benchmarks(result, confidence: float = 0.95) -> None:
-    """One row per benchmark of the baseline: kind, metric, score, n, bootstrap interval, chance."""
+def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None = None) -> None:
+    """One row per benchmark of the baseline: kind, metric, score, n, bootstrap interval, chance;
+    then one row per benchmark that could not run (``unavailable``: name -> reason)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -116,11 +117,16 @@ def print_benchmarks(result, confidence: float = 0.95) -> None:
     table = Table(title=f"benchmarks: {result.model_ref.spec} (profile {result.config.profile})")
     for col in ("benchmark", "kind", "metric", "score", "n", f"{confidence:.0%} interval", "chance"):
         table.add_column(col, justify="left" if col in ("benchmark", "kind", "metric") else "right")
-    for task, r in (base.host if base else {}).items():
+    order = {"core": 0, "expert": 1}
+    rows = sorted((base.host if base else {}).items(), key=lambda kv: (order.get(kv[1].get("kind"), 2), kv[0]))
+    for task, r in rows:
         values = [c for _, c in r.get("items", [])]
         lo, hi = mean_interval(values, confidence) if len(values) > 1 else (None, None)
         table.add_row(task, str(r.get("kind", "")), str(r.get("metric", "")), _fmt(r.get("score"), ".4f"),
                       str(r.get("n", len(values))), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]",
                       _fmt(r.get("chance"), ".3f"))
     import sys
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for name, reason in (unavailable or {}).items():
+        console.print(f"{name}: unavailable: {reason}", markup=False, highlight=False)

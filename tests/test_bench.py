@@ -49,7 +49,7 @@ def test_registry_lists_the_benchmarks():
         bench = benchmarks.get(name)
         assert isinstance(bench, Benchmark) and bench.name == name
     assert benchmarks.get("arc_easy").metric == "acc_norm"
-    assert benchmarks.get("mmlu").num_fewshot == 5 and benchmarks.get("mmlu").kind == "expert"
+    assert benchmarks.get("mmlu").num_fewshot == 5 and benchmarks.get("mmlu").kind == "core"
 
 
 def test_unknown_benchmark_suggests_a_name():
@@ -69,8 +69,8 @@ def test_builtin_yaml_exists_for_every_benchmark(converted):
 
 # ----------------------------------------------------------------------------- converters
 
-SIZES = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042,
-         "winogrande": 1267, "boolq": 3270, "lambada_openai": 5153, "mmlu": 14042,
+SIZES = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10032,
+         "winogrande": 1262, "boolq": 3270, "lambada_openai": 5153, "mmlu": 14042,
          "truthfulqa_mc1": 817, "truthfulqa_mc2": 817}
 FIELDS = {
     "arc_easy": {"id", "question", "choices", "answerKey"},
@@ -292,7 +292,7 @@ def test_run_host_smoke(tiny_model, tmp_path):
         assert result.n == 8 and [doc_id for doc_id, _ in result.items] == expected
         assert all(correct in (0.0, 1.0) for _, correct in result.items)
         assert result.score == pytest.approx(sum(c for _, c in result.items) / 8)
-        assert result.metric == "acc_norm" and result.kind == "core"
+        assert result.metric == "acc_norm" and result.kind == "expert"
         again = TaskResult.from_dict(json.loads(json.dumps(result.to_dict())))
         assert again == result
     assert results["piqa"].chance == 0.5

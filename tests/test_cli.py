@@ -139,6 +139,9 @@ def test_smoke_build_then_rerun_does_no_work(tmp_path, home):
     assert manifest["latency"]["measured"] is True
     assert all(s["latency"]["measured"] for s in manifest["stages"])
     assert all(s["scores"]["eudaimonia"] is not None for s in manifest["stages"])
+    assert set(manifest["expert_benchmarks"]) == {"arc_easy", "piqa"}   # the default tasks
+    assert manifest["expert_benchmarks"]["piqa"]["baseline"] is not None
+    assert manifest["expert_domains"][0] == "math" and "webshop" in manifest["unavailable_benchmarks"]
     assert (tmp_path / "out" / "local" / "report.html").stat().st_size > 10_000
     assert "<testcase" in (tmp_path / "junit.xml").read_text()
     assert list((tmp_path / "out" / "local" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -152,3 +155,30 @@ def test_smoke_build_then_rerun_does_no_work(tmp_path, home):
                          capture_output=True, text=True, env=env)
     assert pkg.returncode == 0, pkg.stderr
     assert Path(pkg.stdout.strip()).name.endswith(".tar.gz")
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="benchmark data dir not found")
+def test_bench_runs_the_suite_and_lists_what_cannot_run(capsys, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    for folder in ("arc", "piqa", "lambada"):      # LAMBADA texts also feed the KL reference
+        shutil.copytree(DATA_DIR / folder, data / folder)
+    config = tmp_path / "c.toml"
+    config.write_text('[build]\nexperts = ["science", "commonsense", "agents"]\neudaimonia = false\n')
+    code, out, _ = run(capsys, "bench", "--model", "tiny-random", "--profile", "smoke", "--config",
+                       str(config), "--data-dir", str(data), "--out", str(tmp_path / "out"), "--json")
+    assert code == 0
+    result = json.loads(out)
+    baseline = next(s for s in result["stages"] if s["stage"] == "baseline")
+    assert set(baseline["tasks"]) == {"arc_challenge", "arc_easy", "piqa"}
+    assert {"mmlu", "hellaswag", "alfworld", "webshop"} <= set(result["unavailable"])
+    assert "hellaswag_val_full.txt.gz" in result["unavailable"]["hellaswag"]
+
+
+def test_bench_without_any_usable_data_is_a_data_error(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "bench", "--model", "tiny-random", "--profile", "smoke",
+                       "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
+    assert code == ExitCode.DATA
+    assert "no benchmark can run" in one_line_error(err)

@@ -96,7 +96,8 @@ def make_build(tmp_path: Path, *, nasty: bool = True):
     result = BuildResult(runs, "vptq", ExitCode.FALLBACK, 3, 9,
                          SimpleNamespace(name="local", description="bench <host> & friends"),
                          SimpleNamespace(spec=NASTY_MODEL if nasty else "tiny-random", fingerprint="f" * 64),
-                         SimpleNamespace(profile="reduced", tasks=list(TASKS)), out / "local")
+                         SimpleNamespace(profile="reduced", tasks=list(TASKS), experts=["general"]),
+                         out / "local")
     path = write_manifest(result)
     return path.parent, json.loads(path.read_text())
 

@@ -3,7 +3,8 @@
 The release nests the question (``{"question": {"stem", "choices": [{"text", "label"}]}}``);
 the built-in ``arc_easy`` task expects the Hugging Face ``allenai/ai2_arc`` layout
 ``{"id", "question", "choices": {"text": [...], "label": [...]}, "answerKey"}``.
-Metric: ``acc_norm`` (length-normalised), as commonly reported for ARC.
+Metric: ``acc_norm`` (length-normalised), as commonly reported for ARC. ARC-Challenge runs
+25-shot (examples drawn from the train split), ARC-Easy 0-shot.
 """
 from __future__ import annotations
 
@@ -27,21 +28,26 @@ def arc_doc(raw: dict) -> dict:
     return doc
 
 
-def _converter(subset: str):
+def _converter(subset: str, fewshot: bool):
     def convert(data_dir: Path) -> Converted:
-        path = data_file(data_dir, f"arc/ARC-{subset}/ARC-{subset}-Test.jsonl")
-        return Converted(convert_records(path, read_jsonl(path), arc_doc))
+        docs = _split(data_dir, subset, "Test")
+        return Converted(docs, _split(data_dir, subset, "Train") if fewshot else [])
     return convert
 
 
+def _split(data_dir: Path, subset: str, split: str) -> list[dict]:
+    path = data_file(data_dir, f"arc/ARC-{subset}/ARC-{subset}-{split}.jsonl")
+    return convert_records(path, read_jsonl(path), arc_doc)
+
+
 ARC_EASY = Benchmark(
-    name="arc_easy", lm_eval_task="arc_easy", lm_eval_yaml="arc/arc_easy.yaml", kind="core",
-    metric="acc_norm", num_fewshot=0, convert=_converter("Easy"),
+    name="arc_easy", lm_eval_task="arc_easy", lm_eval_yaml="arc/arc_easy.yaml", kind="expert",
+    metric="acc_norm", num_fewshot=0, convert=_converter("Easy", fewshot=False),
     chance_of=uniform_chance("choices.text"),
 )
 
 ARC_CHALLENGE = Benchmark(
     name="arc_challenge", lm_eval_task="arc_challenge", lm_eval_yaml="arc/arc_challenge.yaml",
-    kind="core", metric="acc_norm", num_fewshot=0, convert=_converter("Challenge"),
+    kind="core", metric="acc_norm", num_fewshot=25, convert=_converter("Challenge", fewshot=True),
     chance_of=uniform_chance("choices.text"),
 )

@@ -32,5 +32,5 @@ def convert(data_dir: Path) -> Converted:
 
 BOOLQ = Benchmark(
     name="boolq", lm_eval_task="boolq", lm_eval_yaml="super_glue/boolq/default.yaml",
-    kind="core", metric="acc", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.5),
+    kind="expert", metric="acc", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.5),
 )

@@ -13,18 +13,21 @@ to be capitalised as lm-eval does:
 
 Re-applying ``preprocess`` to text that went through it is a no-op except for leftover bracketed
 text (a few URLs and placeholders), which it removes just as it does on the original release.
-Metric: ``acc_norm``, as commonly reported for HellaSwag.
+Metric: ``acc_norm``, as commonly reported for HellaSwag. 10-shot: the data dir holds only the
+validation split, so 10 items (a fixed seeded draw) are held out of it as the examples; 10,032
+items are evaluated.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from edgebuild.bench.base import Benchmark, Converted, fixed_chance
+from edgebuild.bench.base import Benchmark, Converted, fixed_chance, hold_out
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_lines
 from edgebuild.build.errors import DataError
 
 LINES_PER_ITEM = 6
+FEWSHOT = 10
 _SENTENCE_END = re.compile(r"[.!?] ")
 
 
@@ -59,10 +62,11 @@ def convert(data_dir: Path) -> Converted:
                         hint=DATA_HINT)
     blocks = [(i // LINES_PER_ITEM, lines[i:i + LINES_PER_ITEM])
               for i in range(0, len(lines), LINES_PER_ITEM)]
-    return Converted(convert_records(path, blocks, hellaswag_doc))
+    return hold_out(convert_records(path, blocks, hellaswag_doc), FEWSHOT, "hellaswag")
 
 
 HELLASWAG = Benchmark(
     name="hellaswag", lm_eval_task="hellaswag", lm_eval_yaml="hellaswag/hellaswag.yaml",
-    kind="core", metric="acc_norm", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.25),
+    kind="core", metric="acc_norm", num_fewshot=FEWSHOT, convert=convert,
+    chance_of=fixed_chance(0.25),
 )

@@ -29,5 +29,5 @@ def convert(data_dir: Path) -> Converted:
 LAMBADA_OPENAI = Benchmark(
     name="lambada_openai", lm_eval_task="lambada_openai",
     lm_eval_yaml="lambada/lambada_openai.yaml",
-    kind="core", metric="acc", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.0),
+    kind="expert", metric="acc", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.0),
 )

@@ -51,6 +51,6 @@ def convert(data_dir: Path) -> Converted:
 
 MMLU = Benchmark(
     name="mmlu", lm_eval_task="mmlu_{stratum}", lm_eval_yaml="mmlu/default/mmlu_{stratum}.yaml",
-    kind="expert", metric="acc", num_fewshot=5, convert=convert, chance_of=fixed_chance(0.25),
+    kind="core", metric="acc", num_fewshot=5, convert=convert, chance_of=fixed_chance(0.25),
     strata_key="subject",
 )

@@ -33,6 +33,6 @@ def convert(data_dir: Path) -> Converted:
 
 
 PIQA = Benchmark(
-    name="piqa", lm_eval_task="piqa", lm_eval_yaml="piqa/piqa.yaml", kind="core",
+    name="piqa", lm_eval_task="piqa", lm_eval_yaml="piqa/piqa.yaml", kind="expert",
     metric="acc_norm", num_fewshot=0, convert=convert, chance_of=fixed_chance(0.5),
 )

@@ -49,12 +49,12 @@ def mc2_chance(doc: dict) -> float:
 
 TRUTHFULQA_MC1 = Benchmark(
     name="truthfulqa_mc1", lm_eval_task="truthfulqa_mc1",
-    lm_eval_yaml="truthfulqa/truthfulqa_mc1.yaml", kind="expert", metric="acc", num_fewshot=0,
+    lm_eval_yaml="truthfulqa/truthfulqa_mc1.yaml", kind="core", metric="acc", num_fewshot=0,
     convert=convert, chance_of=uniform_chance("mc1_targets.choices"),
 )
 
 TRUTHFULQA_MC2 = Benchmark(
     name="truthfulqa_mc2", lm_eval_task="truthfulqa_mc2",
-    lm_eval_yaml="truthfulqa/truthfulqa_mc2.yaml", kind="expert", metric="acc", num_fewshot=0,
+    lm_eval_yaml="truthfulqa/truthfulqa_mc2.yaml", kind="core", metric="acc", num_fewshot=0,
     convert=convert, chance_of=mc2_chance,
 )

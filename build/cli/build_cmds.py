@@ -97,31 +97,42 @@ deploy_cmd = _partial("deploy", ("pack", "export", "device"), "Compress and expo
 
 @click.command("bench")
 @build_options
-@click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every core and expert "
-                                            "benchmark); default: the config's tasks.")
+@click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every registered "
+                                            "benchmark); default: the core suite and the expert "
+                                            "benchmarks of build.experts.")
 def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, tasks):
     """Benchmark the model as it is (no compression) on the host and print each benchmark's score,
-    n, bootstrap interval and chance level."""
+    n, bootstrap interval and chance level. Without --tasks: the core suite and the expert
+    benchmarks of the config's expert domains; benchmarks that cannot run are listed as unavailable."""
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
     req = _request(model, target, config_path, profile, data_dir, out, steps=("pack", "host"),
-                   stages=["baseline"], tasks=_tasks_option(tasks))
+                   stages=["baseline"])
+    suite = _suite(tasks, req)
+    req.config.tasks = suite.tasks
     result = Pipeline(req).run()
     if as_json:
-        click.echo(json.dumps(summary.as_dict(result), indent=2, default=str))
+        click.echo(json.dumps({**summary.as_dict(result), "unavailable": suite.unavailable},
+                              indent=2, default=str))
     else:
-        summary.print_benchmarks(result, req.config.gates.confidence)
+        summary.print_benchmarks(result, req.config.gates.confidence, suite.unavailable)
     return 0
 
 
-def _tasks_option(value):
-    if value is None:
-        return None
-    from edgebuild.bench import benchmarks
-    names = benchmarks.names() if value.strip() == "all" else [t.strip() for t in value.split(",") if t.strip()]
-    for name in names:
-        benchmarks.get(name)             # unknown names: ConfigError with a did-you-mean
-    return names
+def _suite(value, req):
+    """The benchmarks ``edgebuild bench`` runs: the named ones, or the planned suite."""
+    from edgebuild.bench.suite import Suite, plan
+    from edgebuild.build.errors import DataError
+    if value is not None and value.strip() != "all":
+        return Suite(_tasks_option(value))
+    hint = "pass --data-dir DIR: the benchmark data folder described in its SOURCES.md"
+    if req.data_dir is None or not Path(req.data_dir).is_dir():
+        raise DataError(f"benchmark data directory {req.data_dir or '(none given)'} does not exist",
+                        hint=hint)
+    suite = plan(req.config.experts, req.data_dir, every=value is not None)
+    if not suite.tasks:
+        raise DataError(f"no benchmark can run with the data in {req.data_dir}", hint=hint)
+    return suite
 
 
 @click.command("gate")
