@@ -53,11 +53,15 @@ demo: setup model
 bench-compress: setup model
 	$(BIN)/python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
 
-# Host benchmarks through edgebuild next to lm-eval's stock hf model, same model and items (PROFILE=full
-# for the whole ARC-Easy, PIQA and HellaSwag sets).
+# Host benchmarks through edgebuild next to lm-eval's stock hf model, same model, items and few-shot
+# examples (PROFILE=full for whole sets; BENCH_TASKS picks the benchmarks). lm-eval's hf model runs
+# every answer choice with its full 10-shot prompt: full HellaSwag takes it many hours on 2 cores
+# (BENCH_DEVICE=cuda runs both sides on a GPU).
 PROFILE ?= reduced
+BENCH_TASKS ?= arc_easy,piqa,hellaswag
+BENCH_DEVICE ?= cpu
 bench-host: setup model
-	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --json $(OUT)/bench-host.json
+	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --json $(OUT)/bench-host.json
 
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup

@@ -1,10 +1,12 @@
 """``make bench-host``: edgebuild's host benchmarks next to lm-eval's stock ``hf`` model, same items.
 
 Both sides evaluate the same in-memory model on the same generated lm-eval tasks (built-in task
-definitions, local data, the profile's seeded sample): edgebuild through ``HostLM`` (token-bounded
-batches, no trial runs), lm-eval through its own ``HFLM`` wrapping the same model object, each in one
-``simple_evaluate`` call. Printed per task: score and n of each, the score difference in points, and
-items/s of each with their ratio. Model loading is outside both timings.
+definitions, local data, the profile's seeded sample, the same few-shot examples): edgebuild through
+``HostLM`` (packed log-likelihoods with shared few-shot prefixes, see ``edgebuild.bench.packed``),
+lm-eval through its own ``HFLM`` (what ``lm_eval --model hf`` runs) wrapping the same model object,
+each task in its own ``simple_evaluate`` call per side. Printed per task: score and n of each, the
+score difference in points, on how many items both gave the same per-item result, items/s of each
+and their ratio; then the totals. Model loading is outside both timings.
 
     python -m edgebuild.bench.compare --model smollm2-135m --data-dir DATA --profile full
 """
@@ -54,28 +56,41 @@ def _convert(tasks, profile, data_dir, cache_dir, seed) -> None:
             prepare(benchmarks.get(t), data_dir, cache_dir, Path(task_dir), get_profile(profile), seed)
 
 
-def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0) -> list:
-    """One row per task: both sides' score, n and items/s, measured in one run."""
+def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0, device: str = "cpu") -> list:
+    """One row per task: both sides' score, n, seconds and items/s, measured in one run (each
+    task in its own ``simple_evaluate`` call per side, the two sides one after the other)."""
     from edgebuild.bench.runner import run_host
     from edgebuild.build import model as models
 
     model, tok = models.load(models.resolve(model_spec))
+    model = model.to(device)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="edgebuild-compare-") as cache:
         _convert(tasks, profile, data_dir, cache, seed)      # both sides then read the same cache
-        timed = {}
-        for side, fn in (("edgebuild", run_host), ("lm_eval_hf", run_lm_eval_hf)):
-            start = time.perf_counter()
-            results = fn(model, tok, tasks, profile, data_dir, cache, seed=seed)
-            timed[side] = (results, time.perf_counter() - start)
-    rows = []
-    for task in tasks:
-        row = {"task": task}
-        for side, (results, seconds) in timed.items():
-            r = results[task]
-            items = sum(len(results[t].items) for t in tasks)
-            row[side] = {"score": r.score, "n": r.n, "items_per_s": items / seconds, "seconds": seconds}
-        rows.append(row)
+        for task in tasks:
+            row, items = {"task": task}, {}
+            for side, fn in (("edgebuild", run_host), ("lm_eval_hf", run_lm_eval_hf)):
+                start = time.perf_counter()
+                result = fn(model, tok, [task], profile, data_dir, cache, seed=seed)[task]
+                seconds = time.perf_counter() - start
+                row[side] = {"score": result.score, "n": result.n, "seconds": seconds,
+                             "items_per_s": result.n / seconds}
+                items[side] = dict((doc_id, correct) for doc_id, correct in result.items)
+            same = sum(items["edgebuild"].get(d) == c for d, c in items["lm_eval_hf"].items())
+            row["same_items"] = same
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
     return rows
+
+
+def total(rows: list) -> dict:
+    """Items/s of each side over all tasks together."""
+    out = {"task": "all"}
+    for side in ("edgebuild", "lm_eval_hf"):
+        n = sum(r[side]["n"] for r in rows)
+        seconds = sum(r[side]["seconds"] for r in rows)
+        out[side] = {"n": n, "seconds": seconds, "items_per_s": n / seconds}
+    return out
 
 
 def print_table(rows: list, title: str) -> None:
@@ -83,16 +98,18 @@ def print_table(rows: list, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("task", "n", "edgebuild", "lm_eval hf", "diff (points)", "edgebuild items/s",
-                "lm_eval hf items/s", "speed-up"):
+    for col in ("task", "n", "edgebuild", "lm_eval hf", "diff (points)", "same per item",
+                "edgebuild items/s", "lm_eval hf items/s", "speed-up"):
         table.add_column(col, justify="left" if col == "task" else "right")
-    for r in rows:
+    for r in rows + [total(rows)]:
         e, h = r["edgebuild"], r["lm_eval_hf"]
-        table.add_row(r["task"], str(e["n"]), f"{e['score']:.4f}", f"{h['score']:.4f}",
-                      f"{100 * (e['score'] - h['score']):+.2f}", f"{e['items_per_s']:.1f}",
+        scores = ((f"{e['score']:.4f}", f"{h['score']:.4f}",
+                   f"{100 * (e['score'] - h['score']):+.2f}", f"{r['same_items']}/{h['n']}")
+                  if "score" in e else ("", "", "", ""))
+        table.add_row(r["task"], str(e["n"]), *scores, f"{e['items_per_s']:.1f}",
                       f"{h['items_per_s']:.1f}", f"{e['items_per_s'] / h['items_per_s']:.2f}x")
     Console(width=160).print(table)
-    print("items/s are over all tasks of one simple_evaluate call per side (model loading excluded)")
+    print("each task in its own simple_evaluate call per side; model loading excluded")
 
 
 def main(argv=None) -> int:
@@ -102,12 +119,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="reduced", choices=("smoke", "reduced", "full"))
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--json", dest="json_out", type=Path, default=None)
+    p.add_argument("--device", default="cpu", help="torch device for both sides (e.g. cuda)")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
-    rows = compare(args.model, args.data_dir, tasks, args.profile)
-    for row in rows:
-        print(json.dumps(row), file=sys.stderr)
-    print_table(rows, f"host benchmarks on {args.model}, profile {args.profile}: edgebuild vs lm_eval --model hf")
+    rows = compare(args.model, args.data_dir, tasks, args.profile, device=args.device)
+    print_table(rows, f"host benchmarks on {args.model} ({args.device}), profile {args.profile}: "
+                      "edgebuild vs lm_eval --model hf")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(rows, indent=2))
