@@ -22,3 +22,21 @@ def tiny_llama(tokenizer_dir=TOKENIZER_DIR):
                          num_key_value_heads=2, intermediate_size=128,
                          vocab_size=len(tokenizer), tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def lm_eval_tasks(names, tmp_path, profile="smoke"):
+    """The lm-eval task objects edgebuild generates for benchmarks ``names`` (data from DATA_DIR):
+    ``{task name: task}``, task names in order."""
+    from lm_eval.tasks import TaskManager
+
+    from edgebuild.bench import benchmarks
+    from edgebuild.bench.profiles import get_profile
+    from edgebuild.bench.runner import prepare
+
+    task_names = []
+    for name in names:
+        prepared = prepare(benchmarks.get(name), DATA_DIR, tmp_path / "cache", tmp_path,
+                           get_profile(profile), 0)
+        task_names += [part.task_name for part in prepared.parts]
+    loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(task_names)["tasks"]
+    return {name: loaded[name] for name in task_names}

@@ -12,7 +12,7 @@ from edgebuild.bench.base import Benchmark
 from edgebuild.bench.profiles import PROFILES, allocate, get_profile, sample_indices, task_rng
 from edgebuild.build.errors import ConfigError, DataError
 
-from conftest import DATA_DIR, tiny_llama  # noqa: E402
+from conftest import DATA_DIR, lm_eval_tasks, tiny_llama  # noqa: E402
 needs_data = pytest.mark.skipif(
     not DATA_DIR.is_dir(),
     reason=f"benchmark data dir {DATA_DIR} not found (set EDGEBUILD_DATA_DIR)")
@@ -250,17 +250,8 @@ def test_mmlu_profiles_are_stratified(converted):
 
 @needs_data
 def test_generated_tasks_load_in_lm_eval(tmp_path):
-    from lm_eval.tasks import TaskManager
-
-    from edgebuild.bench.runner import prepare
-
-    names = []
-    for name in ("arc_easy", "piqa", "mmlu"):
-        prepared = prepare(benchmarks.get(name), DATA_DIR, tmp_path / "cache", tmp_path,
-                           get_profile("smoke"), 0)
-        names += [part.task_name for part in prepared.parts]
+    tasks = lm_eval_tasks(("arc_easy", "piqa", "mmlu"), tmp_path)
     assert not list(Path(DATA_DIR).rglob("*.yaml"))
-    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False).load(names)["tasks"]
     arc = tasks["edgebuild_arc_easy"]
     doc = arc.eval_docs[0]
     assert arc.doc_to_text(doc).startswith("Question: Which statement best explains")

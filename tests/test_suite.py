@@ -11,7 +11,7 @@ from edgebuild.bench.base import hold_out
 from edgebuild.bench.suite import CORE, EXPERT_DOMAINS, NOT_RUNNABLE, check_domains, expert_benchmarks, plan
 from edgebuild.build.errors import ConfigError
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, lm_eval_tasks
 
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data dir {DATA_DIR} not found")
 
@@ -90,17 +90,8 @@ def test_hold_out_is_fixed_and_disjoint():
 
 @needs_data
 def test_fewshot_tasks_give_every_item_the_same_examples(tmp_path):
-    from lm_eval.tasks import TaskManager
-
-    from edgebuild.bench.profiles import get_profile
-    from edgebuild.bench.runner import prepare
-
-    names = []
-    for name in ("arc_challenge", "hellaswag", "winogrande"):
-        prepared = prepare(benchmarks.get(name), DATA_DIR, tmp_path / "cache", tmp_path,
-                           get_profile("smoke"), 0)
-        names += [part.task_name for part in prepared.parts]
-    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False).load(names)["tasks"]
+    tasks = lm_eval_tasks(("arc_challenge", "hellaswag", "winogrande"), tmp_path)
+    names = list(tasks)
     for name, shots in zip(names, (25, 10, 5)):
         task = tasks[name]
         assert task.get_config("num_fewshot") == shots
