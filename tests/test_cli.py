@@ -176,6 +176,19 @@ def test_bench_runs_the_suite_and_lists_what_cannot_run(capsys, tmp_path):
     assert "hellaswag_val_full.txt.gz" in result["unavailable"]["hellaswag"]
 
 
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="benchmark data dir not found")
+def test_bench_named_tasks(capsys, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[build]\neudaimonia = false\n')
+    code, out, _ = run(capsys, "bench", "--model", "tiny-random", "--profile", "smoke", "--config",
+                       str(config), "--tasks", "piqa", "--data-dir", str(DATA_DIR),
+                       "--out", str(tmp_path / "out"))
+    assert code == 0 and "piqa" in out and "expert" in out and "unavailable" not in out
+    code, _, err = run(capsys, "bench", "--model", "tiny-random", "--tasks", "piqa,arc_eazy",
+                       "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "out"))
+    assert code == ExitCode.CONFIG and "arc_easy" in one_line_error(err)
+
+
 def test_bench_without_any_usable_data_is_a_data_error(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, "bench", "--model", "tiny-random", "--profile", "smoke",

@@ -1,7 +1,6 @@
 """Quality metrics: reference log-probabilities and their comparison with a stage."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

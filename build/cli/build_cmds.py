@@ -119,6 +119,15 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, tasks
     return 0
 
 
+def _tasks_option(value: str) -> list:
+    """The benchmarks named in ``--tasks`` (comma-separated), each checked against the registry."""
+    from edgebuild.bench import benchmarks
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    for name in names:
+        benchmarks.get(name)             # unknown names: ConfigError with a did-you-mean
+    return names
+
+
 def _suite(value, req):
     """The benchmarks ``edgebuild bench`` runs: the named ones, or the planned suite."""
     from edgebuild.bench.suite import Suite, plan
