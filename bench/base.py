@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgebuild.build.errors import DataError
+
 KINDS = ("core", "expert")
 LOGLIKELIHOOD_METRICS = ("acc", "acc_norm")
 GENERATION_METRICS = ("exact_match", "pass@1", "pass@10")
@@ -131,7 +133,9 @@ def hold_out(docs: list[dict], count: int, name: str) -> Converted:
     """Documents of a benchmark that ships one split only: ``count`` of them, a fixed draw seeded
     by ``name``, become the few-shot pool and leave the evaluated set (which keeps file order)."""
     if count >= len(docs):
-        raise ValueError(f"{name}: cannot hold out {count} of {len(docs)} documents")
+        raise DataError(f"{name}: the data file holds {len(docs)} items, too few to hold out "
+                        f"{count} few-shot examples and evaluate the rest",
+                        hint="point --data-dir at the complete data set described in its SOURCES.md")
     rng = np.random.default_rng(zlib.crc32(f"{name}/fewshot".encode("utf-8")))
     held = sorted(int(i) for i in rng.permutation(len(docs))[:count])
     chosen = set(held)

@@ -23,7 +23,8 @@ import transformers
 from lm_eval.models.huggingface import HFLM
 
 from edgebuild.bench import decode
-from edgebuild.bench.packed import MIN_PREFIX, PackedScorer, common_prefix, prefix_cache, supports
+from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
+                                    prefix_cache, supports)
 
 
 class StopStrings(transformers.StoppingCriteria):
@@ -122,9 +123,7 @@ class HostLM(HFLM):
             ids[i, :shared], ids[i, width - rest:] = torch.tensor(row[:shared]), torch.tensor(row[shared:])
             mask[i, :shared] = mask[i, width - rest:] = 1
         layers = prefix_cache(self.model.get_decoder(), rows[0][:shared], input_ids.device)
-        cache = transformers.DynamicCache(ddp_cache_data=[
-            (k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for k, v in layers])
-        return {"input_ids": ids, "attention_mask": mask, "cache": cache}
+        return {"input_ids": ids, "attention_mask": mask, "cache": expanded_cache(layers, len(rows))}
 
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
         """The fixed batch size (no trial runs) for request types other than loglikelihood."""

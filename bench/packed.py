@@ -155,6 +155,15 @@ def prefix_cache(decoder, tokens, device) -> list[tuple[torch.Tensor, torch.Tens
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
+    """A fresh ``DynamicCache`` holding ``prefix_cache`` output for ``batch`` rows (views, no copy;
+    the cache's own updates concatenate new tensors and leave ``layers`` untouched)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                        for k, v in layers])
+
+
 class PackedScorer:
     """Scores ``[(context tokens, continuation tokens)]`` as ``[(log-likelihood, is_greedy)]``.
 
@@ -191,8 +200,6 @@ class PackedScorer:
 
     def _batch(self, rows: list[Row], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
         """Run one batch of packed rows and score every request in it."""
-        from transformers import DynamicCache
-
         laid = [layout(row, prefix) for row in rows]
         width = max(len(tokens) for tokens, _, _, _ in laid)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -202,10 +209,7 @@ class PackedScorer:
             n = len(tokens)
             ids[i, :n], pos[i, :n], seg[i, :n] = (torch.tensor(tokens), torch.tensor(positions),
                                                   torch.tensor(segments))
-        past = None
-        if cache is not None:
-            past = DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1),
-                                                 v.expand(len(rows), -1, -1, -1)) for k, v in cache])
+        past = expanded_cache(cache, len(rows)) if cache is not None else None
         mask = attention_mask(seg, prefix, self.dtype).to(self.device)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
                               attention_mask=mask, cache=past,

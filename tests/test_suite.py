@@ -9,7 +9,7 @@ import pytest
 from edgebuild.bench import benchmarks
 from edgebuild.bench.base import hold_out
 from edgebuild.bench.suite import CORE, EXPERT_DOMAINS, NOT_RUNNABLE, check_domains, expert_benchmarks, plan
-from edgebuild.build.errors import ConfigError
+from edgebuild.build.errors import ConfigError, DataError
 
 from conftest import DATA_DIR, lm_eval_tasks
 
@@ -84,7 +84,7 @@ def test_hold_out_is_fixed_and_disjoint():
     assert not {d["i"] for d in a.fewshot_docs} & {d["i"] for d in a.eval_docs}
     assert [d["i"] for d in a.fewshot_docs] != list(range(5))
     assert hold_out(docs, 5, "y").fewshot_docs != a.fewshot_docs
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="too few to hold out 3"):
         hold_out(docs[:3], 3, "x")
 
 
