@@ -90,7 +90,7 @@ class Pipeline:
 
     # -- orchestration -------------------------------------------------------------------------
     def run(self) -> BuildResult:
-        self._check_data_dir()
+        check_data_dir(self.req.data_dir)
         runs, passed = [], {}
         try:
             for name in self.cfg.stages:
@@ -559,13 +559,6 @@ class Pipeline:
         return codecs.decode_all(records)
 
     # -- data ----------------------------------------------------------------------------------
-    def _check_data_dir(self) -> None:
-        d = self.req.data_dir
-        if d is None:
-            raise DataError("no benchmark data directory given", hint="pass --data-dir DIR (see docs)")
-        if not Path(d).is_dir():
-            raise DataError(f"benchmark data directory {d} does not exist", hint="check --data-dir")
-
     def _data_fingerprint(self) -> str:
         root = Path(self.req.data_dir)
         entries = []
@@ -574,6 +567,14 @@ class Pipeline:
                 st = os.stat(os.path.join(dirpath, f))
                 entries.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
         return digest(sorted(entries))
+
+
+def check_data_dir(d) -> None:
+    """``DataError`` when no benchmark data directory is given or it does not exist."""
+    if d is None:
+        raise DataError("no benchmark data directory given", hint="pass --data-dir DIR (see docs)")
+    if not Path(d).is_dir():
+        raise DataError(f"benchmark data directory {d} does not exist", hint="check --data-dir")
 
 
 def _with_items(result: dict, items: list, bench, docs: list) -> dict:

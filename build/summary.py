@@ -1,6 +1,8 @@
 """The per-stage table printed at the end of a build, and its JSON form."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from edgebuild.build.manifest import latency
@@ -74,7 +76,6 @@ def print_table(result, manifest_path=None) -> None:
                       _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
                       _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
                       _verdict(r))
-    import sys
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for r in data["stages"]:
@@ -125,7 +126,6 @@ def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None 
         table.add_row(task, str(r.get("kind", "")), str(r.get("metric", "")), _fmt(r.get("score"), ".4f"),
                       str(r.get("n", len(values))), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]",
                       _fmt(r.get("chance"), ".3f"))
-    import sys
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for name, reason in (unavailable or {}).items():

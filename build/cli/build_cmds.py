@@ -11,11 +11,11 @@ from edgebuild.build.errors import ExitCode
 
 
 def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
-             steps=None, stages=None, tasks=None):
+             steps=None, stages=None):
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
     from edgebuild.build.progress import Progress
-    cfg = load_config(config_path, profile=profile, stages=stages, tasks=tasks)
+    cfg = load_config(config_path, profile=profile, stages=stages)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
                         from_stage=from_stage, steps=steps or STEPS, progress=Progress())
 
@@ -132,15 +132,14 @@ def _suite(value, req):
     """The benchmarks ``edgebuild bench`` runs: the named ones, or the planned suite."""
     from edgebuild.bench.suite import Suite, plan
     from edgebuild.build.errors import DataError
+    from edgebuild.build.pipeline import check_data_dir
     if value is not None and value.strip() != "all":
         return Suite(_tasks_option(value))
-    hint = "pass --data-dir DIR: the benchmark data folder described in its SOURCES.md"
-    if req.data_dir is None or not Path(req.data_dir).is_dir():
-        raise DataError(f"benchmark data directory {req.data_dir or '(none given)'} does not exist",
-                        hint=hint)
+    check_data_dir(req.data_dir)
     suite = plan(req.config.experts, req.data_dir, every=value is not None)
     if not suite.tasks:
-        raise DataError(f"no benchmark can run with the data in {req.data_dir}", hint=hint)
+        raise DataError(f"no benchmark can run with the data in {req.data_dir}",
+                        hint="point --data-dir at the benchmark data folder described in its SOURCES.md")
     return suite
 
 
