@@ -22,7 +22,8 @@ from pathlib import Path
 TASKS = ["arc_easy", "piqa", "hellaswag"]
 
 
-def run_lm_eval_hf(model, tokenizer, tasks, profile, data_dir, cache_dir, *, seed=0, batch_size=16) -> dict:
+def run_lm_eval_hf(model, tokenizer, tasks, profile, data_dir, cache_dir, *, seed=0, batch_size=16,
+                   num_fewshot=None) -> dict:
     """``{task: TaskResult}`` from lm-eval's ``HFLM`` on the tasks and items ``run_host`` uses."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -35,8 +36,8 @@ def run_lm_eval_hf(model, tokenizer, tasks, profile, data_dir, cache_dir, *, see
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
-        prepared = [prepare(benchmarks.get(t), data_dir, cache_dir, Path(task_dir), get_profile(profile), seed)
-                    for t in tasks]
+        prepared = [prepare(benchmarks.get(t), data_dir, cache_dir, Path(task_dir), get_profile(profile),
+                            seed, num_fewshot=num_fewshot) for t in tasks]
         parts = [part for p in prepared for part in p.parts]
         samples = {p.task_name: p.selected for p in parts if len(p.selected) < len(p.doc_ids)}
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -56,14 +57,19 @@ def _convert(tasks, profile, data_dir, cache_dir, seed) -> None:
             prepare(benchmarks.get(t), data_dir, cache_dir, Path(task_dir), get_profile(profile), seed)
 
 
-def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0, device: str = "cpu") -> list:
+def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0, device: str = "cpu",
+            dtype: str = "float32", num_fewshot: int | None = None, on_row=None) -> list:
     """One row per task: both sides' score, n, seconds and items/s, measured in one run (each
-    task in its own ``simple_evaluate`` call per side, the two sides one after the other)."""
+    task in its own ``simple_evaluate`` call per side, the two sides one after the other).
+    ``num_fewshot`` (None: each benchmark's own count) applies to both sides;
+    ``on_row(rows so far)`` is called after each side of each task (the last row may then lack
+    the other side)."""
     from edgebuild.bench.runner import run_host
     from edgebuild.build import model as models
 
-    model, tok = models.load(models.resolve(model_spec))
+    model, tok = models.load(models.resolve(model_spec), dtype=dtype)
     model = model.to(device)
+    warm_up(model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgebuild-compare-") as cache:
         _convert(tasks, profile, data_dir, cache, seed)      # both sides then read the same cache
@@ -71,16 +77,30 @@ def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0, devic
             row, items = {"task": task}, {}
             for side, fn in (("edgebuild", run_host), ("lm_eval_hf", run_lm_eval_hf)):
                 start = time.perf_counter()
-                result = fn(model, tok, [task], profile, data_dir, cache, seed=seed)[task]
+                result = fn(model, tok, [task], profile, data_dir, cache, seed=seed,
+                            num_fewshot=num_fewshot)[task]
                 seconds = time.perf_counter() - start
                 row[side] = {"score": result.score, "n": result.n, "seconds": seconds,
                              "items_per_s": result.n / seconds}
                 items[side] = dict((doc_id, correct) for doc_id, correct in result.items)
-            same = sum(items["edgebuild"].get(d) == c for d, c in items["lm_eval_hf"].items())
-            row["same_items"] = same
-            print(json.dumps(row), file=sys.stderr, flush=True)
+                print(json.dumps({"task": task, side: row[side]}), file=sys.stderr, flush=True)
+                if on_row is not None:                # one side measured: keep it already
+                    on_row(rows + [row])
+            row["same_items"] = sum(items["edgebuild"].get(d) == c
+                                    for d, c in items["lm_eval_hf"].items())
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
+
+
+def warm_up(model) -> None:
+    """One short forward pass, so that neither side's timing holds the device's first-use costs
+    (kernel selection, library handles; seconds on a GPU)."""
+    import torch
+
+    with torch.inference_mode():
+        model(input_ids=torch.ones(1, 8, dtype=torch.long, device=model.device))
 
 
 def total(rows: list) -> dict:
@@ -120,14 +140,23 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--json", dest="json_out", type=Path, default=None)
     p.add_argument("--device", default="cpu", help="torch device for both sides (e.g. cuda)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype for both sides")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples for every task on both sides (default: each benchmark's own)")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
-    rows = compare(args.model, args.data_dir, tasks, args.profile, device=args.device)
-    print_table(rows, f"host benchmarks on {args.model} ({args.device}), profile {args.profile}: "
-                      "edgebuild vs lm_eval --model hf")
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(rows, indent=2))
+
+    def save(rows: list) -> None:        # after every task, so a stopped run keeps what it measured
+        if args.json_out:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(rows, indent=2))
+
+    rows = compare(args.model, args.data_dir, tasks, args.profile, device=args.device,
+                   dtype=args.dtype, num_fewshot=args.num_fewshot, on_row=save)
+    shots = "" if args.num_fewshot is None else f", {args.num_fewshot}-shot"
+    print_table(rows, f"host benchmarks on {args.model} ({args.device}, {args.dtype}{shots}), profile "
+                      f"{args.profile}: edgebuild vs lm_eval --model hf")
     return 0
 
 

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from edgebuild.build.model import cache_arg
+
 SUPPORTED = {"do_sample", "temperature", "top_p", "top_k"}
 
 
@@ -65,8 +67,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     done = cache.get_seq_length()
     mask = attention_mask.clone()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cached = {cache_arg(model): cache}
     logits = model(input_ids=input_ids[:, done:], attention_mask=mask,
-                   position_ids=positions[:, done:], cache=cache, logits_to_keep=1).logits[:, -1]
+                   position_ids=positions[:, done:], logits_to_keep=1, **cached).logits[:, -1]
     active = torch.arange(batch, device=input_ids.device)
     next_pos = positions[:, -1] + 1
     step = width
@@ -85,6 +88,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
             active, mask, next_pos, token = active[keep], mask[keep], next_pos[keep], token[keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       cache=cache).logits[:, -1]
+                       **cached).logits[:, -1]
         next_pos = next_pos + 1
     return out[:, :step + 1]

@@ -25,6 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from edgebuild.bench import decode
 from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
                                     prefix_cache, supports)
+from edgebuild.build.model import cache_arg
 
 
 class StopStrings(transformers.StoppingCriteria):
@@ -94,6 +95,8 @@ class HostLM(HFLM):
             return decode.decode(self.model, **inputs, max_length=max_length,
                                  finished=stops.finished, eos=self._eos_ids(),
                                  pad_token_id=self.tokenizer.pad_token_id or 0, **generation_kwargs)
+        if "cache" in inputs:
+            inputs[cache_arg(self.model)] = inputs.pop("cache")
         return self.model.generate(**inputs, max_length=max_length,
                                    stopping_criteria=transformers.StoppingCriteriaList([stops]),
                                    pad_token_id=self.tokenizer.pad_token_id, use_cache=True,

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from edgebuild.build.model import cache_arg, returned_cache
+
 MIN_PREFIX = 32
 
 
@@ -151,7 +153,7 @@ def attention_mask(segments: torch.Tensor, prefix: int, dtype) -> torch.Tensor:
 def prefix_cache(decoder, tokens, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of every layer of ``decoder`` for ``tokens`` (a batch of one)."""
     ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-    cache = decoder(input_ids=ids, use_cache=True).cache
+    cache = returned_cache(decoder(input_ids=ids, use_cache=True))
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -212,8 +214,8 @@ class PackedScorer:
         past = expanded_cache(cache, len(rows)) if cache is not None else None
         mask = attention_mask(seg, prefix, self.dtype).to(self.device)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                              attention_mask=mask, cache=past,
-                              use_cache=past is not None).last_hidden_state
+                              attention_mask=mask, use_cache=past is not None,
+                              **{cache_arg(self.decoder): past}).last_hidden_state
         return self._read(hidden, [targets for _, _, _, targets in laid])
 
     def _read(self, hidden: torch.Tensor, targets: list) -> list[tuple[int, tuple[float, bool]]]:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -90,6 +90,7 @@ class PreparedTask:
 def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_dir, *,
              seed: int = 0, batch_size: int = 16, max_batch_tokens: int = 4096,
              max_gen_toks: int | None = None, doc_ids: dict | None = None,
+             num_fewshot: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` (an in-memory Hugging Face causal LM) on ``tasks``.
 
@@ -99,7 +100,8 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     bounds memory on long few-shot prompts. ``max_gen_toks`` (None: each benchmark's own bound)
     caps the new tokens of every generated answer. ``seed`` also seeds sampled generation.
     ``doc_ids`` (``{task: [doc id, ...]}``) evaluates exactly those items of a task instead of the
-    profile's sample (adaptive sampling extends a sample this way).
+    profile's sample (adaptive sampling extends a sample this way). ``num_fewshot`` (None: each
+    benchmark's own count) gives every task that many few-shot examples.
     ``progress(done, total)`` is called as loglikelihood requests complete. Returns
     ``{task name: TaskResult}`` in the order of ``tasks``.
     """
@@ -114,16 +116,21 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks,
-                            (doc_ids or {}).get(spec.name)) for spec in specs]
+                            (doc_ids or {}).get(spec.name), num_fewshot) for spec in specs]
         output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size,
                            max_batch_tokens, progress, seed)
     return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
 
 
 def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Profile,
-            seed: int, max_gen_toks: int | None = None, doc_ids: list | None = None) -> PreparedTask:
+            seed: int, max_gen_toks: int | None = None, doc_ids: list | None = None,
+            num_fewshot: int | None = None) -> PreparedTask:
     """Convert ``bench``'s data, pick its sample (or take ``doc_ids``) and write one lm-eval task
-    per part."""
+    per part (with ``num_fewshot`` examples when given, else the benchmark's own count)."""
+    if num_fewshot is not None:
+        if num_fewshot < 0:
+            raise ConfigError(f"num_fewshot must be 0 or more, got {num_fewshot}")
+        bench = replace(bench, num_fewshot=num_fewshot)
     converted = bench.convert(Path(data_dir))
     docs = converted.eval_docs
     strata = bench.strata(docs)

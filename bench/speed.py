@@ -25,6 +25,8 @@ def torch_timing(model, vocab_size: int, prompt_len: int, decode_tokens: int, wa
     import numpy as np
     import torch
 
+    from edgebuild.build.model import cache_arg, returned_cache
+
     if threads:
         torch.set_num_threads(threads)
     prompt = torch.from_numpy(np.random.default_rng(0).integers(0, vocab_size, prompt_len))[None]
@@ -34,11 +36,11 @@ def torch_timing(model, vocab_size: int, prompt_len: int, decode_tokens: int, wa
             start = time.perf_counter()
             out = model(prompt, use_cache=True)
             prefill = time.perf_counter() - start
-            past, nxt = out["cache"], out.logits[:, -1:].argmax(-1)
+            past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(decode_tokens):
-                out = model(nxt, cache=past, use_cache=True)
-                past, nxt = out["cache"], out.logits[:, -1:].argmax(-1)
+                out = model(nxt, use_cache=True, **{cache_arg(model): past})
+                past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             if i >= warmup:
                 samples.append((prefill * 1e3, (time.perf_counter() - start) * 1e3 / decode_tokens))
     return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples]}

@@ -10,7 +10,9 @@ A model spec (``--model``) is one of:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -165,6 +167,22 @@ def load(ref: ModelRef, dtype: str = "float32"):
         raise ModelError(f"cannot load model {ref.spec!r}: {type(e).__name__}: {e}") from e
     model.eval()
     return model, tok
+
+
+def cache_arg(module) -> str:
+    """The keyword a transformers model's ``forward`` (and ``generate``) takes its KV cache by:
+    ``cache`` since transformers 5 renamed it, ``past_key_values`` before."""
+    return _cache_arg(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache in a transformers model's output, under either name (see ``cache_arg``)."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
 
 
 def _torch_dtype(dtype: str):

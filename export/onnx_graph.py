@@ -9,7 +9,6 @@ stage's decoded weights in its place (``edgebuild.device_agent.runtime``).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from edgebuild.build.errors import ConfigError
+from edgebuild.build.model import cache_arg
 from edgebuild.device_agent.runtime import GRAPH_FILE, GRAPH_FORMAT, MODEL_FILE, Runtime, RuntimeLoadError
 from edgebuild.export.base import Exporter, ExportError
 
@@ -46,9 +46,7 @@ class CachedCausalLM(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        # transformers 5 renamed the cache argument from ``past_key_values`` to ``cache``
-        params = inspect.signature(lm.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_arg(lm)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache

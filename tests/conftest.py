@@ -24,7 +24,7 @@ def tiny_llama(tokenizer_dir=TOKENIZER_DIR):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-def lm_eval_tasks(names, tmp_path, profile="smoke"):
+def lm_eval_tasks(names, tmp_path, profile="smoke", num_fewshot=None):
     """The lm-eval task objects edgebuild generates for benchmarks ``names`` (data from DATA_DIR):
     ``{task name: task}``, task names in order."""
     from lm_eval.tasks import TaskManager
@@ -36,7 +36,7 @@ def lm_eval_tasks(names, tmp_path, profile="smoke"):
     task_names = []
     for name in names:
         prepared = prepare(benchmarks.get(name), DATA_DIR, tmp_path / "cache", tmp_path,
-                           get_profile(profile), 0)
+                           get_profile(profile), 0, num_fewshot=num_fewshot)
         task_names += [part.task_name for part in prepared.parts]
     loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(task_names)["tasks"]
     return {name: loaded[name] for name in task_names}

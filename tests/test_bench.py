@@ -360,3 +360,16 @@ def test_inline_task_must_replace_the_builtin_helpers(tmp_path):
     assert config["doc_to_text"] == "{{prompt}}" and config["task"] == "t"
     assert config["metric_list"] == replaced["metric_list"] and "include" not in config
     assert task_config("t", builtin, files, 0, tmp_path)["include"] == str(builtin)
+
+
+@needs_data
+def test_bench_host_compare_writes_both_sides(tmp_path, capsys):
+    from edgebuild.bench import compare
+
+    out = tmp_path / "rows.json"
+    assert compare.main(["--model", "tiny-random", "--data-dir", str(DATA_DIR), "--profile", "smoke",
+                         "--tasks", "piqa", "--num-fewshot", "0", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())
+    assert row["edgebuild"]["n"] == row["lm_eval_hf"]["n"] == 8
+    assert row["edgebuild"]["score"] == row["lm_eval_hf"]["score"] and row["same_items"] == 8
+    assert "0-shot" in capsys.readouterr().out

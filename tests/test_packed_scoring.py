@@ -8,6 +8,7 @@ import torch
 
 from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, Row, families, group_rows, layout,
                                     supports)
+from edgebuild.build.model import cache_arg, returned_cache
 
 from conftest import tiny_llama
 
@@ -180,3 +181,20 @@ def test_decode_sampling_is_seeded(model):
                            max_length=enc.input_ids.shape[1] + 8, finished=lambda t: [False] * len(t),
                            eos=set(), pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.95))
     assert torch.equal(outs[0], outs[1]) and len({tuple(r) for r in outs[0].tolist()}) > 1
+
+
+def test_cache_keyword_follows_the_installed_transformers(model):
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            return input_ids
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert cache_arg(Renamed()) == "cache" and cache_arg(Older()) == "past_key_values"
+    assert returned_cache({"cache": 1}) == 1 and returned_cache({"past_key_values": 2}) == 2
+    lm, _ = model
+    out = lm(torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert returned_cache(out).get_seq_length() == 3
+    assert cache_arg(lm) in ("cache", "past_key_values")

@@ -8,6 +8,8 @@ import pytest
 
 from edgebuild.bench import benchmarks
 from edgebuild.bench.base import hold_out
+from edgebuild.bench.profiles import get_profile
+from edgebuild.bench.runner import prepare
 from edgebuild.bench.suite import CORE, EXPERT_DOMAINS, NOT_RUNNABLE, check_domains, expert_benchmarks, plan
 from edgebuild.build.errors import ConfigError, DataError
 
@@ -103,3 +105,18 @@ def test_fewshot_tasks_give_every_item_the_same_examples(tmp_path):
     arc = tasks[names[0]]
     train_ids = {d["id"] for d in benchmarks.get("arc_challenge").convert(DATA_DIR).fewshot_docs}
     assert {d["id"] for d in arc.fewshot_docs()} <= train_ids
+
+
+@needs_data
+def test_num_fewshot_replaces_the_benchmarks_own_count(tmp_path):
+    tasks = lm_eval_tasks(("hellaswag", "arc_challenge"), tmp_path, num_fewshot=0)
+    for task in tasks.values():
+        assert task.get_config("num_fewshot") == 0
+        doc = task.eval_docs[0]
+        assert task.fewshot_context(doc, num_fewshot=0) == task.doc_to_text(doc)
+
+
+def test_num_fewshot_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="num_fewshot must be 0 or more"):
+        prepare(benchmarks.get("piqa"), DATA_DIR, tmp_path, tmp_path, get_profile("smoke"), 0,
+                num_fewshot=-1)
