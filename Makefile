@@ -56,13 +56,15 @@ bench-compress: setup model
 # Host benchmarks through edgebuild next to lm-eval's stock hf model, same model, items and few-shot
 # examples (PROFILE=full for whole sets; BENCH_TASKS picks the benchmarks). lm-eval's hf model runs
 # every answer choice with its full 10-shot prompt: full HellaSwag takes it many hours on 2 cores
-# (BENCH_DEVICE=cuda runs both sides on a GPU; BENCH_DTYPE=bfloat16 in bf16 weights).
+# (BENCH_DEVICE=cuda runs both sides on a GPU; BENCH_DTYPE=bfloat16 in bf16 weights; BENCH_FEWSHOT=N
+# gives every task N few-shot examples instead of the suite's counts, e.g. 0 as lm-eval's own defaults).
 PROFILE ?= reduced
 BENCH_TASKS ?= arc_easy,piqa,hellaswag
 BENCH_DEVICE ?= cpu
 BENCH_DTYPE ?= float32
+BENCH_FEWSHOT ?=
 bench-host: setup model
-	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) --json $(OUT)/bench-host.json
+	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_FEWSHOT),--num-fewshot $(BENCH_FEWSHOT)) --json $(OUT)/bench-host.json
 
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup
