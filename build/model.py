@@ -171,7 +171,8 @@ def load(ref: ModelRef, dtype: str = "float32"):
 
 def cache_arg(module) -> str:
     """The keyword a transformers model's ``forward`` (and ``generate``) takes its KV cache by:
-    ``cache`` since transformers 5 renamed it, ``past_key_values`` before."""
+    ``cache`` in newer transformers releases (5.24 among them), ``past_key_values`` in older ones
+    (5.17 among them)."""
     return _cache_arg(type(module))
 
 
