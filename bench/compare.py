@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
 
-    def save(rows: list) -> None:        # after every task, so a stopped run keeps what it measured
+    def save(rows: list) -> None:        # after each side of each task: a stopped run keeps it
         if args.json_out:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(rows, indent=2))
@@ -161,4 +161,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edgebuild.build.errors import run_tool
+
+    raise SystemExit(run_tool(main))

@@ -140,4 +140,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edgebuild.build.errors import run_tool
+
+    raise SystemExit(run_tool(main))

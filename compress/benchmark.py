@@ -108,4 +108,6 @@ def _print(rows, model) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edgebuild.build.errors import run_tool
+
+    raise SystemExit(run_tool(main))

@@ -373,3 +373,14 @@ def test_bench_host_compare_writes_both_sides(tmp_path, capsys):
     assert row["edgebuild"]["n"] == row["lm_eval_hf"]["n"] == 8
     assert row["edgebuild"]["score"] == row["lm_eval_hf"]["score"] and row["same_items"] == 8
     assert "0-shot" in capsys.readouterr().out
+
+
+def test_bench_tools_give_one_line_errors(tmp_path, capsys):
+    from edgebuild.bench import compare
+    from edgebuild.build.errors import ModelError, run_tool
+
+    missing = str(tmp_path / "no-model")
+    assert run_tool(lambda: compare.main(["--model", missing, "--data-dir", str(tmp_path)])) \
+        == ModelError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: model ") and missing in err and len(err.strip().splitlines()) == 1
