@@ -25,26 +25,12 @@ TASKS = ["arc_easy", "piqa", "hellaswag"]
 def run_lm_eval_hf(model, tokenizer, tasks, profile, data_dir, cache_dir, *, seed=0, batch_size=16,
                    num_fewshot=None) -> dict:
     """``{task: TaskResult}`` from lm-eval's ``HFLM`` on the tasks and items ``run_host`` uses."""
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from edgebuild.bench import benchmarks
-    from edgebuild.bench.profiles import get_profile
-    from edgebuild.bench.runner import _offline, _task_result, prepare
+    from edgebuild.bench.runner import run_lm
 
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
-        prepared = [prepare(benchmarks.get(t), data_dir, cache_dir, Path(task_dir), get_profile(profile),
-                            seed, num_fewshot=num_fewshot) for t in tasks]
-        parts = [part for p in prepared for part in p.parts]
-        samples = {p.task_name: p.selected for p in parts if len(p.selected) < len(p.doc_ids)}
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        out = simple_evaluate(model=lm, tasks=[p.task_name for p in parts], samples=samples or None,
-                              log_samples=True, bootstrap_iters=0,
-                              task_manager=TaskManager(include_path=task_dir, include_defaults=False))
-    return {p.bench.name: _task_result(p, out["samples"]) for p in prepared}
+    return run_lm(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), tasks, profile,
+                  data_dir, cache_dir, seed=seed, num_fewshot=num_fewshot)
 
 
 def _convert(tasks, profile, data_dir, cache_dir, seed) -> None:

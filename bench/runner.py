@@ -105,6 +105,18 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     ``progress(done, total)`` is called as loglikelihood requests complete. Returns
     ``{task name: TaskResult}`` in the order of ``tasks``.
     """
+    from edgebuild.bench.hflm import HostLM
+
+    lm = HostLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                progress=progress)
+    return run_lm(lm, tasks, profile, data_dir, cache_dir, seed=seed, max_gen_toks=max_gen_toks,
+                  doc_ids=doc_ids, num_fewshot=num_fewshot)
+
+
+def run_lm(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: int = 0,
+           max_gen_toks: int | None = None, doc_ids: dict | None = None,
+           num_fewshot: int | None = None) -> dict[str, TaskResult]:
+    """``run_host`` with any lm-eval ``LM`` (lm-eval's own ``HFLM``, for one)."""
     chosen = get_profile(profile)
     if not tasks:
         raise ConfigError("no benchmark tasks given; name at least one of "
@@ -117,8 +129,7 @@ def run_host(model, tokenizer, tasks: list[str], profile: str, data_dir, cache_d
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks,
                             (doc_ids or {}).get(spec.name), num_fewshot) for spec in specs]
-        output = _evaluate(model, tokenizer, prepared, Path(task_dir), batch_size,
-                           max_batch_tokens, progress, seed)
+        output = _evaluate(lm, prepared, Path(task_dir), seed)
     return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
 
 
@@ -211,17 +222,12 @@ def _positions(doc_ids: list[int], indices: list[int]) -> list[int]:
     return [position for position, doc_id in enumerate(doc_ids) if doc_id in wanted]
 
 
-def _evaluate(model, tokenizer, prepared: list[PreparedTask], task_dir: Path, batch_size: int,
-              max_batch_tokens: int, progress, seed: int) -> dict:
-    """One ``simple_evaluate`` call over every part of every prepared benchmark."""
+def _evaluate(lm, prepared: list[PreparedTask], task_dir: Path, seed: int) -> dict:
+    """One ``simple_evaluate`` call of ``lm`` over every part of every prepared benchmark."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from edgebuild.bench.hflm import HostLM
-
-    lm = HostLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                progress=progress)
     parts = [part for p in prepared for part in p.parts]
     # lm-eval maps the k-th evaluated document to samples[k], so the lists must be sorted; a task
     # evaluated in full is left out (lm-eval's membership test is linear in the list length).
