@@ -15,8 +15,8 @@ estimator over 10 seeded samples per item), ``mbpp`` (3-shot ``pass@1``) and ``m
 """
 from __future__ import annotations
 
-from edgebuild.build.errors import ConfigError
-from edgebuild.build.registry import Registry
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.registry import Registry
 
 benchmarks = Registry("benchmark", error=ConfigError)
 benchmarks.register_lazy("arc_easy", "edgebuild.bench.tasks.arc:ARC_EASY")

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from edgebuild.bench.profiles import task_rng
 from edgebuild.bench.stats import (FAIL, PASS, UNINFORMATIVE, KINDS, RULES, Retention, paired,
                                    retention_of, verdict)
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

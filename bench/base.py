@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 KINDS = ("core", "expert")
 LOGLIKELIHOOD_METRICS = ("acc", "acc_norm")

@@ -23,7 +23,7 @@ from collections import Counter
 
 from edgebuild.bench.base import FunctionRef
 from edgebuild.bench.sandbox import Limits, run_programs
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

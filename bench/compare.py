@@ -51,7 +51,7 @@ def compare(model_spec: str, data_dir, tasks, profile: str, seed: int = 0, devic
     ``on_row(rows so far)`` is called after each side of each task (the last row may then lack
     the other side)."""
     from edgebuild.bench.runner import run_host
-    from edgebuild.build import model as models
+    from edgebuild.core import models
 
     model, tok = models.load(models.resolve(model_spec), dtype=dtype)
     model = model.to(device)
@@ -147,6 +147,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from edgebuild.build.errors import run_tool
+    from edgebuild.core.errors import run_tool
 
     raise SystemExit(run_tool(main))

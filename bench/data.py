@@ -17,13 +17,12 @@ import importlib.util
 import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 from edgebuild.bench.base import FunctionRef
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
+from edgebuild.core.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +131,7 @@ def write_jsonl(docs: list[dict], cache_dir) -> Path:
     path = Path(cache_dir) / "data" / f"{digest}.jsonl"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     log.debug("wrote %d documents to %s", len(docs), path)
     return path
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from edgebuild.build.model import cache_arg
+from edgebuild.core.models import cache_arg
 
 SUPPORTED = {"do_sample", "temperature", "top_p", "top_k"}
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from lm_eval.api.model import TemplateLM
 
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def evaluate(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: i
     from edgebuild.bench import benchmarks
     from edgebuild.bench.profiles import get_profile
     from edgebuild.bench.runner import _offline, _task_result, prepare
-    from edgebuild.build.errors import ConfigError
+    from edgebuild.core.errors import ConfigError
 
     chosen = get_profile(profile)
     if not tasks:

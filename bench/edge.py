@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgebuild.bench.stats import FAIL, INCONCLUSIVE, PASS, UNINFORMATIVE, mean_interval
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 COLLAPSED, DEGRADED, EDGE, SATURATED = "collapsed", "degraded", "edge", "saturated"
 COLLAPSE_BELOW = 0.60

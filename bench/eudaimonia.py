@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from lm_eval.models.huggingface import HFLM
 from edgebuild.bench import decode
 from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
                                     prefix_cache, supports)
-from edgebuild.build.model import cache_arg
+from edgebuild.core.models import cache_arg
 
 
 class StopStrings(transformers.StoppingCriteria):

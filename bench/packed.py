@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from edgebuild.build.model import cache_arg, returned_cache
+from edgebuild.core.models import cache_arg, returned_cache
 
 MIN_PREFIX = 32
 

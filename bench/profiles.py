@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from edgebuild.bench.profiles import sample_indices
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 DEFAULT_TEXTS = 8
 DEFAULT_TOKENS = 64

@@ -27,7 +27,7 @@ from edgebuild.bench.base import Benchmark, Converted
 from edgebuild.bench.codeexec import FILTER_NAME, summarize
 from edgebuild.bench.data import lm_eval_tasks_dir, read_task_yaml, write_task
 from edgebuild.bench.profiles import Profile, get_profile, sample_indices, task_rng
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

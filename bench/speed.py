@@ -25,7 +25,7 @@ def torch_timing(model, vocab_size: int, prompt_len: int, decode_tokens: int, wa
     import numpy as np
     import torch
 
-    from edgebuild.build.model import cache_arg, returned_cache
+    from edgebuild.core.models import cache_arg, returned_cache
 
     if threads:
         torch.set_num_threads(threads)
@@ -48,7 +48,7 @@ def torch_timing(model, vocab_size: int, prompt_len: int, decode_tokens: int, wa
 
 def agent_timing(client, transport, stage: str, files: dict, threads: int | None, timing) -> dict:
     """Deploy one stage's files to the agent, load them and time them there."""
-    from edgebuild.build.cache import digest
+    from edgebuild.core.cache import digest
     from edgebuild.targets.client import deploy_stage
 
     version = digest(*(str(p) for p in files.values()))[:16]
@@ -76,8 +76,8 @@ def stage_files(build_dir: Path, manifest: dict) -> dict:
 
 def run(build_dir: Path, target_name: str) -> list:
     """One row per stage: agent and torch speeds measured side by side."""
-    from edgebuild.build import model as models
-    from edgebuild.build.errors import UsageError
+    from edgebuild.core import models
+    from edgebuild.core.errors import UsageError
     from edgebuild.compress import apply_records
     from edgebuild.device_agent import packed
     from edgebuild.targets import load_target, transports
@@ -140,6 +140,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from edgebuild.build.errors import run_tool
+    from edgebuild.core.errors import run_tool
 
     raise SystemExit(run_tool(main))

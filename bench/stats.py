@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 
 PASS, FAIL, INCONCLUSIVE, UNINFORMATIVE, NOT_RUN = "pass", "fail", "inconclusive", "uninformative", "not_run"
 RULES = ("point", "interval")

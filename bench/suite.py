@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 CORE = ("mmlu", "gsm8k", "humaneval", "humaneval_pass10", "hellaswag", "arc_challenge",
         "truthfulqa_mc1", "truthfulqa_mc2", "winogrande")

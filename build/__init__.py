@@ -1,1 +1,1 @@
-__version__ = "0.1.0"
+"""The orchestrator: the build pipeline, its gates, records and command line."""

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

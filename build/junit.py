@@ -8,11 +8,11 @@ that fails the stage (``fail``, or ``inconclusive`` when the gates count it as a
 """
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from edgebuild.build.errors import EXIT_CODE_HELP, ExitCode
+from edgebuild.core.errors import EXIT_CODE_HELP, ExitCode
+from edgebuild.core.files import write_text_atomic
 
 SKIPPED_VERDICTS = ("not_run", "uninformative")
 
@@ -121,9 +121,4 @@ def junit_xml(manifest: dict, final_only: bool = False) -> str:
 
 def write_junit(manifest: dict, path: Path, final_only: bool = False) -> Path:
     """Write the JUnit XML of a build to ``path`` atomically; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(junit_xml(manifest, final_only), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, junit_xml(manifest, final_only))

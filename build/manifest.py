@@ -1,18 +1,17 @@
 """The build manifest (the seed's handoff spec plus exact bytes, bits/weight and sha256s).
 
-Stage artifacts are linked from the cache into ``<out>/<target>/stages/<stage>/``; the manifest
+Stage artifacts are copied from the cache into ``<out>/<target>/stages/<stage>/``; the manifest
 lists each with its size and sha256, and is written atomically.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from edgebuild.build import __version__
-from edgebuild.build.cache import sha256_file, write_json_atomic
+from edgebuild.core import __version__
+from edgebuild.core.files import atomic_path, sha256_file, write_json_atomic
 
 MB = 1e6
 
@@ -96,7 +95,7 @@ def stage_summary(run, base) -> dict:
 
 
 def link_artifacts(result, runs: dict) -> dict:
-    """Hard-link (or copy) each stage's artifacts out of the cache; return {stage: [artifact]}."""
+    """Copy each stage's artifacts out of the cache; return {stage: [artifact]}."""
     out = {}
     for name, run in runs.items():
         if not run.pack:
@@ -110,16 +109,13 @@ def link_artifacts(result, runs: dict) -> dict:
 
 
 def _place(src: Path, dst: Path, root: Path) -> dict:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if not (dst.exists() and os.path.samefile(src, dst)):
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
+    """Copy ``src`` to ``dst`` unless ``dst`` already holds the same bytes; never a hard link, so
+    a later write to the outputs cannot change the cache (or the other way round)."""
+    sha = sha256_file(src)
+    if not (dst.is_file() and sha256_file(dst) == sha):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha}
 
 
 def build_manifest(result) -> dict:

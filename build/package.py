@@ -22,8 +22,8 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from edgebuild.build.cache import sha256_file
-from edgebuild.build.errors import PackageError, UsageError
+from edgebuild.core.files import atomic_path, sha256_file
+from edgebuild.core.errors import PackageError, UsageError
 
 EPOCH = 0
 FORMAT = 1
@@ -43,11 +43,9 @@ def build_package(build_dir: Path, dest: Path | None = None) -> Path:
     dest = Path(dest) if dest else build_dir / "release"
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"{name}.tar.gz"
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as raw:
+    with atomic_path(out) as tmp, open(tmp, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=EPOCH) as gz:
             _write_tar(gz, name, files)
-    os.replace(tmp, out)
     return out
 
 

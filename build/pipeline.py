@@ -1,6 +1,6 @@
 """The stage graph: baseline → compressed stages, each compress → export → bench → gate.
 
-Every step's output is cached by content (``edgebuild.build.cache``): keys are computed without
+Every step's output is cached by content (``edgebuild.core.cache``): keys are computed without
 loading the model, so a finished build reruns without importing torch and says it did no work.
 """
 from __future__ import annotations
@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgebuild.build import gates, model as models
-from edgebuild.build.cache import StepCache, code_version, digest, sha256_file, write_json_atomic
+from edgebuild.build import gates
+from edgebuild.core import models
+from edgebuild.core.cache import StepCache, code_version, digest
+from edgebuild.core.files import sha256_file, write_json_atomic
 from edgebuild.build.config import BuildConfig, StageConfig
-from edgebuild.build.errors import ConfigError, DataError, DeviceError, EdgebuildError, ExitCode
-from edgebuild.build.progress import Progress
+from edgebuild.core.errors import ConfigError, DataError, DeviceError, EdgebuildError, ExitCode
+from edgebuild.core.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -5,15 +5,13 @@ import json
 from pathlib import Path
 
 from edgebuild.build.summary import as_dict
+from edgebuild.core.files import write_text_atomic
 
 
 def write_reports(result, manifest_path: Path) -> Path:
     manifest = json.loads(Path(manifest_path).read_text())
     path = result.out_dir / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(result, manifest))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, render_markdown(result, manifest))
 
 
 def render_markdown(result, manifest: dict) -> str:

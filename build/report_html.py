@@ -9,10 +9,10 @@ import base64
 import html
 import json
 import logging
-import os
 from pathlib import Path
 
-from edgebuild.build.errors import EXIT_CODE_HELP, ExitCode, UsageError
+from edgebuild.core.errors import EXIT_CODE_HELP, ExitCode, UsageError
+from edgebuild.core.files import write_text_atomic
 from edgebuild.build.plots import compression_ratio, final_stages, label
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,4 @@ def write_html_report(build_dir: Path, *, plots: bool = True) -> Path:
         from edgebuild.build.plots import all_plots
         pngs = all_plots(manifest)
     path = build_dir / "report.html"
-    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
-    tmp.write_text(render(manifest, pngs), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, render(manifest, pngs))

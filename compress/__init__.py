@@ -1,8 +1,8 @@
 """Compression methods (registry ``methods``) and the packing of a whole model into records."""
 from __future__ import annotations
 
-from edgebuild.build.errors import ConfigError
-from edgebuild.build.registry import Registry
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.registry import Registry
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.compress.model import (
     apply_records, method_info, pack_leftovers, pack_model, packed_stats, select_linear_weights,

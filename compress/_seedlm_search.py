@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 from edgebuild.device_agent.codecs import seedlm as codec
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from edgebuild.build.errors import ModelError
+from edgebuild.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_out", default=None, help="Also write the rows to this file.")
     args = p.parse_args(argv)
     from edgebuild.bench import quality
-    from edgebuild.build import model as models
+    from edgebuild.core import models
     configs = json.loads(Path(args.configs).read_text()) if args.configs else CONFIGS
     base, tok = models.load(models.resolve(args.model))
     texts = quality.quality_texts(args.data_dir)
@@ -108,6 +108,6 @@ def _print(rows, model) -> None:
 
 
 if __name__ == "__main__":
-    from edgebuild.build.errors import run_tool
+    from edgebuild.core.errors import run_tool
 
     raise SystemExit(run_tool(main))

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from edgebuild.build.errors import ConfigError, EdgebuildError, ModelError
+from edgebuild.core.errors import ConfigError, EdgebuildError, ModelError
 from edgebuild.device_agent.codecs import TABLE, decode_all
 from edgebuild.device_agent.packed import Record
 

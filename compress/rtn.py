@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.device_agent.codecs.rtn import pack_bits
 from edgebuild.device_agent.packed import Record

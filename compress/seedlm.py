@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.device_agent.codecs import seedlm as codec
 from edgebuild.device_agent.packed import Record

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress._vptq_core import quantize_group
 from edgebuild.compress.base import CompressContext, CompressionMethod
 from edgebuild.device_agent.codecs import TABLE

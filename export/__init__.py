@@ -3,8 +3,8 @@
 ``exporters.get("onnx")`` returns the ONNX exporter class (graph with KV cache). Entries are lazy,
 so importing this package pulls in neither torch nor onnx.
 """
-from edgebuild.build.errors import ConfigError
-from edgebuild.build.registry import Registry
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.registry import Registry
 from edgebuild.export.base import ExportError, Exporter
 
 exporters = Registry("exporter", error=ConfigError)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from edgebuild.build.errors import EdgebuildError, ExitCode
+from edgebuild.core.errors import EdgebuildError, ExitCode
 
 
 class ExportError(EdgebuildError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgebuild.build.errors import ConfigError
-from edgebuild.build.model import cache_arg
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.files import atomic_path, write_text_atomic
+from edgebuild.core.models import cache_arg
 from edgebuild.device_agent.runtime import GRAPH_FILE, GRAPH_FORMAT, MODEL_FILE, Runtime, RuntimeLoadError
 from edgebuild.export.base import Exporter, ExportError
 
@@ -207,11 +207,6 @@ def _eos_ids(model, tokenizer) -> list:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 class OnnxExporter(Exporter):
     """ONNX graph with a KV cache (float32, opset 18+), weights bound by the device runtime."""
@@ -243,8 +238,9 @@ class OnnxExporter(Exporter):
         _strip_trace_metadata(program.model)
         from onnxscript import ir
 
-        _write_atomic(out_dir / MODEL_FILE, lambda tmp: ir.save(program.model, tmp))
-        _write_atomic(out_dir / GRAPH_FILE, lambda tmp: tmp.write_text(json.dumps(graph, indent=1)))
+        with atomic_path(out_dir / MODEL_FILE) as tmp:
+            ir.save(program.model, tmp)
+        write_text_atomic(out_dir / GRAPH_FILE, json.dumps(graph, indent=1))
         return graph
 
     def _trace(self, wrapper: CachedCausalLM) -> tuple:

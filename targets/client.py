@@ -20,14 +20,14 @@ device gates read ``not_run``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
 import time
 from pathlib import Path
 
-from edgebuild.build.errors import DeviceError
+from edgebuild.core.errors import DeviceError
+from edgebuild.core.files import sha256_file
 from edgebuild.device_agent import protocol
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,6 @@ def _read_lines(stream, sink: queue.Queue) -> None:
     finally:
         sink.put(None)
 
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a local file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def context_batches(pairs: list, size: int) -> list[list[int]]:

@@ -6,7 +6,6 @@ transport, so everything above it (client, staging, benchmarks) runs unchanged.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import shutil
@@ -15,7 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from edgebuild.build.errors import DeviceError
+from edgebuild.core.errors import DeviceError
+from edgebuild.core.files import atomic_path
 from edgebuild.targets.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,10 @@ class LocalTransport(Transport):
             raise DeviceError(f"upload name {remote_name!r} must be a plain file name")
         incoming = self.root / "incoming"
         final = incoming / remote_name
-        tmp = incoming / f".{remote_name}.part-{os.getpid()}"
         try:
-            incoming.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                shutil.copyfile(local_path, tmp)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DeviceError(f"cannot copy {local_path} to {final}: {err.strerror or err}") from None
         return str(final)
 
@@ -133,6 +129,6 @@ def from_target(target) -> LocalTransport:
     connection = resolve_connection(target)
     root = connection.root
     if root == "@home":
-        from edgebuild.build.paths import edgebuild_home
+        from edgebuild.core.paths import edgebuild_home
         root = str(edgebuild_home() / f"agent-{target.name}")
     return LocalTransport(root, python=connection.agent_python)

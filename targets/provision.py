@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgebuild.build.errors import DeviceError, TargetError
+from edgebuild.core.errors import DeviceError, TargetError
 
 log = logging.getLogger(__name__)
 

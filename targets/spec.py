@@ -34,8 +34,9 @@ try:
 except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
 
-from edgebuild.build.errors import TargetError
-from edgebuild.build.registry import Registry
+from edgebuild.core.errors import TargetError
+from edgebuild.core.files import write_text_atomic
+from edgebuild.core.registry import Registry
 from edgebuild.targets.transport import transports
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def load_target(name_or_path) -> Target:
 
 def setup_path(name: str) -> Path:
     """Where ``edgebuild device setup`` records what it set up for target ``name``."""
-    from edgebuild.build.paths import edgebuild_home
+    from edgebuild.core.paths import edgebuild_home
     return edgebuild_home() / "devices" / f"{name}.json"
 
 
@@ -315,12 +316,8 @@ def write_setup(name: str, values: dict) -> Path:
     """Merge ``values`` into target ``name``'s setup record (temp file, then rename)."""
     values = _checked_overrides(values, "device setup values")
     path = setup_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**read_setup(name), **values}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def _checked_overrides(data: dict, where: str) -> dict:

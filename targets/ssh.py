@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import getpass
-import hashlib
 import logging
 import os
 import posixpath
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import paramiko
 
-from edgebuild.build.errors import DeviceError
-from edgebuild.targets.client import sha256_file
+from edgebuild.core.errors import DeviceError
+from edgebuild.core.files import sha256_file
 from edgebuild.targets.local import STDERR_LINES, drain_lines
 from edgebuild.targets.transport import Transport
 
@@ -47,18 +46,6 @@ def _host_entry(host: str, port: int) -> str:
 def _fingerprint(key) -> str:
     return f"{key.get_name()} {key.fingerprint}" if hasattr(key, "fingerprint") else key.get_name()
 
-
-def sha256_prefix(path, nbytes: int, chunk: int = CHUNK_BYTES) -> str:
-    """Hex sha256 of the first ``nbytes`` bytes of a local file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while nbytes > 0:
-            block = f.read(min(chunk, nbytes))
-            if not block:
-                break
-            digest.update(block)
-            nbytes -= len(block)
-    return digest.hexdigest()
 
 
 class _Reject(paramiko.RejectPolicy):
@@ -365,7 +352,7 @@ class SSHTransport(Transport):
         if not have or have > size:
             return 0
         remote = self._remote_sha256(tmp)
-        if remote is not None and remote == sha256_prefix(local_path, have):
+        if remote is not None and remote == sha256_file(local_path, have):
             log.info("resuming the upload of %s at byte %d of %d", Path(local_path).name, have, size)
             return have
         log.warning("partial upload %s does not match %s; sending it again from the start",

@@ -16,8 +16,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import BinaryIO
 
-from edgebuild.build.errors import ConfigError, DeviceError
-from edgebuild.build.registry import Registry
+from edgebuild.core.errors import ConfigError, DeviceError
+from edgebuild.core.registry import Registry
 
 transports: Registry = Registry("transport", error=ConfigError)
 transports.register_lazy("local", "edgebuild.targets.local:from_target")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("EDGEBUILD_DATA_DIR", REPO.parent / "shared" / "data"))
-TOKENIZER_DIR = REPO / "build" / "assets" / "smollm2-tokenizer"
+TOKENIZER_DIR = REPO / "core" / "assets" / "smollm2-tokenizer"
 
 
 def tiny_llama(tokenizer_dir=TOKENIZER_DIR):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edgebuild.bench import adaptive, stats
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 N = 2048
 CHANCE = 0.25

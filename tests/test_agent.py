@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebuild.build.errors import DeviceError, ExitCode
+from edgebuild.core.errors import DeviceError, ExitCode
 from edgebuild.device_agent import protocol, sysinfo
 from edgebuild.device_agent.server import MANIFEST
 from edgebuild.targets.client import AgentClient, deploy_stage

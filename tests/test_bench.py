@@ -10,7 +10,7 @@ import pytest
 from edgebuild.bench import benchmarks
 from edgebuild.bench.base import Benchmark
 from edgebuild.bench.profiles import PROFILES, allocate, get_profile, sample_indices, task_rng
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 from conftest import DATA_DIR, lm_eval_tasks, tiny_llama  # noqa: E402
 needs_data = pytest.mark.skipif(
@@ -19,9 +19,9 @@ needs_data = pytest.mark.skipif(
 
 
 def _tokenizer_dir() -> Path | None:
-    import edgebuild.build
+    import edgebuild.core
 
-    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer"]
+    candidates = [Path(edgebuild.core.__file__).parent / "assets" / "smollm2-tokenizer"]
     return next((p for p in candidates if (p / "tokenizer.json").is_file()), None)
 
 
@@ -377,7 +377,7 @@ def test_bench_host_compare_writes_both_sides(tmp_path, capsys):
 
 def test_bench_tools_give_one_line_errors(tmp_path, capsys):
     from edgebuild.bench import compare
-    from edgebuild.build.errors import ModelError, run_tool
+    from edgebuild.core.errors import ModelError, run_tool
 
     missing = str(tmp_path / "no-model")
     assert run_tool(lambda: compare.main(["--model", missing, "--data-dir", str(tmp_path)])) \

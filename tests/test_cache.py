@@ -1,7 +1,7 @@
 """The content-addressed step cache."""
 import pytest
 
-from edgebuild.build.cache import StepCache, code_version, digest
+from edgebuild.core.cache import StepCache, code_version, digest
 
 
 def test_digest_is_stable_and_sensitive():

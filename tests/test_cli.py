@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgebuild.build.cli import main
-from edgebuild.build.errors import ExitCode
+from edgebuild.core.errors import ExitCode
 
 from conftest import DATA_DIR  # noqa: E402
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress import (
     CompressContext, apply_records, method_info, methods, pack_model, packed_stats,
     select_linear_weights,

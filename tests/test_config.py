@@ -2,7 +2,7 @@
 import pytest
 
 from edgebuild.build.config import load_config
-from edgebuild.build.errors import ConfigError
+from edgebuild.core.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 from conftest import DATA_DIR, TOKENIZER_DIR  # noqa: E402
 

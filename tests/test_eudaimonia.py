@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from edgebuild.bench import eudaimonia
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 from conftest import tiny_llama  # noqa: E402
 

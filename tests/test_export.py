@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 
-from edgebuild.build.errors import ConfigError, ExitCode  # noqa: E402
+from edgebuild.core.errors import ConfigError, ExitCode  # noqa: E402
 from edgebuild.export import ExportError, exporters  # noqa: E402
 from edgebuild.export.onnx_graph import (  # noqa: E402
     WEIGHTS_LOCATION, CachedCausalLM, OnnxExporter, weight_sources)

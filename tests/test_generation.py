@@ -267,7 +267,7 @@ def test_run_host_generation_smoke(tiny_model, tmp_path):
 
 def test_run_host_rejects_a_bad_length(tiny_model, tmp_path):
     from edgebuild.bench.runner import run_host
-    from edgebuild.build.errors import ConfigError
+    from edgebuild.core.errors import ConfigError
 
     model, tokenizer = tiny_model
     with pytest.raises(ConfigError, match="max_gen_toks"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress import CompressContext, methods
 from edgebuild.compress import hyper
 from edgebuild.compress.hyper import HyperCompression, HyperConfig, compress_array, decode_array

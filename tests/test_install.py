@@ -5,7 +5,7 @@ import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["edgebuild.build", "edgebuild.build.cli", "edgebuild.targets", "edgebuild.compress",
+SUBPACKAGES = ["edgebuild.core", "edgebuild.build", "edgebuild.build.cli", "edgebuild.targets", "edgebuild.compress",
                "edgebuild.bench", "edgebuild.export", "edgebuild.device_agent", "edgebuild.device_agent.codecs", "edgebuild.bench.tasks"]
 PROBE = "import importlib, sys; [print(importlib.import_module(m).__file__) for m in sys.argv[1:]]"
 
@@ -14,8 +14,9 @@ def test_editable_install_imports_from_the_source_folders():
     out = subprocess.run([sys.executable, "-c", PROBE, *SUBPACKAGES], capture_output=True, text=True,
                          cwd="/", check=True).stdout.split()
     assert len(out) == len(SUBPACKAGES)
-    assert out[0] == str(REPO / "build" / "__init__.py")
-    assert out[6] == str(REPO / "device_agent" / "__init__.py")
+    assert out[0] == str(REPO / "core" / "__init__.py")
+    assert out[1] == str(REPO / "build" / "__init__.py")
+    assert out[7] == str(REPO / "device_agent" / "__init__.py")
 
 
 def test_regular_install_imports_every_subpackage(tmp_path):
@@ -29,4 +30,5 @@ def test_regular_install_imports_every_subpackage(tmp_path):
     assert len(out) == len(SUBPACKAGES)
     assert all(p.startswith(str(target)) for p in out), out
     assert (target / "edgebuild" / "targets" / "specs").is_dir()
+    assert (target / "edgebuild" / "core" / "assets" / "smollm2-tokenizer" / "tokenizer.json").is_file()
     assert not (REPO / "build" / "lib").exists()   # setuptools' output stays out of the source folder

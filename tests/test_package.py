@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from edgebuild.build.cli import main
-from edgebuild.build.errors import ExitCode, PackageError
+from edgebuild.core.errors import ExitCode, PackageError
 from edgebuild.build.package import build_package, extract, model_card, verify
 from test_report_html import make_build
 

@@ -8,7 +8,7 @@ import torch
 
 from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, Row, families, group_rows, layout,
                                     supports)
-from edgebuild.build.model import cache_arg, returned_cache
+from edgebuild.core.models import cache_arg, returned_cache
 
 from conftest import tiny_llama
 

@@ -2,7 +2,7 @@
 import pytest
 
 from edgebuild.build.config import load_config
-from edgebuild.build.errors import ExitCode
+from edgebuild.core.errors import ExitCode
 from edgebuild.build.pipeline import BuildRequest, Pipeline, StageRun
 
 

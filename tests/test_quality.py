@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgebuild.bench.quality import compare, quality_texts, reference_logprobs
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 from conftest import DATA_DIR  # noqa: E402
 TEXTS = [
@@ -20,9 +20,9 @@ TEXTS = [
 
 
 def _tokenizer_dir() -> Path | None:
-    import edgebuild.build
+    import edgebuild.core
 
-    candidates = [Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer"]
+    candidates = [Path(edgebuild.core.__file__).parent / "assets" / "smollm2-tokenizer"]
     return next((p for p in candidates if (p / "tokenizer.json").is_file()), None)
 
 

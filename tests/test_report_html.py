@@ -18,7 +18,7 @@ import pytest
 
 from edgebuild.build import gates, report_html
 from edgebuild.build.config import BuildConfig
-from edgebuild.build.errors import ExitCode
+from edgebuild.core.errors import ExitCode
 from edgebuild.build.manifest import write_manifest
 from edgebuild.build.pipeline import BuildResult, StageRun
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress import _seedlm_search as search
 from edgebuild.compress.base import CompressContext
 from edgebuild.compress.seedlm import SeedLM, SeedLMConfig, exponent_window

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebuild.build.errors import DeviceError
+from edgebuild.core.errors import DeviceError
 from edgebuild.device_agent import protocol
 from edgebuild.targets import provision
 from edgebuild.targets.client import AgentClient, connect, deploy_stage

@@ -4,7 +4,7 @@ import pytest
 
 from edgebuild.bench import edge, stats
 from edgebuild.bench.runner import TaskResult
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 
 def items(correct):

@@ -11,7 +11,7 @@ from edgebuild.bench.base import hold_out
 from edgebuild.bench.profiles import get_profile
 from edgebuild.bench.runner import prepare
 from edgebuild.bench.suite import CORE, EXPERT_DOMAINS, NOT_RUNNABLE, check_domains, expert_benchmarks, plan
-from edgebuild.build.errors import ConfigError, DataError
+from edgebuild.core.errors import ConfigError, DataError
 
 from conftest import DATA_DIR, lm_eval_tasks
 

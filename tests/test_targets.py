@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from edgebuild.build.errors import ConfigError, DeviceError, ExitCode, TargetError
+from edgebuild.core.errors import ConfigError, DeviceError, ExitCode, TargetError
 from edgebuild.targets.local import LocalTransport
 from edgebuild.targets.spec import BUILTIN, SPECS_DIR, Target, load_target, parse_target, targets
 from edgebuild.targets.transport import transport_for, transports

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgebuild.build.errors import ConfigError, ModelError
+from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress import CompressContext, methods, pack_model, packed_stats
 from edgebuild.compress._vptq_calib import calibration_batches, collect_hessians, token_stream
 from edgebuild.compress._vptq_core import quantize_group
@@ -298,9 +298,9 @@ def test_compress_accepts_text_with_a_tokenizer(tiny):
 
     from transformers import PreTrainedTokenizerFast
 
-    import edgebuild.build
+    import edgebuild.core
 
-    asset = Path(edgebuild.build.__file__).parent / "assets" / "smollm2-tokenizer" / "tokenizer.json"
+    asset = Path(edgebuild.core.__file__).parent / "assets" / "smollm2-tokenizer" / "tokenizer.json"
     tok = PreTrainedTokenizerFast(tokenizer_file=str(asset))
     ids = token_stream(["Hello world.", "Again."], tok)
     assert len(ids) > 3

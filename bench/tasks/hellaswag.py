@@ -24,7 +24,7 @@ from pathlib import Path
 
 from edgebuild.bench.base import Benchmark, Converted, fixed_chance, hold_out
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_lines
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 LINES_PER_ITEM = 6
 FEWSHOT = 10

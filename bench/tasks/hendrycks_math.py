@@ -18,7 +18,7 @@ from pathlib import Path
 
 from edgebuild.bench.base import Benchmark, Converted, Generation, fixed_chance
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_jsonl
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
             "number_theory", "prealgebra", "precalculus")

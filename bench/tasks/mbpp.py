@@ -18,7 +18,7 @@ from pathlib import Path
 from edgebuild.bench.base import Benchmark, Converted, Generation, fixed_chance
 from edgebuild.bench.codeexec import FILTER_NAME, task_overrides
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_jsonl
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 FIELDS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
 TEST_IDS = range(11, 511)

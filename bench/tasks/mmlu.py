@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edgebuild.bench.base import Benchmark, Converted, fixed_chance
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_csv
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 LETTERS = "ABCD"
 

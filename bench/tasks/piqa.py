@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgebuild.bench.base import Benchmark, Converted, fixed_chance
 from edgebuild.bench.data import DATA_HINT, convert_records, data_file, read_jsonl, read_lines
-from edgebuild.build.errors import DataError
+from edgebuild.core.errors import DataError
 
 
 def piqa_doc(pair: tuple) -> dict:

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from edgebuild.build import __version__
-from edgebuild.build.errors import EXIT_CODE_HELP, EdgebuildError, ExitCode
+from edgebuild.core import __version__
+from edgebuild.core.errors import EXIT_CODE_HELP, EdgebuildError, ExitCode
 
 EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c):>2}  {text}" for c, text in EXIT_CODE_HELP.items())
 

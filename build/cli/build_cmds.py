@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from edgebuild.build.cli.options import build_options
-from edgebuild.build.errors import ExitCode
+from edgebuild.core.errors import ExitCode
 
 
 def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
              steps=None, stages=None):
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
-    from edgebuild.build.progress import Progress
+    from edgebuild.core.progress import Progress
     cfg = load_config(config_path, profile=profile, stages=stages)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
                         from_stage=from_stage, steps=steps or STEPS, progress=Progress())
@@ -43,7 +43,7 @@ def _record(result, junit, wandb_mode):
     write_reports(result, path)
     write_html_report(result.out_dir)
     if junit is not None:
-        from edgebuild.build.errors import UsageError
+        from edgebuild.core.errors import UsageError
         from edgebuild.build.junit import write_junit
         try:
             write_junit(json.loads(path.read_text()), junit)
@@ -131,7 +131,7 @@ def _tasks_option(value: str) -> list:
 def _suite(value, req):
     """The benchmarks ``edgebuild bench`` runs: the named ones, or the planned suite."""
     from edgebuild.bench.suite import Suite, plan
-    from edgebuild.build.errors import DataError
+    from edgebuild.core.errors import DataError
     from edgebuild.build.pipeline import check_data_dir
     if value is not None and value.strip() != "all":
         return Suite(_tasks_option(value))
@@ -155,7 +155,7 @@ def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, junit,
     name = stage or req.config.stages[-1]
     runs = [r for r in result.runs if r.stage == name]
     if not runs:
-        from edgebuild.build.errors import UsageError
+        from edgebuild.core.errors import UsageError
         raise UsageError(f"stage {name!r} is not part of this build ({', '.join(req.config.stages)})")
     return 0 if runs[-1].status == "passed" else int(ExitCode.GATE_FAILED)
 

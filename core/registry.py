@@ -13,7 +13,7 @@ import difflib
 import importlib
 from typing import Generic, Iterator, TypeVar
 
-from edgebuild.build.errors import EdgebuildError, UnknownNameError
+from edgebuild.core.errors import EdgebuildError, UnknownNameError
 
 T = TypeVar("T")
 
