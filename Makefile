@@ -51,7 +51,7 @@ demo: setup model
 
 # Every compression method next to rtn at matching bits/weight, on the default model, in one run.
 bench-compress: setup model
-	$(BIN)/python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
+	$(BIN)/edgebuild measure compress --model smollm2-135m --data-dir $(DATA_DIR) --json $(OUT)/bench-compress.json
 
 # Host benchmarks through edgebuild next to lm-eval's stock hf model, same model, items and few-shot
 # examples (PROFILE=full for whole sets; BENCH_TASKS picks the benchmarks). lm-eval's hf model runs
@@ -64,11 +64,11 @@ BENCH_DEVICE ?= cpu
 BENCH_DTYPE ?= float32
 BENCH_FEWSHOT ?=
 bench-host: setup model
-	$(BIN)/python -m edgebuild.bench.compare --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_FEWSHOT),--num-fewshot $(BENCH_FEWSHOT)) --json $(OUT)/bench-host.json
+	$(BIN)/edgebuild measure host --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_FEWSHOT),--num-fewshot $(BENCH_FEWSHOT)) --json $(OUT)/bench-host.json
 
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup
-	$(BIN)/python -m edgebuild.bench.speed --out $(OUT)/demo --target $(TARGET) --json $(OUT)/bench-device.json
+	$(BIN)/edgebuild measure device --out $(OUT)/demo --target $(TARGET) --json $(OUT)/bench-device.json
 
 # A PNG of report.html rendered by headless Chromium (apt package chromium-headless-shell or chromium).
 report-screenshot: setup

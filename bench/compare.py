@@ -1,18 +1,17 @@
-"""``make bench-host``: edgebuild's host benchmarks next to lm-eval's stock ``hf`` model, same items.
+"""``edgebuild measure host`` (``make bench-host``): edgebuild's host benchmarks next to lm-eval's stock ``hf`` model, same items.
 
 Both sides evaluate the same in-memory model on the same generated lm-eval tasks (built-in task
 definitions, local data, the profile's seeded sample, the same few-shot examples): edgebuild through
-``HostLM`` (packed log-likelihoods with shared few-shot prefixes, see ``edgebuild.bench.packed``),
+``HostLM`` (packed log-likelihoods with shared few-shot prefixes, see ``edgebuild.bench.prefix_scoring``),
 lm-eval through its own ``HFLM`` (what ``lm_eval --model hf`` runs) wrapping the same model object,
 each task in its own ``simple_evaluate`` call per side. Printed per task: score and n of each, the
 score difference in points, on how many items both gave the same per-item result, items/s of each
 and their ratio; then the totals. Model loading is outside both timings.
 
-    python -m edgebuild.bench.compare --model smollm2-135m --data-dir DATA --profile full
+    edgebuild measure host --model smollm2-135m --data-dir DATA --profile full
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -116,37 +115,3 @@ def print_table(rows: list, title: str) -> None:
                       f"{h['items_per_s']:.1f}", f"{e['items_per_s'] / h['items_per_s']:.2f}x")
     Console(width=160).print(table)
     print("each task in its own simple_evaluate call per side; model loading excluded")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--profile", default="reduced", choices=("smoke", "reduced", "full"))
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--json", dest="json_out", type=Path, default=None)
-    p.add_argument("--device", default="cpu", help="torch device for both sides (e.g. cuda)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="weight dtype for both sides")
-    p.add_argument("--num-fewshot", type=int, default=None,
-                   help="few-shot examples for every task on both sides (default: each benchmark's own)")
-    args = p.parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
-
-    def save(rows: list) -> None:        # after each side of each task: a stopped run keeps it
-        if args.json_out:
-            args.json_out.parent.mkdir(parents=True, exist_ok=True)
-            args.json_out.write_text(json.dumps(rows, indent=2))
-
-    rows = compare(args.model, args.data_dir, tasks, args.profile, device=args.device,
-                   dtype=args.dtype, num_fewshot=args.num_fewshot, on_row=save)
-    shots = "" if args.num_fewshot is None else f", {args.num_fewshot}-shot"
-    print_table(rows, f"host benchmarks on {args.model} ({args.device}, {args.dtype}{shots}), profile "
-                      f"{args.profile}: edgebuild vs lm_eval --model hf")
-    return 0
-
-
-if __name__ == "__main__":
-    from edgebuild.core.errors import run_tool
-
-    raise SystemExit(run_tool(main))

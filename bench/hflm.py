@@ -1,6 +1,6 @@
 """lm-eval's ``HFLM`` with shared-work log-likelihoods, token-bounded batches and progress reports.
 
-Log-likelihood requests go to ``edgebuild.bench.packed.PackedScorer`` (one row per context with
+Log-likelihood requests go to ``edgebuild.bench.prefix_scoring.PackedScorer`` (one row per context with
 all its continuations, one computation per shared few-shot prefix) when the model supports it
 (``packed=True``, the default); otherwise to lm-eval's own code, batched as below. Generation
 moves a batch's common prompt prefix into a precomputed cache and decodes with
@@ -23,7 +23,7 @@ import transformers
 from lm_eval.models.huggingface import HFLM
 
 from edgebuild.bench import decode
-from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
+from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
                                     prefix_cache, supports)
 from edgebuild.core.models import cache_arg
 

@@ -17,7 +17,7 @@ Generation is what a ``reduced`` run spends much of its time on: on a 2-core CPU
 model decodes about 22 tokens/s one sequence at a time (batches of 16 with finished rows dropped do
 much better), so generation samples stay small; the ``full`` profile runs everything. Few-shot
 prompts cost little beyond their first item: their shared examples are computed once per task
-(``edgebuild.bench.packed``). The whole ``reduced`` suite (every core and expert benchmark,
+(``edgebuild.bench.prefix_scoring``). The whole ``reduced`` suite (every core and expert benchmark,
 eudaimonia included) takes about 16 minutes on 2 CPU cores for the default model, of which about
 6 are generation.
 """

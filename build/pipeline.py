@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from edgebuild.build import gates
 from edgebuild.core import models
 from edgebuild.core.cache import StepCache, code_version, digest
+from edgebuild.core.data import check_data_dir, data_fingerprint
 from edgebuild.core.files import sha256_file, write_json_atomic
 from edgebuild.build.config import BuildConfig, StageConfig
 from edgebuild.core.errors import ConfigError, DataError, DeviceError, EdgebuildError, ExitCode
@@ -249,7 +249,7 @@ class Pipeline:
     def _extra_items(self, run: StageRun, task: str, ids: list) -> list:
         """``[[doc_id, correct]]`` of ``run``'s model on the items ``ids`` of ``task`` (cached)."""
         ids = sorted(int(i) for i in ids)
-        key = digest("host-items", run.keys["pack"], task, ids, self._data_fingerprint(), self.cfg.seed,
+        key = digest("host-items", run.keys["pack"], task, ids, data_fingerprint(self.req.data_dir), self.cfg.seed,
                      code_version("bench"))
         entry = self.cache.get("hostitems", key)
         if entry is None:
@@ -371,7 +371,7 @@ class Pipeline:
         run.verify = json.loads((entry / "verify.json").read_text())
 
     def _host(self, run: StageRun) -> None:
-        key = digest("host", run.keys["pack"], self.cfg.tasks, self.cfg.profile, self._data_fingerprint(),
+        key = digest("host", run.keys["pack"], self.cfg.tasks, self.cfg.profile, data_fingerprint(self.req.data_dir),
                      self.cfg.seed, self._scenarios_fingerprint(), code_version("bench"))
         entry = self._get("host", key)
         if entry is None:
@@ -559,24 +559,6 @@ class Pipeline:
         from edgebuild.device_agent import codecs, packed
         _, records = packed.read(run.pack["path"])
         return codecs.decode_all(records)
-
-    # -- data ----------------------------------------------------------------------------------
-    def _data_fingerprint(self) -> str:
-        root = Path(self.req.data_dir)
-        entries = []
-        for dirpath, _, files in os.walk(root):
-            for f in sorted(files):
-                st = os.stat(os.path.join(dirpath, f))
-                entries.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
-        return digest(sorted(entries))
-
-
-def check_data_dir(d) -> None:
-    """``DataError`` when no benchmark data directory is given or it does not exist."""
-    if d is None:
-        raise DataError("no benchmark data directory given", hint="pass --data-dir DIR (see docs)")
-    if not Path(d).is_dir():
-        raise DataError(f"benchmark data directory {d} does not exist", hint="check --data-dir")
 
 
 def _with_items(result: dict, items: list, bench, docs: list) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from edgebuild.core.errors import ConfigError
 from edgebuild.core.registry import Registry
 from edgebuild.compress.base import CompressContext, CompressionMethod
-from edgebuild.compress.model import (
+from edgebuild.compress.packing import (
     apply_records, method_info, pack_leftovers, pack_model, packed_stats, select_linear_weights,
 )
 

@@ -95,14 +95,3 @@ class NetworkError(EdgebuildError):
 class UnknownNameError(ConfigError):
     """A registry lookup failed; the message carries a did-you-mean suggestion."""
 
-
-def run_tool(main) -> int:
-    """Run a command-line tool's ``main()`` (the ``make bench-*`` programs): an ``EdgebuildError``
-    becomes its one-line message on stderr and its own exit code."""
-    import sys
-
-    try:
-        return main()
-    except EdgebuildError as e:
-        print(f"error: {e.one_line()}", file=sys.stderr)
-        return int(e.exit_code)

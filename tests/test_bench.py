@@ -363,24 +363,31 @@ def test_inline_task_must_replace_the_builtin_helpers(tmp_path):
 
 
 @needs_data
-def test_bench_host_compare_writes_both_sides(tmp_path, capsys):
-    from edgebuild.bench import compare
+def test_measure_host_writes_both_sides(tmp_path, capsys):
+    from edgebuild.build.cli import main
 
     out = tmp_path / "rows.json"
-    assert compare.main(["--model", "tiny-random", "--data-dir", str(DATA_DIR), "--profile", "smoke",
-                         "--tasks", "piqa", "--num-fewshot", "0", "--json", str(out)]) == 0
+    assert main(["measure", "host", "--model", "tiny-random", "--data-dir", str(DATA_DIR), "--profile",
+                 "smoke", "--tasks", "piqa", "--num-fewshot", "0", "--json", str(out)]) == 0
     [row] = json.loads(out.read_text())
     assert row["edgebuild"]["n"] == row["lm_eval_hf"]["n"] == 8
     assert row["edgebuild"]["score"] == row["lm_eval_hf"]["score"] and row["same_items"] == 8
     assert "0-shot" in capsys.readouterr().out
 
 
-def test_bench_tools_give_one_line_errors(tmp_path, capsys):
-    from edgebuild.bench import compare
-    from edgebuild.core.errors import ModelError, run_tool
+@pytest.mark.parametrize("args, code", [
+    (["measure", "host", "--model", "{missing}", "--data-dir", "{tmp}"], 4),
+    (["measure", "host", "--model", "tiny-random", "--data-dir", "{missing}"], 6),
+    (["measure", "host", "--model", "tiny-random", "--data-dir", "{tmp}", "--tasks", "piqq"], 3),
+    (["measure", "host", "--num-fewshot", "-1"], 2),
+    (["measure", "compress", "--model", "{missing}", "--data-dir", "{tmp}"], 4),
+    (["measure", "device", "--out", "{missing}"], 2),
+])
+def test_measure_tools_give_one_line_errors(tmp_path, capsys, args, code):
+    from edgebuild.build.cli import main
 
-    missing = str(tmp_path / "no-model")
-    assert run_tool(lambda: compare.main(["--model", missing, "--data-dir", str(tmp_path)])) \
-        == ModelError.exit_code
-    err = capsys.readouterr().err
-    assert err.startswith("error: model ") and missing in err and len(err.strip().splitlines()) == 1
+    missing = str(tmp_path / "nothing-here")
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in args]
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err

@@ -90,7 +90,7 @@ def test_missing_data_dir(capsys, tmp_path):
 
 def test_bad_profile_is_a_usage_error(capsys):
     code, _, err = run(capsys, "all", "--profile", "huge")
-    assert code == ExitCode.USAGE and "huge" in err
+    assert code == ExitCode.USAGE and "huge" in one_line_error(err) and "edgebuild all --help" in err
 
 
 def test_fetch_refuses_a_wheel_with_the_wrong_checksum(capsys, tmp_path):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from edgebuild.bench.packed import (MIN_PREFIX, PackedScorer, Row, families, group_rows, layout,
+from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, Row, families, group_rows, layout,
                                     supports)
 from edgebuild.core.models import cache_arg, returned_cache
 

@@ -46,8 +46,8 @@ def _quiet_libraries() -> None:
 
 
 def _register() -> None:
-    from edgebuild.build.cli import build_cmds, model_cmds, release_cmds, target_cmds
-    for module in (build_cmds, model_cmds, release_cmds, target_cmds):
+    from edgebuild.build.cli import build_cmds, measure_cmds, model_cmds, release_cmds, target_cmds
+    for module in (build_cmds, measure_cmds, model_cmds, release_cmds, target_cmds):
         module.register(cli)
 
 
@@ -67,8 +67,12 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+        return e.exit_code
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted; finished steps are kept in the cache", err=True)

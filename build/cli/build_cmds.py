@@ -132,7 +132,7 @@ def _suite(value, req):
     """The benchmarks ``edgebuild bench`` runs: the named ones, or the planned suite."""
     from edgebuild.bench.suite import Suite, plan
     from edgebuild.core.errors import DataError
-    from edgebuild.build.pipeline import check_data_dir
+    from edgebuild.core.data import check_data_dir
     if value is not None and value.strip() != "all":
         return Suite(_tasks_option(value))
     check_data_dir(req.data_dir)

@@ -1,18 +1,15 @@
-"""``make bench-compress``: each method and config side by side on one model, in one run.
+"""``edgebuild measure compress`` (``make bench-compress``): each method and config side by side on one model, in one run.
 
 For every configuration: packed bytes (the artifact as written), bits per compressed weight, KL
 divergence and top-1 agreement of next-token distributions against the uncompressed model, the
 perplexity ratio, and wall time; ``rtn`` runs at matching bits/weight next to each method. Settings
 reduced for a CPU (for example a restricted SeedLM seed budget) are labelled in the table.
 
-    python -m edgebuild.compress.benchmark --model smollm2-135m --data-dir DATA
+    edgebuild measure compress --model smollm2-135m --data-dir DATA
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,19 +50,13 @@ def run_config(base, tok, method, knobs, ctx_kwargs, texts, ref) -> dict:
             "facts": ctx.log, **q}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--configs", default=None, help="JSON file: [[label, method, knobs, note], ...]")
-    p.add_argument("--json", dest="json_out", default=None, help="Also write the rows to this file.")
-    args = p.parse_args(argv)
+def run(model_spec: str, data_dir, configs=CONFIGS, on_row=None) -> list:
+    """One row per configuration, measured in one run against the same reference log-probabilities."""
     from edgebuild.bench import quality
     from edgebuild.core import models
-    configs = json.loads(Path(args.configs).read_text()) if args.configs else CONFIGS
-    base, tok = models.load(models.resolve(args.model))
-    texts = quality.quality_texts(args.data_dir)
-    calib = quality.quality_texts(args.data_dir, 32, seed=1)
+    base, tok = models.load(models.resolve(model_spec))
+    texts = quality.quality_texts(data_dir)
+    calib = quality.quality_texts(data_dir, 32, seed=1)
     ref = quality.reference_logprobs(base, tok, texts)
     ctx_kwargs = {"calibration_texts": calib, "device": _device()}
     rows = []
@@ -74,12 +65,9 @@ def main(argv=None) -> int:
                **run_config(base, tok, method, knobs, ctx_kwargs, texts, ref)}
         row["note"] = note or _note(row["facts"])
         rows.append(row)
-        print(json.dumps(row, default=str), file=sys.stderr, flush=True)
-    _print(rows, args.model)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(rows, indent=2, default=str))
-    return 0
+        if on_row:
+            on_row(rows)
+    return rows
 
 
 def _note(facts: dict) -> str:
@@ -95,7 +83,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _print(rows, model) -> None:
+def print_table(rows, model) -> None:
     from rich.console import Console
     from rich.table import Table
     t = Table(title=f"compression methods on {model} (KL etc. against the uncompressed model)")
@@ -106,8 +94,3 @@ def _print(rows, model) -> None:
                   f"{r['top1_agreement']:.3f}", f"{r['ppl_ratio']:.3f}", f"{r['seconds']:.1f}", r["note"])
     Console(width=200).print(t)
 
-
-if __name__ == "__main__":
-    from edgebuild.core.errors import run_tool
-
-    raise SystemExit(run_tool(main))

@@ -1,4 +1,4 @@
-"""``make bench-device``: decode and prefill speed of each stage's artifact, in the agent and in torch.
+"""``edgebuild measure device`` (``make bench-device``): decode and prefill speed of each stage's artifact, in the agent and in torch.
 
 For every stage artifact of a finished build (``<out>/<target>/manifest.json``), in one run on this
 machine: the device agent (through the target's transport) loads the stage's ONNX graph and packed
@@ -6,11 +6,10 @@ weights and times prefill of ``prompt_len`` tokens and KV-cached decode (warm-up
 samples, medians here); torch runs the same stage's decoded weights with the same token counts,
 threads and greedy decode. Both bind float32 weights, so the ratio is the runtimes' ratio.
 
-    python -m edgebuild.bench.speed --out out/demo --target local
+    edgebuild measure device --out out/demo --target local
 """
 from __future__ import annotations
 
-import argparse
 import os
 import json
 import statistics
@@ -124,22 +123,3 @@ def print_table(rows: list, title: str) -> None:
                       f"{t['prefill_tok_s']:.0f}", f"{a['decode_tok_s']:.1f}", f"{t['decode_tok_s']:.1f}",
                       f"{a['decode_tok_s'] / t['decode_tok_s']:.2f}x")
     Console(width=160).print(table)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("out/demo"), help="The build's --out directory.")
-    p.add_argument("--target", default="local")
-    p.add_argument("--json", dest="json_out", type=Path, default=None)
-    args = p.parse_args(argv)
-    rows = run(args.out / args.target, args.target)
-    print_table(rows, f"stage artifacts in the agent ({args.target}) and in torch, same machine, fp32")
-    if args.json_out:
-        args.json_out.write_text(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    from edgebuild.core.errors import run_tool
-
-    raise SystemExit(run_tool(main))
