@@ -96,3 +96,22 @@ def _accumulate(totals: dict, ref_half, stage, targets) -> None:
     totals["nll_stage"] -= float(stage[rows, targets].sum())
     totals["nll_base"] -= float(base[rows, targets].sum())
     totals["targets"] += len(targets)
+
+
+class TextSets:
+    """The two text sets a build draws from the data dir: the fixed quality texts (KL, top-1,
+    perplexity ratio against the baseline) and the calibration texts compression methods may use,
+    which never overlap the fixed ones."""
+
+    def __init__(self, data_dir, calibration: int, seed: int = 0):
+        self.data_dir, self.n_calibration, self.seed = data_dir, calibration, seed
+
+    def fixed(self) -> list[str]:
+        return quality_texts(self.data_dir, seed=self.seed)
+
+    def calibration(self) -> list[str]:
+        if not self.n_calibration:
+            return []
+        held_out = set(self.fixed())
+        pool = quality_texts(self.data_dir, self.n_calibration + len(held_out), seed=self.seed + 1)
+        return [t for t in pool if t not in held_out][: self.n_calibration]

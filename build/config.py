@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROFILES = ("smoke", "reduced", "full")
+PROFILES = ("smoke", "reduced", "full")      # smallest first (as edgebuild.bench.profiles)
 LADDER = ("baseline", "seedlm", "vptq", "hyper")
 RETENTION_KINDS = ("raw", "chance_normalised")
 SOURCES = ("previous", "baseline")

@@ -18,6 +18,7 @@ one, and the edge-of-chaos band (``edgebuild.bench.edge``) of the benchmark name
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from edgebuild.bench import edge, eudaimonia
 from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, UNINFORMATIVE, Retention,
                                    mean_interval, paired, retention, verdict)
 from edgebuild.build.config import GateConfig
+from edgebuild.core.steps import BuildContext, StageRun, Step
 
 __all__ = ["PASS", "FAIL", "INCONCLUSIVE", "UNINFORMATIVE", "NOT_RUN", "Retention", "Check",
            "GateReport", "StageEvidence", "paired", "retention", "verdict", "evaluate", "device_checks"]
@@ -255,3 +257,69 @@ def device_checks(device: dict | None, artifact_bytes, budgets: dict) -> list:
         out.append(Check("device/artifact_mb", "device", PASS if mb <= limit else FAIL, mb, limit,
                          detail=f"{mb:.1f} MB vs budget {limit}"))
     return out
+
+
+# -- the gate step ------------------------------------------------------------------------------
+
+class GateStep(Step):
+    """Decide a stage against its reference (the stage it was compressed from), the baseline and
+    the target's budgets. An inconclusive retention verdict first samples more items of that
+    benchmark (``edgebuild.bench.resample``) until it is decisive. Never cached: it depends on the
+    other stages of the same build."""
+
+    name = "gate"
+    needs = ("pack",)
+
+    def key(self, ctx: BuildContext, run: StageRun) -> None:
+        return None
+
+    def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
+        reference = ctx.passed.get(run.source, run) if run.source else run
+        baseline = ctx.passed.get("baseline", run)
+        ev = StageEvidence(run.stage, run.host, reference.host, baseline.host, run.quality, run.device,
+                           run.pack.get("bytes"), ctx.target.budgets_dict(),
+                           edge_task=ctx.config.edge_task or None)
+        report = evaluate(ev, ctx.config.gates, seed=ctx.config.seed)
+        if run.stage == "baseline":
+            report = baseline_gate(report)
+        elif resample_inconclusive(ctx, run, reference, ev, report):
+            report = evaluate(ev, ctx.config.gates, seed=ctx.config.seed)
+        return report.to_dict()
+
+    def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
+        run.gate = record
+        run.status = "passed" if record["passed"] else "failed"
+
+
+def baseline_gate(report: GateReport) -> GateReport:
+    """The baseline is its own reference: only the device budgets can fail it."""
+    checks = [c for c in report.checks if c.group == "device"]
+    reasons = [f"{c.name}: {c.detail}" for c in checks if c.verdict == FAIL]
+    return GateReport("baseline", not reasons, False, checks, reasons)
+
+
+def resample_inconclusive(ctx: BuildContext, run: StageRun, reference: StageRun, ev: StageEvidence,
+                          report: GateReport) -> bool:
+    """Extend the sample of each benchmark whose retention verdict is inconclusive (multiple-choice,
+    unstratified tasks; up to ``gates.adaptive_max_items`` items); update ``run.host`` and ``ev`` in
+    place. True when anything changed. A critical failure is decided whatever more items say."""
+    from edgebuild.bench import resample
+    g = ctx.config.gates
+    if not g.adaptive_max_items or report.critical:
+        return False
+    changed = False
+    for check in report.checks:
+        if check.group not in ("core", "expert") or check.verdict != INCONCLUSIVE:
+            continue
+        task = check.name.split("/", 1)[1]
+        threshold = (g.core if check.group == "core" else g.expert).get(run.stage)
+        if threshold is None or task not in ev.reference:
+            continue
+        extended = resample.extend(ctx, run, reference, task, threshold, g, g.adaptive_max_items)
+        if extended is not None:
+            run.host[task], ev.host[task] = extended[0], extended[0]
+            ev.reference = {**ev.reference, task: extended[1]}
+            if ev.baseline is reference.host:
+                ev.baseline = ev.reference
+            changed = True
+    return changed

@@ -50,6 +50,7 @@ class StepCache:
         self.force = force
         self.hits: list[str] = []
         self.misses: list[str] = []
+        self._started: dict[Path, float] = {}
 
     def path(self, step: str, key: str) -> Path:
         return self.root / step / key
@@ -65,22 +66,45 @@ class StepCache:
     @contextlib.contextmanager
     def build(self, step: str, key: str):
         """Yield a fresh work dir; on success it becomes the entry, on failure it is kept aside."""
-        final = self.path(step, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
-        t0 = time.time()
+        work = self.begin(step, key)
         try:
             yield work
         except BaseException:
-            failed = self.root / "_failed" / f"{step.replace('/', '_')}-{key[:12]}-{int(t0)}"
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(work, failed)
+            self.fail(work, step, key)
             raise
-        (work / "_done.json").write_text(json.dumps({"step": step, "key": key, "seconds": time.time() - t0}))
+        self.commit(work, step, key)
+
+    def begin(self, step: str, key: str) -> Path:
+        """A fresh work dir beside where the entry will be (``commit``, ``fail`` or ``discard`` it)."""
+        final = self.path(step, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
+        self._started[work] = time.time()
+        return work
+
+    def commit(self, work: Path, step: str, key: str) -> Path:
+        """Make ``work`` the finished entry of ``step``/``key`` and return the entry's path."""
+        final = self.path(step, key)
+        seconds = time.time() - self._started.pop(work, time.time())
+        (work / "_done.json").write_text(json.dumps({"step": step, "key": key, "seconds": seconds}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(work, final)
         self.misses.append(step)
+        return final
+
+    def fail(self, work: Path, step: str, key: str) -> Path:
+        """Keep a failed step's work dir under ``_failed/`` for inspection."""
+        t0 = self._started.pop(work, time.time())
+        failed = self.root / "_failed" / f"{step.replace('/', '_')}-{key[:12]}-{int(t0)}"
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work, failed)
+        return failed
+
+    def discard(self, work: Path) -> None:
+        """Drop a work dir whose result must not be reused."""
+        self._started.pop(work, None)
+        shutil.rmtree(work, ignore_errors=True)
 
     def failed_dir(self) -> Path:
         return self.root / "_failed"

@@ -4,11 +4,12 @@ import pytest
 from edgebuild.build.config import load_config
 from edgebuild.core.errors import ExitCode
 from edgebuild.build.pipeline import BuildRequest, Pipeline, StageRun
+from edgebuild.bench import resample
 
 
 def run_with(outcomes, tmp_path, monkeypatch, cfg=None):
     """``outcomes[(stage, attempt)] = "pass" | "fail" | "critical"`` (default pass)."""
-    def fake(self, name, sc, attempt, source, passed):
+    def fake(self, name, sc, attempt, source):
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None)
         verdict = outcomes.get((name, attempt), "pass")
         run.gate = {"passed": verdict == "pass", "critical": verdict == "critical", "checks": [],
@@ -65,7 +66,7 @@ def test_stage_from_baseline_runs_even_when_previous_failed(tmp_path, monkeypatc
 def test_no_retries_when_configured(tmp_path, monkeypatch):
     cfg = load_config(None)
     cfg.gates.max_retries = 0
-    def fake(self, name, sc, attempt, source, passed):
+    def fake(self, name, sc, attempt, source):
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, None)
         run.status = "failed" if name == "hyper" else "passed"
         run.gate = {"critical": False}
@@ -92,11 +93,11 @@ def _adaptive_case(tmp_path, monkeypatch, stage_correct):
     truth = {d: float(rng.random() < 0.6) for d in range(3000)}
     calls = []
 
-    def fake_items(self, run, task, ids):
+    def fake_items(ctx, run, task, ids):
         calls.append((run.stage, len(ids)))
         ref = run.stage == "baseline"
         return [[int(d), truth[d] if ref else stage_correct(d, truth[d])] for d in sorted(ids)]
-    monkeypatch.setattr(Pipeline, "_extra_items", fake_items)
+    monkeypatch.setattr(resample, "extra_items", fake_items)
     req = BuildRequest(model="tiny-random", target="local", config=load_config(None),
                        out=tmp_path / "out", data_dir=DATA_DIR)
     pipe = Pipeline(req)
@@ -109,7 +110,7 @@ def _adaptive_case(tmp_path, monkeypatch, stage_correct):
                                "items": [[d, stage_correct(d, truth[d])] for d in first]}}
     ev = gates.StageEvidence("seedlm", stage.host, base.host, base.host)
     before = gates.evaluate(ev, pipe.cfg.gates)
-    changed = pipe._adaptive(stage, base, ev, before)
+    changed = gates.resample_inconclusive(pipe.ctx, stage, base, ev, before)
     return before, gates.evaluate(ev, pipe.cfg.gates), changed, calls, stage
 
 

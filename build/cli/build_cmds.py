@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgebuild.build.cli.options import build_options
+from edgebuild.build.steps import COMMANDS
 from edgebuild.core.errors import ExitCode
 
 
@@ -87,11 +88,11 @@ def _partial(name: str, steps: tuple, doc: str):
     return cmd
 
 
-compress_cmd = _partial("compress", ("pack",), "Compress every configured stage and write its packed weights "
+compress_cmd = _partial("compress", COMMANDS["compress"], "Compress every configured stage and write its packed weights "
                         "(bytes and bits/weight are printed); no benchmarks.")
-export_cmd = _partial("export", ("pack", "export"), "Compress and export every stage: ONNX graph + packed weights, "
+export_cmd = _partial("export", COMMANDS["export"], "Compress and export every stage: ONNX graph + packed weights, "
                       "checked against torch logits.")
-deploy_cmd = _partial("deploy", ("pack", "export", "device"), "Compress and export each stage and push it to "
+deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and export each stage and push it to "
                       "the target's device agent, measuring latency and memory there; no gates.")
 
 
@@ -106,7 +107,7 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, tasks
     benchmarks of the config's expert domains; benchmarks that cannot run are listed as unavailable."""
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
-    req = _request(model, target, config_path, profile, data_dir, out, steps=("pack", "host"),
+    req = _request(model, target, config_path, profile, data_dir, out, steps=COMMANDS["bench"],
                    stages=["baseline"])
     suite = _suite(tasks, req)
     req.config.tasks = suite.tasks

@@ -1,0 +1,40 @@
+"""The build's steps, in the order they run for each attempt at each stage.
+
+Adding a phase: write a ``edgebuild.core.steps.Step`` in the folder that owns its subject, register
+it here and give it its place in ``ORDER``; the pipeline runs, caches and records it.
+"""
+from __future__ import annotations
+
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.registry import Registry
+
+steps = Registry("build step", error=ConfigError)
+steps.register_lazy("pack", "edgebuild.compress.step:PackStep")
+steps.register_lazy("graph", "edgebuild.export.step:GraphStep")
+steps.register_lazy("verify", "edgebuild.export.step:VerifyStep")
+steps.register_lazy("host", "edgebuild.bench.step:HostStep")
+steps.register_lazy("device", "edgebuild.targets.step:DeviceStep")
+steps.register_lazy("gate", "edgebuild.build.gates:GateStep")
+
+ORDER = ("pack", "graph", "verify", "host", "device", "gate")
+
+# What each build command runs (the steps they need are added by ``plan``).
+COMMANDS = {
+    "all": ORDER,
+    "compress": ("pack",),
+    "export": ("pack", "graph", "verify"),
+    "deploy": ("pack", "graph", "verify", "device"),
+    "bench": ("pack", "host"),
+}
+
+
+def plan(names) -> tuple:
+    """``names`` and every step they need, in ``ORDER``."""
+    wanted = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(steps.get(name).needs)
+    return tuple(n for n in ORDER if n in wanted)

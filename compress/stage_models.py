@@ -1,0 +1,53 @@
+"""Torch models for a build's steps: the base model, loaded once, and each stage's model carrying
+the weights its packed records decode to (host and device see the same numpy-decoded weights)."""
+from __future__ import annotations
+
+import copy
+
+from edgebuild.core import models
+
+
+class StageModels:
+    """``base()`` loads the model on first use; ``for_stage(run)`` is the base model with the
+    stage's decoded weights (kept per stage run); ``source(run)`` a private copy to compress."""
+
+    def __init__(self, ref, progress):
+        self.ref, self.progress = ref, progress
+        self._base = None
+        self._stages: dict = {}
+
+    def base(self):
+        """``(model, tokenizer)`` of the uncompressed model."""
+        if self._base is None:
+            with self.progress.step(f"load model {self.ref.spec}"):
+                self._base = models.load(self.ref)
+        return self._base
+
+    def source(self, run):
+        """A private copy of ``run``'s model (the base model when ``run`` is None or the baseline)."""
+        model, tok = self.base()
+        if run is None or run.stage == "baseline":
+            return copy.deepcopy(model), tok
+        return self.for_stage(run)
+
+    def for_stage(self, run):
+        """The torch model carrying ``run``'s decoded weights (the base model for the baseline)."""
+        key = (run.stage, run.attempt, run.keys.get("pack"))
+        if key not in self._stages:
+            from edgebuild.compress.packing import apply_records
+            model, tok = self.base()
+            if run.stage != "baseline":
+                model = copy.deepcopy(model)
+                apply_records(model, self.records(run))
+            self._stages[key] = (model, tok)
+        return self._stages[key]
+
+    def records(self, run) -> list:
+        """The records of ``run``'s packed weights, read from its artifact."""
+        from edgebuild.device_agent import packed
+        return packed.read(run.pack["path"])[1]
+
+    def decoded(self, run) -> dict:
+        """``{state-dict name: float32 array}`` of ``run``'s packed weights."""
+        from edgebuild.device_agent import codecs
+        return codecs.decode_all(self.records(run))

@@ -1,0 +1,94 @@
+"""The step interface: what a build phase needs, its fingerprint, and its run into a record.
+
+A build runs, for each attempt at each stage, a sequence of steps (``edgebuild.build.steps``):
+pack → graph → verify → host → device → gate. Each step lives in the folder that owns its subject
+(``compress/``, ``export/``, ``bench/``, ``targets/``, ``build/gates.py``) and knows nothing of the
+orchestrator: it gets a ``BuildContext`` (the shared services of one build) and the ``StageRun`` it
+works on, and the pipeline owns caching: it asks the step for its key, reuses a cached record when
+there is one, and otherwise runs the step in a fresh work directory that becomes the cache entry.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass
+class StageRun:
+    """One attempt at one stage, with everything measured (the manifest is built from these)."""
+
+    stage: str
+    method: str
+    knobs: dict
+    attempt: int
+    source: str | None
+    keys: dict = field(default_factory=dict)      # step name -> cache key
+    pack: dict = field(default_factory=dict)
+    verify: dict = field(default_factory=dict)
+    host: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    device: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)
+    status: str = "pending"   # passed, failed, skipped
+    note: str = ""
+    spec: Any = field(default=None, repr=False, compare=False)   # the stage's StageConfig
+
+
+@dataclass
+class BuildContext:
+    """The services one build shares between its steps.
+
+    ``config`` is the build config (``edgebuild.build.config.BuildConfig``), ``ref`` the resolved
+    model (``edgebuild.core.models.ModelRef``), ``target`` the target spec; ``models`` gives torch
+    models (the base model, a stage's model), ``texts`` the fixed and calibration text sets,
+    ``device`` the connection to the target's agent (opened on first use); ``passed`` maps each
+    stage that passed so far to its ``StageRun``.
+    """
+
+    config: Any
+    ref: Any
+    target: Any
+    data_dir: Path | None
+    out: Path
+    cache: Any
+    progress: Any
+    models: Any = None
+    texts: Any = None
+    device: Any = None
+    passed: dict = field(default_factory=dict)
+
+    @property
+    def data_cache(self) -> Path:
+        """Where converted benchmark data and generated task files are kept."""
+        return self.out / "cache" / "data"
+
+
+class Step(ABC):
+    """One phase of a stage's build.
+
+    ``needs`` names the steps whose records this one reads (the pipeline runs them first).
+    A step whose ``key`` is None is never cached (it is cheap, or depends on what ran before it in
+    the same build); ``cacheable(record)`` may refuse one result (a device that did not answer).
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def key(self, ctx: BuildContext, run: StageRun) -> str | None:
+        """The fingerprint of everything this step's output depends on (None: never cached)."""
+
+    @abstractmethod
+    def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
+        """Do the work, writing any files into ``work`` (None for a step that is never cached);
+        return the record (JSON-serialisable)."""
+
+    @abstractmethod
+    def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
+        """Put a record (fresh or cached; its files are in ``entry``) into ``run``."""
+
+    def cacheable(self, record: dict) -> bool:
+        """Whether this record may be reused by a later build (default: always)."""
+        return True
