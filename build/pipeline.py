@@ -41,6 +41,7 @@ class BuildRequest:
     from_stage: str | None = None
     steps: tuple = STEPS             # which steps to run (partial commands run fewer)
     progress: Progress = field(default_factory=lambda: Progress(False))
+    listeners: list = field(default_factory=list)   # each gets .stage_finished(run, ctx) after every attempt
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Pipeline:
                     runs.append(run)
                     if run.status == "passed":
                         self.ctx.passed[name] = run
+                    for listener in self.req.listeners:
+                        listener.stage_finished(run, self.ctx)
         finally:
             self.ctx.device.close()
         shipped = choose(self.cfg.stages, self.ctx.passed)

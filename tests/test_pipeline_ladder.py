@@ -138,3 +138,24 @@ def test_decisive_retention_samples_nothing_more(tmp_path, monkeypatch):
     before, _, changed, calls, _ = _adaptive_case(tmp_path, monkeypatch, lambda d, c: c)
     assert _check(before, "core/arc_easy").verdict == "pass"
     assert not changed and not calls
+
+
+def test_listeners_hear_of_every_attempt_as_it_finishes(tmp_path, monkeypatch):
+    heard = []
+
+    class Listener:
+        def stage_finished(self, run, ctx):
+            heard.append((run.stage, run.attempt, run.status, sorted(ctx.passed)))
+
+    def fake(self, name, sc, attempt, source):
+        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None)
+        run.status = "failed" if (name, attempt) == ("vptq", 0) else "passed"
+        run.gate = {"critical": False}
+        return run
+    monkeypatch.setattr(Pipeline, "_run_stage", fake)
+    req = BuildRequest("tiny-random", "local", load_config(None), tmp_path / "o", data_dir=tmp_path,
+                       listeners=[Listener()])
+    Pipeline(req).run()
+    assert heard[:3] == [("baseline", 0, "passed", ["baseline"]), ("seedlm", 0, "passed", ["baseline", "seedlm"]),
+                         ("vptq", 0, "failed", ["baseline", "seedlm"])]
+    assert [h[:2] for h in heard] == [("baseline", 0), ("seedlm", 0), ("vptq", 0), ("vptq", 1), ("hyper", 0)]
