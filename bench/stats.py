@@ -35,6 +35,7 @@ import numpy as np
 from edgebuild.core.errors import ConfigError
 
 PASS, FAIL, INCONCLUSIVE, UNINFORMATIVE, NOT_RUN = "pass", "fail", "inconclusive", "uninformative", "not_run"
+SKIPPED = "skipped"          # a check the user chose not to run (e.g. --no-device)
 RULES = ("point", "interval")
 KINDS = ("raw", "chance_normalised")
 MAX_DRAWS = 1 << 22          # indices drawn per chunk of bootstrap replicates (32 MB of int64)

@@ -1,5 +1,7 @@
-"""The host step: a stage's benchmarks (core and expert suite, eudaimonia scenarios) and its
-output-distribution quality against the baseline, all on the host's torch model of the stage."""
+"""The host steps, on the host's torch model of a stage: ``quality`` (KL divergence, top-1 agreement
+and perplexity ratio against the baseline: seconds, so it runs first and a broken stage stops
+there) and ``host`` (the benchmark suite and the eudaimonia scenarios, task by task, stopping as
+soon as the build's judge says the stage has failed whatever the remaining tasks give)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,31 +13,65 @@ from edgebuild.core.files import sha256_file
 from edgebuild.core.steps import BuildContext, StageRun, Step
 
 
+class QualityStep(Step):
+    """Record: ``{"kl", "top1_agreement", "ppl_ratio"}`` against the baseline on the fixed texts."""
+
+    name = "quality"
+    needs = ("pack",)
+
+    def key(self, ctx: BuildContext, run: StageRun) -> str:
+        return digest("quality", run.keys["pack"], ctx.texts.fixed(), code_version("bench"))
+
+    def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
+        model, tok = ctx.models.for_stage(run)
+        with ctx.progress.step(f"KL and top-1 {run.stage}"):
+            return _quality(ctx, model, tok)
+
+    def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
+        run.quality = record
+
+
 class HostStep(Step):
-    """Record: ``{"results": {task: result}, "quality": {"kl", "top1_agreement", "ppl_ratio"}}``."""
+    """Record: ``{"results": {task: result}, "stopped": None | {"after": task, "reason": str}}``.
+
+    Tasks run one at a time in ``config.tasks`` order; after each, ``ctx.judge`` (when the build
+    sets one) may stop the stage: the tasks left are not run, and the record says why."""
 
     name = "host"
     needs = ("pack",)
 
     def key(self, ctx: BuildContext, run: StageRun) -> str:
         cfg = ctx.config
+        judge = ctx.judge.fingerprint(run) if ctx.judge else None
         return digest("host", run.keys["pack"], cfg.tasks, cfg.profile, data_fingerprint(ctx.data_dir),
-                      cfg.seed, scenarios_fingerprint(cfg), code_version("bench"))
+                      cfg.seed, scenarios_fingerprint(cfg), judge, code_version("bench"))
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
-        from edgebuild.bench.runner import run_host
-        cfg = ctx.config
         model, tok = ctx.models.for_stage(run)
-        with ctx.progress.step(f"benchmarks {run.stage}") as update:
-            results = run_host(model, tok, cfg.tasks, cfg.profile, ctx.data_dir, ctx.data_cache,
-                               seed=cfg.seed, progress=update)
-        results = {k: v.to_dict() for k, v in results.items()}
-        if cfg.eudaimonia:
+        results, stopped, tasks = {}, None, ctx.config.tasks
+        for done, task in enumerate(tasks, start=1):
+            with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)") as update:
+                results[task] = _task(ctx, model, tok, task, update)
+            reason = ctx.judge.failed(run, results) if ctx.judge else None
+            if reason and done < len(tasks):
+                stopped = {"after": task, "reason": reason}
+                break
+        if ctx.config.eudaimonia and stopped is None:
             results.update(_eudaimonia(ctx, run, model, tok))
-        return {"results": results, "quality": _quality(ctx, model, tok)}
+        return {"results": results, "stopped": stopped}
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
-        run.host, run.quality = record["results"], record["quality"]
+        run.host = record["results"]
+        if record.get("stopped"):
+            run.stopped = record["stopped"]
+
+
+def _task(ctx: BuildContext, model, tok, task: str, progress) -> dict:
+    from edgebuild.bench.runner import run_host
+    cfg = ctx.config
+    result = run_host(model, tok, [task], cfg.profile, ctx.data_dir, ctx.data_cache, seed=cfg.seed,
+                      progress=progress)
+    return result[task].to_dict()
 
 
 def _eudaimonia(ctx: BuildContext, run: StageRun, model, tok) -> dict:

@@ -34,6 +34,11 @@ class StageConfig:
     include_embeddings: bool = False  # compress the (tied) embedding matrix too
     scope: str = "weights"            # "weights": the decoder's linear weights; "leftovers": keep the
                                       # source's compressed records, compress what it left in float
+    space: dict | None = None         # knob -> values tried by the search (None: the method's own)
+    order: list | None = None         # which knob of ``space`` moves first (None: the method's own)
+    fallback_layers: list = field(default_factory=lambda: [2, 4])  # after a setting fails: keep its
+                                      # N most sensitive decoder layers at 8-bit (rtn), N in turn
+    fallback_knobs: dict = field(default_factory=lambda: {"bits": 8, "group_size": 32})
 
 
 @dataclass
@@ -53,17 +58,23 @@ class GateConfig:
     confidence: float = 0.95                 # bootstrap interval level
     bootstrap: int = 1000                    # bootstrap resamples
     on_inconclusive: str = "fail"            # "fail" or "pass"
-    max_retries: int = 1
     adaptive_max_items: int = 800            # inconclusive retention: sample up to this many items (0: off)
     device_budgets: bool = True              # the target's latency/memory/size budgets gate too
+    device_agreement: float = 0.9            # share of items the device predicts as the host does
+    device_loglik_tolerance: float = 1.0     # largest |log-likelihood difference| host vs device
+    min_shrink: float = 0.05                 # a stage must shrink the runtime bytes of the previous
+                                             # passing stage by this share to be preferred
 
 
 @dataclass
 class BuildConfig:
     stages: list = field(default_factory=lambda: list(LADDER))
     profile: str = "reduced"
-    tasks: list = field(default_factory=lambda: ["arc_easy", "piqa"])
+    tasks: list | None = None         # what gates (None: the core suite + the experts' benchmarks)
     experts: list = field(default_factory=lambda: ["general"])  # the model's expert domains
+    device: bool = True               # run the device steps (false: --no-device, device gates skipped)
+    max_trials: int = 4               # search: attempts per stage at most
+    time_budget_s: float | None = None  # search: no new attempt of a stage after this many seconds
     device_tasks: list | None = None  # tasks the device scores too (None: all of tasks; [] none)
     device_profile: str = "reduced"   # items the device scores (a subset of the host's with the same seed)
     eudaimonia: bool = True           # score the eudaimonia scenarios on every stage
@@ -88,14 +99,21 @@ class BuildConfig:
             raise ConfigError(f"{where}: build.stages has duplicates: {self.stages}")
         _choice(where, "build.profile", self.profile, PROFILES)
         _choice(where, "build.device_profile", self.device_profile, PROFILES)
-        for task in self.device_tasks or []:
+        for task in (self.device_tasks or []) if self.tasks is not None else []:
             if task not in self.tasks:
                 raise ConfigError(f"{where}: build.device_tasks: {task!r} is not one of build.tasks "
                                   f"({', '.join(self.tasks)}); the device scores a subset of them")
-        if self.edge_task and self.edge_task not in self.tasks:
+        if self.edge_task and self.tasks is not None and self.edge_task not in self.tasks:
             raise ConfigError(f"{where}: build.edge_task = {self.edge_task!r} is not one of build.tasks "
                               f"({', '.join(self.tasks)})")
         _check_experts(where, self.experts)
+        if not isinstance(self.max_trials, int) or isinstance(self.max_trials, bool) or self.max_trials < 1:
+            raise ConfigError(f"{where}: build.max_trials = {self.max_trials!r} is not allowed "
+                              "(allowed: an integer of at least 1)")
+        if self.time_budget_s is not None and (not isinstance(self.time_budget_s, (int, float))
+                                               or self.time_budget_s <= 0):
+            raise ConfigError(f"{where}: build.time_budget_s = {self.time_budget_s!r} is not allowed "
+                              "(allowed: a number of seconds above 0, or leave it out for no limit)")
         _choice(where, "gates.retention", self.gates.retention, RETENTION_KINDS)
         _choice(where, "gates.on_inconclusive", self.gates.on_inconclusive, ("fail", "pass"))
         for name in self.stages[1:]:
@@ -115,6 +133,19 @@ class BuildConfig:
             raise ConfigError(f"{where}: stage.{name}.knobs: {e}") from None
         except ConfigError as e:
             raise ConfigError(f"{where}: stage.{name}.knobs: {e}") from None
+        self._validate_search(where, name, sc, methods.get(sc.method))
+
+    def _validate_search(self, where, name, sc: StageConfig, method) -> None:
+        from edgebuild.compress.search import check_space
+        if sc.space is not None or sc.order is not None:
+            space = method.knob_space if sc.space is None else sc.space
+            order = list(space) if sc.order is None else sc.order
+            check_space(method, space, order, f"{where}: stage.{name}")
+        counts = sc.fallback_layers
+        if not isinstance(counts, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                   for n in counts):
+            raise ConfigError(f"{where}: stage.{name}.fallback_layers = {counts!r} is not allowed "
+                              "(allowed: a list of layer counts above 0, [] for none)")
 
     def _validate_gates(self, where) -> None:
         g = self.gates
@@ -122,12 +153,16 @@ class BuildConfig:
             for stage, value in getattr(g, key).items():
                 if not isinstance(value, (int, float)) or value < 0:
                     raise ConfigError(f"{where}: gates.{key}.{stage} must be a non-negative number, got {value!r}")
-        for key in ("cumulative", "critical_core_floor", "confidence"):
+        for key in ("cumulative", "critical_core_floor", "confidence", "min_shrink"):
             value = getattr(g, key)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ConfigError(f"{where}: gates.{key} must be a number in [0, 1], got {value!r}")
-        if not isinstance(g.max_retries, int) or not 0 <= g.max_retries <= 5:
-            raise ConfigError(f"{where}: gates.max_retries must be an integer 0..5, got {g.max_retries!r}")
+        if not isinstance(g.device_agreement, (int, float)) or not 0 < g.device_agreement <= 1:
+            raise ConfigError(f"{where}: gates.device_agreement = {g.device_agreement!r} is not allowed "
+                              "(allowed: a share in (0, 1])")
+        if not isinstance(g.device_loglik_tolerance, (int, float)) or g.device_loglik_tolerance <= 0:
+            raise ConfigError(f"{where}: gates.device_loglik_tolerance = {g.device_loglik_tolerance!r} is not "
+                              "allowed (allowed: a number of nats above 0)")
 
 
 def _check_experts(where: str, experts) -> None:

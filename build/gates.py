@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.bench import edge, eudaimonia
-from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, UNINFORMATIVE, Retention,
+from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, SKIPPED, UNINFORMATIVE, Retention,
                                    mean_interval, paired, retention, verdict)
 from edgebuild.build.config import GateConfig
 from edgebuild.core.steps import BuildContext, StageRun, Step
@@ -71,6 +71,7 @@ class StageEvidence:
     artifact_bytes: int | None = None
     budgets: dict | None = None      # the target's budgets
     edge_task: str | None = None     # host benchmark whose accuracy must lie in the edge band
+    device_enabled: bool = True      # False: --no-device, every device check is skipped
 
 
 def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
@@ -83,9 +84,14 @@ def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
     if ev.edge_task:
         checks += _edge_check(ev, cfg, seed)
     checks += _kl_check(ev, cfg)
+    device = []
     if cfg.device_budgets:
-        checks += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {})
-    return _decide(ev.stage, checks, cfg)
+        device += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {})
+    device += agreement_checks(ev.device, cfg)
+    if not ev.device_enabled:
+        device = [Check(c.name, c.group, SKIPPED, threshold=c.threshold, detail="skipped: --no-device")
+                  for c in device]
+    return _decide(ev.stage, checks + device, cfg)
 
 
 def _decide(stage: str, checks: list, cfg: GateConfig) -> GateReport:
@@ -234,6 +240,29 @@ def _kl_check(ev, cfg) -> list:
     return [Check("kl", "kl", v, kl, limit, detail=f"KL {kl:.4f} nats/token vs limit {limit}")]
 
 
+def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
+    """The device's predictions against the host's on the items both scored: the share of the same
+    predictions, and the largest log-likelihood difference of any answer."""
+    names = ("device/agreement", "device/loglik_diff")
+    agree = (device or {}).get("agreement") if (device or {}).get("status") == "ok" else None
+    if not agree:
+        why = "device did not score benchmarks" if (device or {}).get("status") == "ok" else \
+            f"device {(device or {}).get('status', 'not run')}"
+        return [Check(n, "device", NOT_RUN, threshold=t, detail=why)
+                for n, t in zip(names, (cfg.device_agreement, cfg.device_loglik_tolerance))]
+    same, gap, n = agree.get("same_prediction"), agree.get("max_loglik_diff"), agree.get("n")
+    out = [Check(names[0], "device", PASS if same >= cfg.device_agreement else FAIL, same, cfg.device_agreement,
+                 detail=f"same prediction on {same:.3f} of {n} items vs {cfg.device_agreement:.2f}")]
+    if gap is None:
+        out.append(Check(names[1], "device", NOT_RUN, threshold=cfg.device_loglik_tolerance,
+                         detail="no per-answer log-likelihoods on both sides"))
+    else:
+        out.append(Check(names[1], "device", PASS if gap <= cfg.device_loglik_tolerance else FAIL, gap,
+                         cfg.device_loglik_tolerance,
+                         detail=f"max |Δ log-likelihood| {gap:.3g} vs {cfg.device_loglik_tolerance} nats"))
+    return out
+
+
 def device_checks(device: dict | None, artifact_bytes, budgets: dict) -> list:
     """Budget checks on raw device samples; ``not_run`` when the device was not reached."""
     specs = [("decode_ms_per_token_p95", "decode_ms_per_token", lambda x: float(np.percentile(x, 95))),
@@ -274,21 +303,83 @@ class GateStep(Step):
         return None
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
-        reference = ctx.passed.get(run.source, run) if run.source else run
-        baseline = ctx.passed.get("baseline", run)
-        ev = StageEvidence(run.stage, run.host, reference.host, baseline.host, run.quality, run.device,
-                           run.pack.get("bytes"), ctx.target.budgets_dict(),
-                           edge_task=ctx.config.edge_task or None)
+        ev = stage_evidence(ctx, run)
         report = evaluate(ev, ctx.config.gates, seed=ctx.config.seed)
         if run.stage == "baseline":
             report = baseline_gate(report)
-        elif resample_inconclusive(ctx, run, reference, ev, report):
+        elif resample_inconclusive(ctx, run, _reference(ctx, run), ev, report):
             report = evaluate(ev, ctx.config.gates, seed=ctx.config.seed)
+        if run.stage != "baseline":
+            report = _with_not_evaluated(report, ctx, run)
         return report.to_dict()
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.gate = record
         run.status = "passed" if record["passed"] else "failed"
+
+
+def _reference(ctx: BuildContext, run: StageRun) -> StageRun:
+    return ctx.passed.get(run.source, run) if run.source else run
+
+
+def stage_evidence(ctx: BuildContext, run: StageRun, host: dict | None = None) -> StageEvidence:
+    """What the gate looks at for ``run`` (``host``: results so far, instead of ``run.host``)."""
+    reference, baseline = _reference(ctx, run), ctx.passed.get("baseline", run)
+    return StageEvidence(run.stage, run.host if host is None else host, reference.host, baseline.host,
+                         run.quality, run.device, run.pack.get("bytes"), ctx.target.budgets_dict(),
+                         edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device)
+
+
+def _with_not_evaluated(report: GateReport, ctx: BuildContext, run: StageRun) -> GateReport:
+    """Add a ``not_run`` check for each benchmark of the build that this stage did not run (it
+    stopped early): the report names every gate that was not evaluated."""
+    from edgebuild.bench.suite import CORE
+    why = f"not run: stopped early ({run.stopped['reason']})" if run.stopped else "not run"
+    missing = [t for t in ctx.config.tasks if t not in run.host]
+    extra = [Check(f"{'core' if t in CORE else 'expert'}/{t}", "core" if t in CORE else "expert", NOT_RUN,
+                   detail=why) for t in missing]
+    return GateReport(report.stage, report.passed and not missing, report.critical, report.checks + extra,
+                      report.reasons + ([f"stopped early: {run.stopped['reason']}"] if run.stopped else []))
+
+
+def decisive_failures(ctx: BuildContext, run: StageRun, host: dict | None = None) -> list:
+    """The checks ``run`` already fails whatever is still to come: KL over its limit, a retention
+    whose interval lies below its threshold, a critical rule. None for the baseline."""
+    if run.stage == "baseline":
+        return []
+    ev, cfg, seed = stage_evidence(ctx, run, host), ctx.config.gates, ctx.config.seed
+    checks = _retention_checks(ev, cfg, seed) + _critical_checks(ev, cfg, seed) + _kl_check(ev, cfg)
+    return [c for c in checks if c.verdict == FAIL]
+
+
+def stop_reason(ctx: BuildContext, run: StageRun, step: str) -> dict | None:
+    """Why ``run`` need not go on after ``step`` (its KL, then its benchmarks, already fail a check
+    whatever comes next), or None. The baseline always goes on."""
+    if step not in ("quality", "host"):
+        return None
+    bad = decisive_failures(ctx, run)
+    return {"after": step, "reason": "; ".join(f"{c.name}: {c.detail}" for c in bad)} if bad else None
+
+
+class EarlyJudge:
+    """Stops a stage's benchmarks once it has failed whatever the remaining ones give (the
+    cheap signals first: its KL ran before them, its benchmarks run cheapest first)."""
+
+    def __init__(self, ctx: BuildContext):
+        self.ctx = ctx
+
+    def fingerprint(self, run: StageRun) -> str | None:
+        """What the judgement depends on besides the stage's own results (the host step's key)."""
+        if run.stage == "baseline":
+            return None
+        from edgebuild.core.cache import digest
+        reference, baseline = _reference(self.ctx, run), self.ctx.passed.get("baseline", run)
+        return digest(asdict(self.ctx.config.gates), reference.keys.get("pack"), baseline.keys.get("pack"),
+                      run.quality, self.ctx.config.seed)
+
+    def failed(self, run: StageRun, host: dict) -> str | None:
+        bad = decisive_failures(self.ctx, run, host)
+        return "; ".join(f"{c.name}: {c.detail}" for c in bad) or None
 
 
 def baseline_gate(report: GateReport) -> GateReport:

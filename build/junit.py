@@ -14,7 +14,7 @@ from pathlib import Path
 from edgebuild.core.errors import EXIT_CODE_HELP, ExitCode
 from edgebuild.core.files import write_text_atomic
 
-SKIPPED_VERDICTS = ("not_run", "uninformative")
+SKIPPED_VERDICTS = ("not_run", "uninformative", "skipped")
 
 
 def _label(st: dict) -> str:
@@ -27,8 +27,12 @@ def _message(check: dict) -> str:
 
 
 def _is_failure(check: dict, reasons: list) -> bool:
-    """A check fails the stage when its verdict is ``fail`` or the gate listed it among its reasons."""
+    """A check fails the stage when its verdict is ``fail`` or the gate listed it among its reasons;
+    a device check that did not run fails too: the stage is not validated on its target (a device
+    check skipped by the user's ``--no-device`` is ``skipped``)."""
     if check.get("verdict") == "fail":
+        return True
+    if check.get("group") == "device" and check.get("verdict") == "not_run":
         return True
     return any(r == check["name"] or r.startswith(f"{check['name']}: ") for r in reasons)
 

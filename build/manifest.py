@@ -90,20 +90,23 @@ def stage_summary(run, base) -> dict:
         "quality": run.quality, "export_check": run.verify, "latency": latency(run.device),
         "device_scores": device_scores(run.device),
         "eudaimonia": eudaimonia(run), "edge_of_chaos": edge_of_chaos(run),
-        "gate": run.gate,
+        "gate": run.gate, "trial": run.trial, "stopped": run.stopped,
+        "device_validated": _device_ok(run),
     }
 
 
 def link_artifacts(result, runs: dict) -> dict:
-    """Copy each stage's artifacts out of the cache; return {stage: [artifact]}."""
+    """Copy each stage's artifacts out of the cache; return {stage: [artifact]} (a stage that
+    stopped before its export has its packed weights only)."""
     out = {}
     for name, run in runs.items():
         if not run.pack:
             continue
         dest = result.out_dir / "stages" / name
-        graph = result.out_dir.parent / "cache" / "graph" / run.keys["graph"]
-        files = {"weights.ebpk": Path(run.pack["path"]), "model.onnx": graph / "model.onnx",
-                 "graph.json": graph / "graph.json"}
+        files = {"weights.ebpk": Path(run.pack["path"])}
+        if "graph" in run.keys:
+            graph = result.out_dir.parent / "cache" / "graph" / run.keys["graph"]
+            files.update({"model.onnx": graph / "model.onnx", "graph.json": graph / "graph.json"})
         out[name] = [_place(src, dest / fname, result.out_dir) for fname, src in files.items()]
     return out
 
@@ -153,6 +156,9 @@ def build_manifest(result) -> dict:
                           "retries": sum(1 for r in result.runs if r.attempt > 0),
                           "checks": gate.get("checks", []), "reasons": gate.get("reasons", [])},
         "ready_for_edge_deployment": shipped.status == "passed" and _device_ok(shipped),
+        "device_checks": _device_checks_state(result, shipped),
+        "gates_not_evaluated": dict(getattr(result, "not_evaluated", {}) or {}),
+        "search": search_summary(result),
         "recommended_hardware": {"target": result.target.name, "description": result.target.description},
         "latency": latency(shipped.device),
         "exit_code": int(result.exit_code),
@@ -169,6 +175,27 @@ def _experts(expert: dict, shipped, base) -> dict:
     return {t: {"score": r["score"], "n": r["n"],
                 "baseline": base.host[t]["score"] if base and t in base.host else None,
                 "retention": retention.get(t)} for t, r in expert.items()}
+
+
+def search_summary(result) -> dict:
+    """Every attempt of every compressed stage, in order: its setting, size, verdict and why."""
+    out = {}
+    for run in result.runs:
+        if run.stage == "baseline" or run.status == "skipped":
+            continue
+        out.setdefault(run.stage, []).append({
+            "attempt": run.attempt + 1, "knobs": run.knobs,
+            "fallback_layers": (run.trial or {}).get("fallback_layers"),
+            "bytes": run.pack.get("bytes"), "kl": (run.quality or {}).get("kl"), "status": run.status,
+            "stopped": run.stopped, "reasons": (run.gate or {}).get("reasons", [])})
+    return out
+
+
+def _device_checks_state(result, shipped) -> str:
+    """``measured``, ``skipped`` (``--no-device`` or a partial build) or ``not run``."""
+    if not result.config.device:
+        return "skipped: --no-device"
+    return "measured" if _device_ok(shipped) else "not run: the shipped stage is not validated on its target"
 
 
 def _device_ok(run) -> bool:

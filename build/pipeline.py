@@ -9,22 +9,20 @@ the device in ``targets/``, the gates in ``build/gates.py``.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebuild.build.config import BuildConfig, StageConfig
+from edgebuild.build import gates, ladder
 from edgebuild.build.steps import ORDER, plan, steps
 from edgebuild.core import models
 from edgebuild.core.cache import StepCache
 from edgebuild.core.data import check_data_dir
 from edgebuild.core.errors import ConfigError, ExitCode
-from edgebuild.core.files import write_json_atomic
 from edgebuild.core.progress import Progress
-from edgebuild.core.steps import BuildContext, StageRun, Step
+from edgebuild.core.steps import BuildContext, StageRun, Step, execute
 
-RECORD = "record.json"
 STEPS = ORDER
 
 __all__ = ["BuildRequest", "BuildResult", "Pipeline", "StageRun", "STEPS"]
@@ -56,6 +54,7 @@ class BuildResult:
     config: BuildConfig
     out_dir: Path
     partial: bool = False          # not every step ran (compress, export, deploy, bench)
+    not_evaluated: dict = field(default_factory=dict)   # benchmark -> why it gated no stage
 
 
 class Pipeline:
@@ -73,14 +72,19 @@ class Pipeline:
             cache=StepCache(req.out / "cache", force=req.force), progress=req.progress,
             models=StageModels(ref, req.progress), texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
             device=DeviceSession(target))
-        self.steps: list[Step] = [steps.get(name)() for name in plan(req.steps)]
+        wanted = [n for n in req.steps if n != "device" or self.cfg.device]
+        self.steps: list[Step] = [steps.get(name)() for name in plan(wanted)]
+        self.ctx.judge = gates.EarlyJudge(self.ctx)
         self.out_dir = req.out / target.name
         self._forced = req.force
 
     def run(self) -> BuildResult:
         check_data_dir(self.req.data_dir)
+        self.not_evaluated = resolve_tasks(self.cfg, self.req.data_dir)
+        self.started = time.monotonic()
         runs = []
         try:
+            self._preflight()
             for name in self.cfg.stages:
                 self._forced = self.req.force or self._redo(name)
                 for run in self._stage_attempts(name):
@@ -91,11 +95,27 @@ class Pipeline:
                         listener.stage_finished(run, self.ctx)
         finally:
             self.ctx.device.close()
-        shipped = choose(self.cfg.stages, self.ctx.passed)
+        return self._result(runs)
+
+    def _result(self, runs: list) -> BuildResult:
+        shipped = ladder.choose(self.cfg.stages, self.ctx.passed, self.cfg.gates.min_shrink)
+        incomplete = self._device_incomplete(shipped)
         cache = self.ctx.cache
-        return BuildResult(runs, shipped, exit_code(self.cfg.stages, shipped), len(cache.hits), len(cache.misses),
-                           self.ctx.target, self.ctx.ref, self.cfg, self.out_dir,
-                           partial="gate" not in self.req.steps)
+        return BuildResult(runs, shipped, ladder.exit_code(self.cfg.stages, runs, shipped, incomplete),
+                           len(cache.hits), len(cache.misses), self.ctx.target, self.ctx.ref, self.cfg,
+                           self.out_dir, partial="gate" not in self.req.steps, not_evaluated=self.not_evaluated)
+
+    def _device_incomplete(self, shipped: str) -> bool:
+        """The device was asked for but did not measure the shipped stage."""
+        run = self.ctx.passed.get(shipped)
+        wanted = self.cfg.device and "device" in self.req.steps
+        return wanted and run is not None and (run.device or {}).get("status") != "ok"
+
+    def _preflight(self) -> None:
+        """Reach the device before any stage work when its spec says an unreachable device fails
+        the build (``on_unreachable = "fail"``, the default for real boards)."""
+        if self.cfg.device and "device" in self.req.steps and self.ctx.target.on_unreachable == "fail":
+            self.ctx.device.connect()
 
     # -- the ladder --------------------------------------------------------------------------------
     def _redo(self, name: str) -> bool:
@@ -106,86 +126,66 @@ class Pipeline:
         if name == "baseline":
             yield self._run_stage(name, StageConfig(method="raw"), 0, None)
             return
+        from edgebuild.compress import methods
         sc = self.cfg.stage_config(name)
-        source = self._source(name, sc)
+        source, note = ladder.source_for(self.cfg.stages, self.ctx.passed, name, sc)
         if source is None:
             yield StageRun(name, sc.method, dict(sc.knobs), 0, None, status="skipped",
-                           note="its source stage did not pass")
+                           note="the baseline did not pass")
             return
-        knobs = dict(sc.knobs)
-        for attempt in range(self.cfg.gates.max_retries + 1):
-            run = self._run_stage(name, dataclasses.replace(sc, knobs=knobs), attempt, source)
+        layers = models.num_layers(self.ctx.ref)
+        for attempt, setting in enumerate(ladder.settings(sc, methods.get(sc.method), layers)):
+            if attempt and not self._budget_left(attempt):
+                return
+            run = self._run_stage(name, ladder.trial_config(sc, setting), attempt, source, setting)
+            run.note = run.note or note
             yield run
             if run.status == "passed" or run.gate.get("critical"):
                 return
-            knobs = recommend(sc.method, knobs, run)
-            if knobs is None:
-                return
 
-    def _source(self, name: str, sc: StageConfig) -> StageRun | None:
-        """The passed stage whose weights ``name`` compresses (None: it did not pass)."""
-        if sc.source == "baseline":
-            return self.ctx.passed.get("baseline")
-        return self.ctx.passed.get(self.cfg.stages[self.cfg.stages.index(name) - 1])
+    def _budget_left(self, attempt: int) -> bool:
+        """Whether another attempt of a stage may start (``build.max_trials``, ``time_budget_s``)."""
+        budget = self.cfg.time_budget_s
+        over = budget is not None and time.monotonic() - self.started > budget
+        return attempt < self.cfg.max_trials and not over
 
     # -- one attempt: its steps ----------------------------------------------------------------------
-    def _run_stage(self, name: str, sc: StageConfig, attempt: int, source: StageRun | None) -> StageRun:
-        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc)
-        self.ctx.progress.note(f"[{name}] {sc.method} {sc.knobs or ''} attempt {attempt + 1}")
+    def _run_stage(self, name: str, sc: StageConfig, attempt: int, source: StageRun | None,
+                   setting: dict | None = None) -> StageRun:
+        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc,
+                       trial=dict(setting or {}))
+        fallback = f", {setting['fallback_layers']} layers at 8 bits" if (setting or {}).get("fallback_layers") else ""
+        self.ctx.progress.note(f"[{name}] {sc.method} {sc.knobs or ''}{fallback} attempt {attempt + 1}")
         for step in self.steps:
+            if run.stopped and step.name != "gate":
+                continue
             self._execute(step, run)
+            if step.name != "gate" and not run.stopped:
+                run.stopped = gates.stop_reason(self.ctx, run, step.name)
         if "gate" not in self.req.steps:
             run.status, run.note = "passed", "partial build: not gated"
         return run
 
     def _execute(self, step: Step, run: StageRun) -> None:
         """Run one step for ``run``, or reuse its cached record."""
-        key = step.key(self.ctx, run)
-        entry = None
-        if key is None:
-            record = step.run(self.ctx, run, None)
-        else:
-            run.keys[step.name] = key
-            entry = None if self._forced else self.ctx.cache.get(step.name, key)
-            if entry is not None:
-                record = json.loads((entry / RECORD).read_text())
-            else:
-                record, entry = self._build(step, run, key)
+        record, entry = execute(step, self.ctx, run, forced=self._forced)
         step.apply(self.ctx, run, record, entry)
 
-    def _build(self, step: Step, run: StageRun, key: str) -> tuple[dict, Path | None]:
-        cache = self.ctx.cache
-        work = cache.begin(step.name, key)
-        try:
-            record = step.run(self.ctx, run, work)
-            if not step.cacheable(record):
-                cache.discard(work)
-                return record, None
-            write_json_atomic(work / RECORD, record)
-        except BaseException:
-            cache.fail(work, step.name, key)
-            raise
-        return record, cache.commit(work, step.name, key)
 
-
-def choose(stages: list, passed: dict) -> str:
-    """The last stage of the ladder that passed (the baseline when none did)."""
-    for name in reversed(stages):
-        if name in passed:
-            return name
-    return "baseline"
-
-
-def exit_code(stages: list, shipped: str) -> ExitCode:
-    if shipped == stages[-1] and len(stages) > 1:
-        return ExitCode.OK
-    if shipped == "baseline":
-        return ExitCode.BASELINE_ONLY if len(stages) > 1 else ExitCode.OK
-    return ExitCode.FALLBACK
-
-
-def recommend(method: str, knobs: dict, run: StageRun) -> dict | None:
-    """Knobs for a retry after ``run`` failed its gates (None: the method has nothing left to try)."""
-    from edgebuild.compress import methods
-    new = methods.get(method).from_knobs(knobs).recommend(run.gate)
-    return None if new is None else dataclasses.asdict(new)
+def resolve_tasks(cfg: BuildConfig, data_dir) -> dict:
+    """Fill in ``cfg.tasks`` when the config leaves it to the default (the core suite and the
+    expert benchmarks of ``build.experts`` that can run); return ``{benchmark: why it is not
+    evaluated}`` for those of that suite that will gate no stage."""
+    from edgebuild.bench.suite import plan
+    suite = plan(cfg.experts, data_dir)
+    not_evaluated = dict(suite.unavailable)
+    if cfg.tasks is None:
+        cfg.tasks = list(suite.tasks)
+    else:
+        not_evaluated.update({t: "not in build.tasks: a narrower task list was chosen"
+                              for t in suite.tasks if t not in cfg.tasks})
+    missing = [t for t in (cfg.device_tasks or []) + ([cfg.edge_task] if cfg.edge_task else []) if t not in cfg.tasks]
+    if missing:
+        raise ConfigError(f"{cfg.source_file}: {missing[0]!r} (build.device_tasks / build.edge_task) is not "
+                          f"one of the tasks this build gates on ({', '.join(cfg.tasks)})")
+    return not_evaluated

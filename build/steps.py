@@ -10,13 +10,14 @@ from edgebuild.core.registry import Registry
 
 steps = Registry("build step", error=ConfigError)
 steps.register_lazy("pack", "edgebuild.compress.step:PackStep")
+steps.register_lazy("quality", "edgebuild.bench.step:QualityStep")
 steps.register_lazy("graph", "edgebuild.export.step:GraphStep")
 steps.register_lazy("verify", "edgebuild.export.step:VerifyStep")
 steps.register_lazy("host", "edgebuild.bench.step:HostStep")
 steps.register_lazy("device", "edgebuild.targets.step:DeviceStep")
 steps.register_lazy("gate", "edgebuild.build.gates:GateStep")
 
-ORDER = ("pack", "graph", "verify", "host", "device", "gate")
+ORDER = ("pack", "quality", "graph", "verify", "host", "device", "gate")
 
 # What each build command runs (the steps they need are added by ``plan``).
 COMMANDS = {
@@ -25,6 +26,7 @@ COMMANDS = {
     "export": ("pack", "graph", "verify"),
     "deploy": ("pack", "graph", "verify", "device"),
     "bench": ("pack", "host"),
+    "no-device": ("pack", "quality", "graph", "verify", "host", "gate"),
 }
 
 

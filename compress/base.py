@@ -28,6 +28,10 @@ class CompressionMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type]
     reference: ClassVar[bool] = False
+    # What an accuracy-aware search may try (``edgebuild.compress.search``): knob -> values from
+    # most compressed to least, and which knob moves first. A build config may replace both.
+    knob_space: ClassVar[dict] = {}
+    knob_order: ClassVar[tuple] = ()
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_class()
@@ -52,7 +56,3 @@ class CompressionMethod(ABC):
         and which ``edgebuild.device_agent.codecs.decode`` turns back into a float32 array.
         """
 
-    @abstractmethod
-    def recommend(self, verdict=None):
-        """Return a ``config_class`` instance for a retry after a failed gate, trading size for
-        quality (e.g. more bits, smaller groups), or ``None`` when no adjustment is left."""

@@ -44,9 +44,11 @@ record), ``HyperCompression.compress`` on a dict of weight tensors.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,9 +63,6 @@ DIRECTIONS = ("winding", "irrational")
 MAX_GROUP = 8
 MIN_THETA_BITS, MAX_THETA_BITS = 2, 20
 MAX_CLASSES = 15
-LADDER_THETA_BITS = 16      # recommend() raises theta_bits up to this
-LADDER_MIN_GROUP = 2        # ... then lowers group_size down to this
-LADDER_CLASSES = 3          # ... then adds classes up to this
 SEARCH_CHUNK = 1 << 20      # groups per KD-tree query
 EXHAUSTIVE_CELLS = 1 << 22  # groups x points per step of the exhaustive search
 SAMPLE_GROUPS = 1 << 16     # groups per tensor that choose the inner cube (inner_fraction None)
@@ -325,6 +324,8 @@ class HyperCompression(CompressionMethod):
 
     name = "hyper"
     config_class = HyperConfig
+    knob_space: ClassVar[dict] = {"theta_bits": [12, 14, 16], "group_size": [3, 2], "classes": [1, 2, 3]}
+    knob_order: ClassVar[tuple] = ("theta_bits", "group_size", "classes")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -359,21 +360,6 @@ class HyperCompression(CompressionMethod):
         decoded = codec.decode(record.params, record.arrays, record.shape)
         stats = error_stats(_to_numpy(weight), decoded)
         return {**stats, "bits_per_weight": bits_per_weight(record.arrays, record.numel)}
-
-    def recommend(self, verdict=None):
-        """Next knobs after a failed gate, trading size for quality: a class that costs no bit,
-        then ``theta_bits`` + 2 up to 16, then ``group_size`` - 1 down to 2, then a class more up
-        to 3; ``None`` when all are exhausted. The verdict is not inspected."""
-        cfg = self.config
-        if cfg.classes and codec.class_bits(cfg.classes + 1) == codec.class_bits(cfg.classes):
-            return replace(cfg, classes=cfg.classes + 1)
-        if cfg.theta_bits < LADDER_THETA_BITS:
-            return replace(cfg, theta_bits=min(LADDER_THETA_BITS, cfg.theta_bits + 2))
-        if cfg.group_size > LADDER_MIN_GROUP:
-            return replace(cfg, group_size=cfg.group_size - 1)
-        if cfg.classes < LADDER_CLASSES:
-            return replace(cfg, classes=cfg.classes + 1)
-        return None
 
 
 def _to_numpy(weight) -> np.ndarray:

@@ -57,7 +57,7 @@ def select_linear_weights(model, include_embeddings: bool = False) -> list[str]:
     return [name for name in model.state_dict() if name in wanted]
 
 
-def _build_method(method: str, knobs: dict):
+def build_method(method: str, knobs: dict):
     from edgebuild.compress import methods
 
     cls = methods.get(method)
@@ -78,7 +78,7 @@ def pack_model(model, method: str, knobs: dict, ctx, *, include_embeddings: bool
     is skipped. Returns the records, tables first, then tensors in state-dict order."""
     if raw_dtype not in RAW_DTYPES:
         raise ConfigError(f"raw_dtype {raw_dtype!r} is not allowed (allowed: {', '.join(RAW_DTYPES)})")
-    compressor = _build_method(method, knobs)
+    compressor = build_method(method, knobs)
     state = model.state_dict()
     skip = tied_output_name(model)
     selected = [n for n in select_linear_weights(model, include_embeddings) if n != skip]
@@ -103,7 +103,7 @@ def pack_leftovers(records, method: str, knobs: dict, ctx, *, min_numel: int = 4
 
     from edgebuild.device_agent.codecs import decode
 
-    compressor = _build_method(method, knobs)
+    compressor = build_method(method, knobs)
     chosen = [r for r in records if r.codec == RAW and len(r.shape) == 2 and r.numel >= min_numel]
     weights = {r.name: torch.from_numpy(decode(r)).to(ctx.device) for r in chosen}
     new = {r.name: r for r in _compress_selected(compressor, weights, list(weights), ctx, len(weights))}
@@ -214,7 +214,8 @@ def _describe(name: str, methods) -> dict:
                 "reason": f"{type(e).__name__}: {e}"}
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, "available": True, "reference": bool(cls.reference), "knobs": knobs,
-            "doc": doc[0] if doc else "", "reason": ""}
+            "doc": doc[0] if doc else "", "reason": "", "space": dict(cls.knob_space),
+            "order": list(cls.knob_order)}
 
 
 def _default(f: dataclasses.Field):

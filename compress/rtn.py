@@ -10,8 +10,10 @@ and the rounding error is at most half a scale.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress.base import CompressContext, CompressionMethod
@@ -59,6 +61,8 @@ class RTN(CompressionMethod):
     name = "rtn"
     config_class = RTNConfig
     reference = True
+    knob_space: ClassVar[dict] = {"group_size": [128, 64, 32], "bits": [4, 5, 6, 8]}
+    knob_order: ClassVar[tuple] = ("group_size", "bits")
 
     def compress(self, weights: dict, ctx: CompressContext) -> list[Record]:
         """Quantise each 2-D tensor of ``weights``; one ``rtn`` record per tensor, same order."""
@@ -88,19 +92,6 @@ class RTN(CompressionMethod):
         params = {"bits": cfg.bits, "group_size": group, "symmetric": cfg.symmetric}
         log.debug("rtn %s %s: %d bits, group %d", name, tuple(weight.shape), cfg.bits, group)
         return Record(name, tuple(weight.shape), self.name, params, arrays)
-
-    def recommend(self, verdict=None):
-        """Next knobs after a failed gate: halve ``group_size`` (per-row goes to 128) down to 32,
-        then add one bit up to 8; ``None`` when both are exhausted. The verdict is not inspected:
-        the ladder is the same whatever failed."""
-        cfg = self.config
-        if cfg.group_size == -1:
-            return replace(cfg, group_size=128)
-        if cfg.group_size > MIN_GROUP:
-            return replace(cfg, group_size=max(MIN_GROUP, cfg.group_size // 2))
-        if cfg.bits < MAX_BITS:
-            return replace(cfg, bits=cfg.bits + 1)
-        return None
 
 
 def quantize(weight, bits: int, group: int, symmetric: bool):

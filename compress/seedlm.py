@@ -26,10 +26,12 @@ where it can run, else tries "compiled" and falls back to "eager" with a warning
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -106,6 +108,9 @@ class SeedLM(CompressionMethod):
 
     name = "seedlm"
     config_class = SeedLMConfig
+    knob_space: ClassVar[dict] = {"block_size,latent_dim": [[12, 4], [8, 3], [8, 4]],
+                                  "seed_budget": [DEFAULT_CPU_SEED_BUDGET, 16384, 65535]}
+    knob_order: ClassVar[tuple] = ("block_size,latent_dim", "seed_budget")
 
     def compress(self, weights: dict, ctx: CompressContext) -> list:
         """One ``seedlm`` record per 2-D tensor; facts about the search go to ``ctx.log["seedlm"]``."""
@@ -169,15 +174,6 @@ class SeedLM(CompressionMethod):
         record = Record(name, tuple(weight.shape), self.name, params, {"packed": packed})
         flat = reconstruct(searcher.bank.basis[index], exps, mants).reshape(-1)
         return record, flat[: weight.numel()].reshape(weight.shape)
-
-    def recommend(self, verdict=None):
-        """(12, 4) -> (8, 3); then a 4x larger seed budget up to every seed; then ``None``."""
-        cfg = self.config
-        if (cfg.block_size, cfg.latent_dim) == (12, 4):
-            return replace(cfg, block_size=8, latent_dim=3)
-        if cfg.seed_budget < cfg.seed_count:
-            return replace(cfg, seed_budget=min(cfg.seed_budget * 4, cfg.seed_count))
-        return None
 
 
 def _as_matrix(name, w):

@@ -24,11 +24,13 @@ than codebook size, and a shared outlier codebook cannot be relied on to hold th
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from edgebuild.core.errors import ConfigError, ModelError
 from edgebuild.compress._vptq_core import quantize_group
@@ -41,9 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_BITS = 16              # index bits of one codebook (2**16 entries)
 MAX_VECTOR_LEN = 32
-RETRY_SAMPLES = 128        # recommend() raises calibration_samples to this
-RETRY_MAX_BITS = 10        # recommend() raises codebook_bits up to this
-RETRY_OUTLIERS = 0.02      # recommend() raises outlier_fraction to this
 OUTLIER_STORAGE = ("fp16", "codebook")
 
 
@@ -108,6 +107,10 @@ class VPTQ(CompressionMethod):
 
     name = "vptq"
     config_class = VPTQConfig
+    knob_space: ClassVar[dict] = {"outlier_fraction": [0.01, 0.02, 0.03], "calibration_samples": [64, 128],
+                                  "codebook_bits": [8, 10, 12], "residual_codebook_bits": [0, 4, 8]}
+    knob_order: ClassVar[tuple] = ("outlier_fraction", "calibration_samples", "codebook_bits",
+                                   "residual_codebook_bits")
 
     def compress(self, weights: dict, ctx: CompressContext) -> list[Record]:
         """Quantise every 2-D tensor of ``weights`` (calibrating on ``ctx.model``); returns the
@@ -155,20 +158,6 @@ class VPTQ(CompressionMethod):
                    for n, r, l in zip(names, results, layers)}
         proxies = {n: r.proxy_error for n, r in zip(names, results)}
         return list(tables.values()), records, proxies
-
-    def recommend(self, verdict=None):
-        """Next knobs after a failed gate, each step larger or slower than the last: raise
-        ``outlier_fraction`` to 2% (fp16 columns, ~+0.16 bits/weight), raise
-        ``calibration_samples`` to 128, then add two codebook bits at a time up to 10; ``None``
-        when all are done. The verdict is not inspected: the ladder is the same whatever failed."""
-        cfg = self.config
-        if cfg.outlier_fraction < RETRY_OUTLIERS:
-            return replace(cfg, outlier_fraction=RETRY_OUTLIERS)
-        if cfg.calibration_samples < RETRY_SAMPLES:
-            return replace(cfg, calibration_samples=RETRY_SAMPLES)
-        if cfg.codebook_bits < RETRY_MAX_BITS:
-            return replace(cfg, codebook_bits=min(RETRY_MAX_BITS, cfg.codebook_bits + 2))
-        return None
 
 
 def _check_weights(weights: dict, v: int) -> None:

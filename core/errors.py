@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     FALLBACK = 10          # a less compressed stage shipped (fallback down the ladder)
     BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
+    DEVICE_INCOMPLETE = 13  # the shipped stage's device checks did not run: not validated on the target
 
 
 EXIT_CODE_HELP = {
@@ -41,6 +42,7 @@ EXIT_CODE_HELP = {
     ExitCode.FALLBACK: "a less compressed stage shipped (fallback)",
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
+    ExitCode.DEVICE_INCOMPLETE: "the shipped stage's device checks did not run (rerun, or --no-device)",
 }
 
 

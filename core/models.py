@@ -90,6 +90,18 @@ def resolve(spec: str) -> ModelRef:
                      f"({', '.join([*EMBEDDED, TINY_RANDOM])}) or a hub id")
 
 
+def num_layers(ref: ModelRef) -> int | None:
+    """The model's number of decoder layers, from its config without loading it (None: unknown)."""
+    if ref.kind == "tiny-random":
+        return TINY_CONFIG["num_hidden_layers"]
+    path = Path(ref.path)
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        return int(json.loads(cfg.read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))

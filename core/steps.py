@@ -9,6 +9,7 @@ there is one, and otherwise runs the step in a fresh work directory that becomes
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ class StageRun:
     gate: dict = field(default_factory=dict)
     status: str = "pending"   # passed, failed, skipped
     note: str = ""
+    stopped: dict | None = None   # {"after": step or task, "reason": ...} when it stopped early
+    trial: dict = field(default_factory=dict)     # the search's setting: knobs, fallback layers
     spec: Any = field(default=None, repr=False, compare=False)   # the stage's StageConfig
 
 
@@ -43,8 +46,9 @@ class BuildContext:
     ``config`` is the build config (``edgebuild.build.config.BuildConfig``), ``ref`` the resolved
     model (``edgebuild.core.models.ModelRef``), ``target`` the target spec; ``models`` gives torch
     models (the base model, a stage's model), ``texts`` the fixed and calibration text sets,
-    ``device`` the connection to the target's agent (opened on first use); ``passed`` maps each
-    stage that passed so far to its ``StageRun``.
+    ``device`` the connection to the target's agent (opened on first use); ``judge`` says when a
+    stage has failed whatever its remaining benchmarks give; ``passed`` maps each stage that passed
+    so far to its ``StageRun``.
     """
 
     config: Any
@@ -57,6 +61,7 @@ class BuildContext:
     models: Any = None
     texts: Any = None
     device: Any = None
+    judge: Any = None           # .failed(run, host results) -> reason | None; .fingerprint(run)
     passed: dict = field(default_factory=dict)
 
     @property
@@ -92,3 +97,31 @@ class Step(ABC):
     def cacheable(self, record: dict) -> bool:
         """Whether this record may be reused by a later build (default: always)."""
         return True
+
+
+RECORD = "record.json"
+
+
+def execute(step: Step, ctx: BuildContext, run: StageRun, forced: bool = False) -> tuple[dict, Path | None]:
+    """``(record, entry)`` of ``step`` for ``run``: the cached record under the step's key unless
+    ``forced``, else a fresh run in a work dir that becomes the cache entry (kept aside under
+    ``_failed/`` when the step raises; dropped when the step says the record must not be reused).
+    A step whose key is None runs every time and has no entry."""
+    key = step.key(ctx, run)
+    if key is None:
+        return step.run(ctx, run, None), None
+    run.keys[step.name] = key
+    entry = None if forced else ctx.cache.get(step.name, key)
+    if entry is not None:
+        return json.loads((entry / RECORD).read_text()), entry
+    work = ctx.cache.begin(step.name, key)
+    try:
+        record = step.run(ctx, run, work)
+        if not step.cacheable(record):
+            ctx.cache.discard(work)
+            return record, None
+        (work / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    except BaseException:
+        ctx.cache.fail(work, step.name, key)
+        raise
+    return record, ctx.cache.commit(work, step.name, key)

@@ -29,7 +29,8 @@ class DeviceStep(Step):
         if client is None:
             return _unreachable(ctx, run)
         version = _stage_on_device(ctx, run, client)
-        result = {"status": "ok", "version": version, "info": ctx.device.info, **_time(ctx, run, client, version)}
+        result = {"status": "ok", "version": version, "info": ctx.device.info, **_time(ctx, run, client, version),
+                  "excluded_tasks": excluded_tasks(ctx.config)}
         if device_tasks(ctx.config):
             result.update(_score(ctx, run, client))
         return result
@@ -92,10 +93,20 @@ def device_profile(cfg) -> str:
     return min(cfg.device_profile, cfg.profile, key=list(PROFILES).index)
 
 
+GENERATION_REASON = ("a generation task: the device scores log-likelihood tasks; generation is timed on "
+                     "the device and scored on the host")
+
+
 def device_tasks(cfg) -> list:
-    """The host tasks the device scores too."""
+    """The host tasks the device scores too (``excluded_tasks`` says which are left out, and why)."""
     tasks = cfg.tasks if cfg.device_tasks is None else cfg.device_tasks
-    return [t for t in tasks if t in cfg.tasks]
+    return [t for t in tasks if t in cfg.tasks and t not in excluded_tasks(cfg)]
+
+
+def excluded_tasks(cfg) -> dict:
+    """``{task: why the device does not score it}`` among the build's tasks."""
+    from edgebuild.bench import benchmarks
+    return {t: GENERATION_REASON for t in cfg.tasks if t in benchmarks and benchmarks.get(t).generation is not None}
 
 
 def _unreachable(ctx: BuildContext, run: StageRun) -> dict:

@@ -122,15 +122,44 @@ def test_rtn_refuses_bad_tensors():
         _rtn().compress_one("w", w)
 
 
-def test_recommend_halves_groups_then_adds_bits():
-    steps, method = [], _rtn(bits=3, group_size=128)
-    while (cfg := method.recommend(None)) is not None:
-        steps.append((cfg.bits, cfg.group_size))
-        method = RTN(cfg)
-    assert steps == [(3, 64), (3, 32), (4, 32), (5, 32), (6, 32), (7, 32), (8, 32)]
-    assert _rtn(group_size=-1).recommend(None).group_size == 128
-    assert _rtn(bits=8, group_size=16).recommend(None) is None
-    assert _rtn(bits=2, group_size=8, symmetric=True).recommend(None) == RTNConfig(3, 8, True)
+def test_knob_walk_moves_each_knob_in_order_towards_quality():
+    from edgebuild.compress.rtn import RTN
+    from edgebuild.compress.search import knob_walk
+
+    walk = knob_walk({"bits": 4, "group_size": 128, "symmetric": False}, RTN.knob_space, RTN.knob_order)
+    assert [(k["group_size"], k["bits"]) for k in walk] == [(64, 4), (32, 4), (32, 5), (32, 6), (32, 8)]
+    assert knob_walk({"bits": 8, "group_size": 32}, RTN.knob_space, RTN.knob_order) == []
+    assert knob_walk({"group_size": -1}, {"group_size": [128, 64]}, ("group_size",)) == \
+        [{"group_size": 128}, {"group_size": 64}]             # a value not listed: every listed one
+    pair = knob_walk({"block_size": 12, "latent_dim": 4}, {"block_size,latent_dim": [[12, 4], [8, 3]]},
+                     ("block_size,latent_dim",))
+    assert pair == [{"block_size": 8, "latent_dim": 3}]
+
+
+@pytest.mark.parametrize("space, order, match", [
+    ({}, (), "knob space of 'rtn' is empty"),
+    ({"bits": []}, ("bits",), "non-empty list"),
+    ({"bitz": [4]}, ("bitz",), "no knob 'bitz'"),
+    ({"bits": [4]}, ("group_size",), "order names 'group_size'"),
+    ({"bits": [4, 99]}, ("bits",), "refuses the setting"),
+])
+def test_bad_knob_spaces_are_one_line_config_errors(space, order, match):
+    from edgebuild.compress.rtn import RTN
+    from edgebuild.compress.search import check_space
+    from edgebuild.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match) as err:
+        check_space(RTN, space, order, "b.toml: stage.x")
+    assert "\n" not in str(err.value) and str(err.value).startswith("b.toml: stage.x")
+
+
+def test_every_method_declares_a_valid_knob_space():
+    from edgebuild.compress import methods
+    from edgebuild.compress.search import check_space
+
+    for name in methods.names():
+        cls = methods.get(name)
+        check_space(cls, cls.knob_space, cls.knob_order, name)
 
 
 @pytest.mark.parametrize("knob,value", [

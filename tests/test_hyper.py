@@ -1,5 +1,4 @@
 """Hyper-Compression (``hyper``): the winding codebook, the search, scaling classes, the codec."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -271,16 +270,16 @@ def test_bad_inputs_raise_model_error():
         compress_array(np.arange(6), HyperConfig())
 
 
-def test_recommend_trades_size_for_quality_until_exhausted():
-    cfg, seen = HyperConfig(group_size=4, theta_bits=10, classes=1), []
-    while cfg is not None:
-        seen.append(cfg)
-        cfg = HyperCompression(cfg).recommend(None)
-        assert len(seen) < 20
-    steps = [(c.group_size, c.theta_bits, c.classes) for c in seen]
-    assert steps == [(4, 10, 1), (4, 12, 1), (4, 14, 1), (4, 16, 1), (3, 16, 1), (2, 16, 1),
-                     (2, 16, 2), (2, 16, 3)]
-    assert HyperCompression(HyperConfig(classes=2)).recommend(None).classes == 3   # free: 2 bits
+
+
+def test_knob_walk_never_makes_a_stage_smaller():
+    from edgebuild.compress.search import knob_walk
+
+    start = HyperConfig(group_size=4, theta_bits=10, classes=1)
+    walk = [HyperConfig(**k) for k in knob_walk(vars(start), HyperCompression.knob_space,
+                                                  HyperCompression.knob_order)]
+    steps = [(c.group_size, c.theta_bits, c.classes) for c in walk]
+    assert steps == [(4, 12, 1), (4, 14, 1), (4, 16, 1), (3, 16, 1), (2, 16, 1), (2, 16, 2), (2, 16, 3)]
+    seen = [start, *walk]
     for before, after in zip(seen, seen[1:]):
         assert after.code_bits / after.group_size >= before.code_bits / before.group_size
-    assert all(dataclasses.replace(c) == c for c in seen)

@@ -9,15 +9,16 @@ from edgebuild.bench import resample
 
 def run_with(outcomes, tmp_path, monkeypatch, cfg=None):
     """``outcomes[(stage, attempt)] = "pass" | "fail" | "critical"`` (default pass)."""
-    def fake(self, name, sc, attempt, source):
-        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None)
+    def fake(self, name, sc, attempt, source, setting=None):
+        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None,
+                       trial=dict(setting or {}))
         verdict = outcomes.get((name, attempt), "pass")
         run.gate = {"passed": verdict == "pass", "critical": verdict == "critical", "checks": [],
                     "reasons": [] if verdict == "pass" else [verdict]}
         run.status = "passed" if verdict == "pass" else "failed"
         return run
     monkeypatch.setattr(Pipeline, "_run_stage", fake)
-    req = BuildRequest(model="tiny-random", target="local", config=cfg or load_config(None),
+    req = BuildRequest(model="tiny-random", target="local", config=cfg or load_config(None, device=False),
                        out=tmp_path / "out", data_dir=tmp_path)
     return Pipeline(req).run()
 
@@ -32,12 +33,23 @@ def test_all_pass_ships_the_last_stage(tmp_path, monkeypatch):
     assert [r.stage for r in res.runs] == ["baseline", "seedlm", "vptq", "hyper"]
 
 
-def test_failed_stage_is_retried_once_with_adjusted_knobs(tmp_path, monkeypatch):
-    res = run_with({("hyper", 0): "fail", ("hyper", 1): "fail"}, tmp_path, monkeypatch)
+def test_a_failing_stage_searches_its_settings_up_to_max_trials(tmp_path, monkeypatch):
+    fails = {("hyper", a): "fail" for a in range(10)}
+    res = run_with(fails, tmp_path, monkeypatch)
     hyper = [r for r in res.runs if r.stage == "hyper"]
-    assert len(hyper) == 2
-    assert hyper[0].knobs != hyper[1].knobs                 # the recommendation changed a knob
+    assert len(hyper) == 4                                   # build.max_trials
+    assert len({tuple(sorted(r.knobs.items())) for r in hyper}) == 4     # each attempt a new setting
     assert res.shipped == "vptq" and res.exit_code == ExitCode.FALLBACK
+
+
+def test_after_a_setting_fails_its_most_sensitive_layers_fall_back(tmp_path, monkeypatch):
+    cfg_file = tmp_path / "f.toml"
+    cfg_file.write_text("[stage.vptq]\nfallback_layers = [1, 2]\n")     # tiny-random has 2 layers
+    res = run_with({("vptq", 0): "fail", ("vptq", 1): "fail"}, tmp_path, monkeypatch,
+                   cfg=load_config(cfg_file, device=False))
+    vptq = [r for r in res.runs if r.stage == "vptq"]
+    assert [r.trial["fallback_layers"] for r in vptq] == [None, 1, None]   # 2 = every layer: not tried
+    assert vptq[0].knobs == vptq[1].knobs != vptq[2].knobs and vptq[2].status == "passed"
 
 
 def test_retry_that_passes_continues_the_ladder(tmp_path, monkeypatch):
@@ -47,26 +59,28 @@ def test_retry_that_passes_continues_the_ladder(tmp_path, monkeypatch):
     assert res.exit_code == ExitCode.OK
 
 
-def test_critical_failure_is_not_retried_and_later_stages_are_skipped(tmp_path, monkeypatch):
+def test_a_critical_failure_ends_the_search_and_the_next_stage_starts_from_the_baseline(tmp_path, monkeypatch):
     res = run_with({("seedlm", 0): "critical"}, tmp_path, monkeypatch)
-    assert path(res) == [("baseline", 0, "passed"), ("seedlm", 0, "failed"), ("vptq", 0, "skipped"),
-                         ("hyper", 0, "skipped")]
-    assert res.shipped == "baseline" and res.exit_code == ExitCode.BASELINE_ONLY
+    assert path(res) == [("baseline", 0, "passed"), ("seedlm", 0, "failed"), ("vptq", 0, "passed"),
+                         ("hyper", 0, "passed")]
+    vptq = next(r for r in res.runs if r.stage == "vptq")
+    assert vptq.source == "baseline" and "no earlier stage passed" in vptq.note
+    assert res.exit_code == ExitCode.FALLBACK          # a stage failed; a compressed one shipped
 
 
 def test_stage_from_baseline_runs_even_when_previous_failed(tmp_path, monkeypatch):
     cfg_file = tmp_path / "b.toml"
     cfg_file.write_text('[stage.vptq]\nsource = "baseline"\n')
-    res = run_with({("seedlm", 0): "critical"}, tmp_path, monkeypatch, cfg=load_config(cfg_file))
+    res = run_with({("seedlm", 0): "critical"}, tmp_path, monkeypatch, cfg=load_config(cfg_file, device=False))
     assert path(res) == [("baseline", 0, "passed"), ("seedlm", 0, "failed"), ("vptq", 0, "passed"),
                          ("hyper", 0, "passed")]
     assert res.shipped == "hyper"
 
 
-def test_no_retries_when_configured(tmp_path, monkeypatch):
-    cfg = load_config(None)
-    cfg.gates.max_retries = 0
-    def fake(self, name, sc, attempt, source):
+def test_one_trial_when_configured(tmp_path, monkeypatch):
+    cfg = load_config(None, device=False)
+    cfg.max_trials = 1
+    def fake(self, name, sc, attempt, source, setting=None):
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, None)
         run.status = "failed" if name == "hyper" else "passed"
         run.gate = {"critical": False}
@@ -147,13 +161,13 @@ def test_listeners_hear_of_every_attempt_as_it_finishes(tmp_path, monkeypatch):
         def stage_finished(self, run, ctx):
             heard.append((run.stage, run.attempt, run.status, sorted(ctx.passed)))
 
-    def fake(self, name, sc, attempt, source):
+    def fake(self, name, sc, attempt, source, setting=None):
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None)
         run.status = "failed" if (name, attempt) == ("vptq", 0) else "passed"
         run.gate = {"critical": False}
         return run
     monkeypatch.setattr(Pipeline, "_run_stage", fake)
-    req = BuildRequest("tiny-random", "local", load_config(None), tmp_path / "o", data_dir=tmp_path,
+    req = BuildRequest("tiny-random", "local", load_config(None, device=False), tmp_path / "o", data_dir=tmp_path,
                        listeners=[Listener()])
     Pipeline(req).run()
     assert heard[:3] == [("baseline", 0, "passed", ["baseline"]), ("seedlm", 0, "passed", ["baseline", "seedlm"]),

@@ -275,17 +275,6 @@ def test_non_matrix_or_non_finite_weights_are_model_errors():
         _method().compress({"w": bad}, CompressContext())
 
 
-def test_recommend_trades_size_then_budget():
-    cfg = SeedLMConfig(block_size=12, latent_dim=4, seed_budget=4096)
-    steps = []
-    while cfg is not None:
-        steps.append((cfg.block_size, cfg.latent_dim, cfg.seed_budget))
-        cfg = SeedLM(cfg).recommend(None)
-    assert steps == [(12, 4, 4096), (8, 3, 4096), (8, 3, 16384), (8, 3, 65535)]
-    assert SeedLMConfig().bits_per_weight == 4.0
-    assert SeedLMConfig(block_size=12, latent_dim=4).bits_per_weight == 3.0
-
-
 def test_full_search_on_gpu_ignores_the_budget():
     method = _method(seed_budget=10)
     assert len(method.candidate_seeds("cuda")) == 65535
@@ -366,3 +355,14 @@ def test_auto_kernel_on_cuda_is_the_fused_one_and_matches_eager():
     assert gpu_search.kernel == "fused"
     assert (got.index.cpu() == cpu.index).float().mean() > 0.99
     torch.testing.assert_close(got.score.cpu(), cpu.score, rtol=1e-4, atol=1e-7)
+
+
+def test_knob_walk_trades_size_then_budget():
+    from edgebuild.compress.search import knob_walk
+
+    start = {"block_size": 12, "latent_dim": 4, "seed_budget": 4096}
+    walk = [SeedLMConfig(**k) for k in knob_walk(start, SeedLM.knob_space, SeedLM.knob_order)]
+    assert [(c.block_size, c.latent_dim, c.seed_budget) for c in walk] == \
+        [(8, 3, 4096), (8, 4, 4096), (8, 4, 16384), (8, 4, 65535)]
+    bits = [SeedLMConfig(**start).bits_per_weight] + [c.bits_per_weight for c in walk]
+    assert bits == sorted(bits) and bits[:3] == [3.0, 4.0, 4.5]

@@ -1,5 +1,4 @@
 """``vptq``: index packing, vector quantisation, calibration, records and the numpy decoder."""
-import dataclasses
 
 import numpy as np
 import pytest
@@ -333,22 +332,20 @@ def test_bad_knobs_raise_config_error(knob, value):
         VPTQConfig(**{knob: value})
 
 
-def test_recommend_trades_size_for_quality_until_exhausted():
-    method = VPTQ(VPTQConfig(outlier_fraction=0.0, calibration_samples=32))
-    seen = []
-    while (cfg := method.recommend(None)) is not None:
-        seen.append(cfg)
-        method = VPTQ(cfg)
-        assert len(seen) < 10
-    assert seen[0].outlier_fraction == 0.02
-    assert seen[1].calibration_samples == 128
-    assert [c.codebook_bits for c in seen[2:]] == [10]
-    assert dataclasses.asdict(seen[-1])["outlier_fraction"] == 0.02
-
-
 def test_registered_and_decoder_refuses_a_missing_table(compressed):
     assert methods.get("vptq") is VPTQ
     records, _ = compressed
     tensor = next(r for r in records if r.codec == "vptq")
     with pytest.raises(VPTQFormatError, match="missing"):
         decode(tensor, {})
+
+
+def test_knob_walk_adds_outliers_samples_then_codebook_bits():
+    from edgebuild.compress.search import knob_walk
+
+    walk = knob_walk({"outlier_fraction": 0.0, "calibration_samples": 32, "codebook_bits": 8,
+                      "residual_codebook_bits": 0}, VPTQ.knob_space, VPTQ.knob_order)
+    assert walk[0]["outlier_fraction"] == 0.01 and walk[2]["outlier_fraction"] == 0.03
+    assert [w["calibration_samples"] for w in walk[3:5]] == [64, 128]
+    assert [w["codebook_bits"] for w in walk[5:7]] == [10, 12] and walk[-1]["residual_codebook_bits"] == 8
+    assert all(VPTQ.from_knobs(k) for k in walk)

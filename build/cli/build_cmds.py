@@ -12,11 +12,11 @@ from edgebuild.core.errors import ExitCode
 
 
 def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
-             steps=None, stages=None):
+             steps=None, stages=None, search=None):
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
     from edgebuild.core.progress import Progress
-    cfg = load_config(config_path, profile=profile, stages=stages)
+    cfg = load_config(config_path, profile=profile, stages=stages, **(search or {}))
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
                         from_stage=from_stage, steps=steps or STEPS, progress=Progress())
 
@@ -57,6 +57,21 @@ def _record(result, junit, wandb_mode):
     return path
 
 
+def search_options(f):
+    f = click.option("--no-device", "no_device", is_flag=True,
+                     help="Build without the device: its checks are reported as skipped, and no stage "
+                          "is validated on the target.")(f)
+    f = click.option("--max-trials", type=int, default=None,
+                     help="Attempts per stage at most (the search over the method's settings; "
+                          "default: build.max_trials, 4).")(f)
+    return click.option("--time-budget", "time_budget", type=float, default=None,
+                        help="Seconds after which no stage starts another attempt (default: none).")(f)
+
+
+def _search(no_device, max_trials, time_budget) -> dict:
+    return {"device": False if no_device else None, "max_trials": max_trials, "time_budget_s": time_budget}
+
+
 def record_options(f):
     f = click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Also write JUnit XML here: one test case per gate check.")(f)
@@ -68,12 +83,16 @@ def record_options(f):
 @click.command("all")
 @build_options
 @record_options
+@search_options
 @click.option("--force", is_flag=True, help="Redo every step, ignoring the cache.")
 @click.option("--from", "from_stage", default=None, help="Redo this stage and the ones after it.")
-def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, force, from_stage):
-    """Run the whole build: baseline, each compression stage, export, host and device
-    benchmarks, gates; write the manifest and reports; exit with a code CI can act on."""
-    req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage)
+def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, no_device,
+            max_trials, time_budget, force, from_stage):
+    """Run the whole build: baseline, each compression stage (searching its settings), export,
+    host and device benchmarks, gates; write the manifest and reports; exit with a code CI can
+    act on."""
+    req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage,
+                   search=_search(no_device, max_trials, time_budget))
     return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode).exit_code)
 
 
@@ -147,11 +166,14 @@ def _suite(value, req):
 @click.command("gate")
 @build_options
 @record_options
+@search_options
 @click.option("--stage", default=None, help="Stage whose verdict sets the exit code (default: the last).")
-def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, stage):
+def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, no_device,
+             max_trials, time_budget, stage):
     """Evaluate the gates of every stage (reusing cached results) and print each check.
     Exits 12 when the chosen stage failed."""
-    req = _request(model, target, config_path, profile, data_dir, out)
+    req = _request(model, target, config_path, profile, data_dir, out,
+                   search=_search(no_device, max_trials, time_budget))
     result = _run(req, as_json, junit=junit, wandb_mode=wandb_mode)
     name = stage or req.config.stages[-1]
     runs = [r for r in result.runs if r.stage == name]

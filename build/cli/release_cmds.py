@@ -18,6 +18,9 @@ def methods_cmd():
         click.echo(f"{m['name']}{label}: {m.get('doc', '')}{state}")
         for k, v in (m.get("knobs") or {}).items():
             click.echo(f"    {k} = {v!r}")
+        if m.get("order"):
+            walk = ", then ".join(f"{k} {m['space'][k]}" for k in m["order"])
+            click.echo(f"    search: {walk}")
 
 
 @click.command("report")
