@@ -9,7 +9,7 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd model test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
+.PHONY: setup sshd bwrap model test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
 
 help:
 	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | setup | model | clean"
@@ -20,13 +20,20 @@ $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test]"
 	touch $@
 
-setup: $(BIN)/.installed sshd
+setup: $(BIN)/.installed sshd bwrap
 
 # The SSH transport's tests start a real OpenSSH server on 127.0.0.1.
 sshd:
 	@test -x /usr/sbin/sshd || { command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null) \
 	  || echo "openssh-server is not installed: the SSH tests will be skipped"; }
+
+# Generated code (HumanEval, MBPP) runs in a bubblewrap sandbox; without it the code benchmarks
+# are unavailable unless --allow-unsandboxed-code is given.
+bwrap:
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+	  || echo "bubblewrap is not installed: code benchmarks are unavailable and the sandbox tests will be skipped"; }
 
 model: setup
 	$(BIN)/edgebuild model fetch smollm2-135m
