@@ -99,8 +99,8 @@ def dotted(loc: tuple) -> str:
 
 def one_line(exc: ValidationError, cls, where: str, key_of: Callable[[tuple], str]) -> str:
     """The first problem of ``exc`` as one line naming the file, key, value and what is allowed."""
-    errors = exc.errors()
-    first = errors[0]
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "unexpected_keyword_argument")
+    first = errors[0]                 # an unknown key first: it is often a misspelt required one
     message = _describe(first, json_schema(cls), key_of)
     more = f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this file)" \
         if len(errors) > 1 else ""
@@ -120,7 +120,7 @@ def _describe(error: dict, root: dict, key_of) -> str:
         hint = f"; did you mean {key_of(loc[:-1] + (close[0],))!r}?" if close else ""
         return f"unknown key {key_of(loc)!r}{hint} (allowed in {_section(loc[:-1], key_of)}: " \
                f"{', '.join(keys)})"
-    if kind == "missing_argument":
+    if kind in ("missing", "missing_argument"):
         return f"missing key {key_of(loc)!r} in {_section(loc[:-1], key_of)}"
     node = _node(root, loc)
     if node is None:
@@ -244,14 +244,15 @@ def default_text(info) -> str:
 
 
 def reference_table(cls, heading: str, key_prefix: str = "") -> str:
-    """A Markdown section documenting every key of ``cls``: allowed values, default, meaning."""
+    """A Markdown section documenting every key of ``cls``: allowed values, default, meaning
+    (a key holding a table of its own is documented in that table's section)."""
     root = json_schema(cls)
     node = _deref(root, root)
     properties = node.get("properties", {})
     lines = [f"### {heading}", "", "| key | allowed | default | meaning |", "|---|---|---|---|"]
     for name, info in fields(cls).items():
-        if name not in _keys(node):
-            continue
+        if name not in _keys(node) or "properties" in _deref(properties[name], root):
+            continue                  # not a key here, or a table documented in its own section
         what = allowed(properties[name], root, f"{key_prefix}{name}").replace("|", "\\|")
         meaning = (info.description or "").replace("|", "\\|")
         lines.append(f"| `{key_prefix}{name}` | {what} | `{default_text(info)}` | {meaning} |")
