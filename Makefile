@@ -9,10 +9,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd bwrap model test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
+.PHONY: setup sshd bwrap model docs test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bwrap:
 	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
 	  || echo "bubblewrap is not installed: code benchmarks are unavailable and the sandbox tests will be skipped"; }
+
+# The key references, generated from the config and target spec schemas (a test checks they are current).
+docs: setup
+	$(BIN)/edgebuild config docs --write docs/config.md
+	$(BIN)/edgebuild targets docs --write docs/targets.md
 
 model: setup
 	$(BIN)/edgebuild model fetch smollm2-135m

@@ -25,10 +25,11 @@ class ExitCode(enum.IntEnum):
     FALLBACK = 10          # a less compressed stage shipped (fallback down the ladder)
     BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
+    INTERRUPTED = 130      # interrupted (Ctrl-C); finished steps stay in the cache
 
 
 EXIT_CODE_HELP = {
-    ExitCode.OK: "the most compressed stage passed its gates and shipped",
+    ExitCode.OK: "success (a build: the most compressed stage passed its gates and shipped)",
     ExitCode.INTERNAL: "internal error (a bug; rerun with --debug)",
     ExitCode.USAGE: "bad command line",
     ExitCode.CONFIG: "invalid build config or option value",
@@ -41,6 +42,7 @@ EXIT_CODE_HELP = {
     ExitCode.FALLBACK: "a less compressed stage shipped (fallback)",
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); finished steps are kept in the cache",
 }
 
 
