@@ -9,10 +9,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd model test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
+.PHONY: setup sshd bwrap model docs test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,25 @@ $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test]"
 	touch $@
 
-setup: $(BIN)/.installed sshd
+setup: $(BIN)/.installed sshd bwrap
 
 # The SSH transport's tests start a real OpenSSH server on 127.0.0.1.
 sshd:
 	@test -x /usr/sbin/sshd || { command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null) \
 	  || echo "openssh-server is not installed: the SSH tests will be skipped"; }
+
+# Generated code (HumanEval, MBPP) runs in a bubblewrap sandbox; without it the code benchmarks
+# are unavailable unless --allow-unsandboxed-code is given.
+bwrap:
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+	  || echo "bubblewrap is not installed: code benchmarks are unavailable and the sandbox tests will be skipped"; }
+
+# The key references, generated from the config and target spec schemas (a test checks they are current).
+docs: setup
+	$(BIN)/edgebuild config docs --write docs/config.md
+	$(BIN)/edgebuild targets docs --write docs/targets.md
 
 model: setup
 	$(BIN)/edgebuild model fetch smollm2-135m

@@ -22,7 +22,7 @@ import math
 from collections import Counter
 
 from edgebuild.bench.base import FunctionRef
-from edgebuild.bench.sandbox import Limits, run_programs
+from edgebuild.bench.sandbox import Limits, run_programs, unavailable_reason
 from edgebuild.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,13 @@ def mbpp_program(doc: dict, completion: str) -> str:
 def run_outcomes(programs: list[list[str]]) -> list[list[dict]]:
     """Run every program (grouped per item) in the sandbox; the same grouping of result dicts.
 
-    A program the sandbox could not start at all raises ``ConfigError``: scoring it as a
-    failure would silently report 0 for every model.
+    No usable sandbox (no isolating backend and no ``--allow-unsandboxed-code``), or a program
+    the sandbox could not start at all, raises ``ConfigError``: scoring it as a failure would
+    silently report 0 for every model.
     """
+    reason = unavailable_reason()
+    if reason:
+        raise ConfigError(reason)
     flat = [program for item in programs for program in item]
     results = run_programs(flat, LIMITS)
     broken = [result for result in results if result.status == "error"]
@@ -101,6 +105,11 @@ def pass_at_k(references: list, predictions: list[list[dict]], k=(1,)) -> dict[s
     return {f"pass@{kk}": pass_at_k_estimate(len(outcomes), passed, kk) for kk in ks}
 
 
+def runs_code(benchmark) -> bool:
+    """Whether ``benchmark`` (a ``Benchmark``) runs generated programs in the sandbox."""
+    return benchmark.generation is not None and benchmark.generation.filter == FILTER_NAME
+
+
 def task_overrides(filter_fn: str, ks: list[int]) -> dict:
     """YAML keys that make a built-in code task score through the sandbox."""
     metric = {"metric": FunctionRef(f"{__name__}.pass_at_k"), "aggregation": "mean",
@@ -110,9 +119,10 @@ def task_overrides(filter_fn: str, ks: list[int]) -> dict:
 
 
 def summarize(outcomes: list[list[dict]]) -> dict:
-    """Counts of sandbox statuses over items' outcomes, and whether all ran without network."""
+    """Counts of sandbox statuses over items' outcomes, whether all ran isolated, and in what."""
     flat = [outcome for item in outcomes for outcome in item]
     return {"programs": len(flat),
             "statuses": dict(sorted(Counter(outcome["status"] for outcome in flat).items())),
             "network_isolated": bool(flat) and all(o["network_isolated"] for o in flat),
+            "backends": sorted({outcome.get("note", "") for outcome in flat}),
             "seconds": round(sum(outcome["seconds"] for outcome in flat), 3)}

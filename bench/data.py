@@ -17,6 +17,7 @@ import importlib.util
 import io
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -51,7 +52,7 @@ def read_text(path: Path) -> str:
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
         return raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as err:
         raise DataError(f"cannot read benchmark data file {path}: {err}", hint=DATA_HINT) from err
 
 
@@ -88,7 +89,10 @@ def read_json(path: Path):
 
 def read_csv(path: Path, columns: int) -> list[list[str]]:
     """Rows of a header-less CSV file, each checked to have ``columns`` fields."""
-    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+    try:
+        rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as err:
+        raise DataError(f"{path} is not valid CSV ({err})", hint=DATA_HINT) from err
     for number, row in enumerate(rows, start=1):
         if len(row) != columns:
             raise DataError(f"{path}: row {number} has {len(row)} fields, expected {columns}",

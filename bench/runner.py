@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -228,6 +229,7 @@ def _evaluate(lm, prepared: list[PreparedTask], task_dir: Path, seed: int) -> di
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    _quiet_git_hash()
     parts = [part for p in prepared for part in p.parts]
     # lm-eval maps the k-th evaluated document to samples[k], so the lists must be sorted; a task
     # evaluated in full is left out (lm-eval's membership test is linear in the list length).
@@ -245,6 +247,26 @@ def _evaluate(lm, prepared: list[PreparedTask], task_dir: Path, seed: int) -> di
                                samples=samples or None, log_samples=True, task_manager=manager,
                                bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
                                torch_random_seed=None, confirm_run_unsafe_code=True)
+
+
+def _quiet_git_hash() -> None:
+    """lm-eval records ``git describe --always`` of the working directory in its results and
+    lets git's stderr through: outside a git checkout every run printed "fatal: not a git
+    repository". Its lookup is replaced by the same one with git's stderr discarded."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_commit_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                                  timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError):
+            done = None
+        if done is not None and done.returncode == 0:
+            return done.stdout.strip()
+        return get_commit_from_path(os.getcwd())
+
+    lm_eval.evaluator.get_git_commit_hash = git_commit_hash
 
 
 def _part_rows(part: TaskPart, logged: list[dict], docs: list[dict], name: str) -> list[dict]:

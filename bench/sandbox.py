@@ -1,28 +1,36 @@
 """Run one untrusted Python program (generated code and its tests) in a contained subprocess.
 
-Generated code is never run in-process. Each program gets:
+Generated code is never run in-process, and by default never without isolation. A *backend*
+(registry ``backends``) starts the interpreter; this module prepares the program, applies the
+limits, waits, kills and reports. Backends:
 
-- a fresh temp dir as cwd, ``HOME`` and ``TMPDIR``, deleted afterwards; a stripped environment;
-  stdin closed; stdout/stderr written to files outside that dir and read back truncated;
-- ``python -I -S -B`` (isolated mode: no site-packages, no user site, no ``PYTHON*`` variables);
-- rlimits set before the program starts (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``,
-  ``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE``) by a small bootstrap that runs as the
-  first code of the sandboxed interpreter. ``preexec_fn`` is not used: it is unsafe in a parent
-  with threads (the evaluator runs torch threads and a worker pool), and limits set in the child
-  itself are just as binding: a non-root process cannot raise its hard limits again;
-- a new session (``start_new_session=True``); on timeout the whole process group is killed;
-- when the OS allows it (probed once per process), ``unshare --user --net --pid --fork``: no
-  network (a network namespace with only a down loopback), and a PID namespace whose processes
-  all die with it, so nothing outlives the run even if it leaves the process group;
-- when the parent runs as root, the program runs as ``nobody`` (uid 65534): root ignores
-  ``RLIMIT_NPROC``, and the drop keeps the program from writing files it does not own (every
-  path outside its temp dir, except world-writable ones such as ``/tmp``).
+- ``bwrap`` (bubblewrap, Debian package ``bubblewrap``), the isolating one. The program sees a
+  read-only view of the system (``/usr``, the library dirs, the dynamic linker's files, the
+  interpreter's own prefix; nothing of ``/home``, ``/root``, ``/work`` or the host's ``/tmp``),
+  ``/tmp`` as its only writable place (a private tmpfs of ``Limits.disk_mb``, gone when it ends,
+  also its cwd, ``HOME`` and ``TMPDIR``), no network (a network namespace with only loopback),
+  its own PID, IPC and UTS namespaces (it can signal nothing outside), no capabilities and no
+  nested user namespaces, and runs as ``nobody``: with uid/gid 65534 on the host when edgebuild
+  runs as root (bubblewrap is started as that user), else as the caller's uid mapped to 65534.
+- ``subprocess``: the plain interpreter in a temp dir, without any of the above (only as
+  ``nobody`` when edgebuild runs as root). Used only when the user opts in with
+  ``--allow-unsandboxed-code`` (``build.allow_unsandboxed_code``), as the HumanEval reference
+  harness requires an explicit opt-in before running generated code unsandboxed.
 
-The bootstrap forks once: the program runs in the child (as a module named ``__candidate__``,
-not ``__main__``), the parent waits and reports how it ended. This keeps the program from being
-PID 1 of its namespace (which would ignore ``SIGXCPU`` and self-sent signals). A program
-*passes* when it runs to its end: any exception, ``SystemExit`` included, fails it, as in the
-HumanEval reference harness.
+Without an isolating backend and without the opt-in, code benchmarks are unavailable and
+``unavailable_reason()`` says why.
+
+Every backend runs ``python -I -S -B`` (isolated mode: no site-packages, no user site, no
+``PYTHON*`` variables) with a stripped environment and stdin closed; stdout/stderr go to files
+outside the program's reach and are read back truncated. A small bootstrap, the first code of the
+sandboxed interpreter, sets the rlimits (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``,
+``RLIMIT_NPROC``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE``; a non-root process cannot raise its hard
+limits again; ``preexec_fn`` is not used: it is unsafe in a parent with threads) and forks once:
+the program runs in the child (as a module named ``__candidate__``, not ``__main__``), the parent
+waits and reports how it ended. The launcher runs in a new session; at the wall-clock timeout its
+whole process group is killed (bubblewrap's PID namespace dies with it). A program *passes* when
+it runs to its end: any exception, ``SystemExit`` included, fails it, as in the HumanEval
+reference harness.
 """
 from __future__ import annotations
 
@@ -37,9 +45,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from edgebuild.core.errors import ConfigError
+from edgebuild.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +59,13 @@ STATUSES = ("passed", "failed", "timeout", "killed", "error")
 NOBODY = 65534
 PROGRAM = "program.py"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-UNSHARE_FLAGS = (("--user", "--net", "--pid", "--fork", "--kill-child"),
-                 ("--user", "--net", "--pid", "--fork"),
-                 ("--user", "--net"))
 SETUP_EXIT = 125         # the bootstrap could not set the limits or fork (literal in BOOTSTRAP)
 SIGNAL_EXIT = 128        # the bootstrap exits SIGNAL_EXIT + n when the program died of signal n
+ISOLATING = ("bwrap",)   # isolating backends, in order of preference
+UNSANDBOXED = "subprocess"
+OPT_IN = "--allow-unsandboxed-code"
+INSTALL_HINT = ("install bubblewrap (Debian package `bubblewrap`, `make setup` installs it) or "
+                f"pass {OPT_IN} to run generated code without isolation")
 
 # Runs as ``python -I -S -B -c BOOTSTRAP LIMITS_JSON program.py`` inside the sandbox.
 BOOTSTRAP = """\
@@ -90,7 +104,8 @@ os._exit(code if code >= 0 else 128 - code)
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits of one run. ``cpu_s`` None: the wall-clock timeout rounded up, plus 1."""
+    """Resource limits of one run. ``cpu_s`` None: the wall-clock timeout rounded up, plus 1.
+    ``disk_mb`` caps the private ``/tmp`` of an isolating backend (``file_mb`` caps each file)."""
 
     timeout_s: float = 10.0
     cpu_s: int | None = None
@@ -99,6 +114,7 @@ class Limits:
     nproc: int = 8
     nofile: int = 64
     output_bytes: int = 4096
+    disk_mb: int = 64
 
     def rlimits(self) -> list[tuple[str, int]]:
         """``[(resource name, soft = hard value)]`` for the bootstrap."""
@@ -119,7 +135,8 @@ class SandboxResult:
     ``status``: ``passed`` (ran to its end), ``failed`` (raised or exited non-zero),
     ``timeout`` (killed at the wall-clock limit), ``killed`` (died of a signal, e.g. the CPU
     limit), ``error`` (the sandbox could not run it). ``stderr``/``stdout`` are the last
-    ``Limits.output_bytes`` of each. ``note`` says which isolation was unavailable, if any.
+    ``Limits.output_bytes`` of each. ``network_isolated``: the backend isolates (filesystem,
+    network, user, processes); ``note`` says which backend ran it and, unsandboxed, why.
     """
 
     passed: bool
@@ -137,80 +154,161 @@ class SandboxResult:
 
 
 @dataclass(frozen=True)
-class Isolation:
-    """What this machine allows, probed once: interpreter, user, namespaces."""
+class Job:
+    """One program to start: the interpreter, the host folder holding ``work/program.py`` (the
+    folder is searchable by the sandbox user, ``work`` is theirs) and the limits."""
 
-    interpreter: str | None
-    prefix: tuple[str, ...]
-    uid: int | None
-    network_isolated: bool
-    note: str
+    interpreter: str
+    root: Path
+    limits: Limits
 
-    def popen_user(self) -> dict:
-        """``subprocess.Popen`` keyword arguments that switch to the sandbox user."""
-        if self.uid is None:
-            return {}
-        return {"user": self.uid, "group": self.uid, "extra_groups": []}
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
 
-
-# ----------------------------------------------------------------------------- probing
-
-
-def _interpreters() -> list[str]:
-    """Candidate interpreters: this one first, then the system's ``python3``."""
-    found = [sys.executable, os.path.realpath(sys.executable),
-             getattr(sys, "_base_executable", ""), shutil.which("python3", path=SAFE_PATH)]
-    return [path for path in dict.fromkeys(found) if path and os.path.isfile(path)]
+    def python(self, program: str) -> list[str]:
+        """The interpreter's command line running the bootstrap on ``program``."""
+        return [self.interpreter, "-I", "-S", "-B", "-c", BOOTSTRAP,
+                json.dumps(self.limits.rlimits()), program]
 
 
-def _runs(command: list[str], uid: int | None) -> bool:
-    """True when ``command`` exits 0 as ``uid`` from ``/`` within 20 s."""
-    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    try:
-        done = subprocess.run(command, cwd="/", env={"PATH": SAFE_PATH}, timeout=20,
-                              stdin=subprocess.DEVNULL, capture_output=True, **user)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
+@dataclass(frozen=True)
+class Launch:
+    """How to start a job: ``argv`` run from ``cwd`` with exactly ``env``, as ``uid`` (None: as
+    the caller); ``pass_fds`` stay open in the child; ``started_fd`` (a read end) tells, once the
+    launcher exits, whether the program was started at all (None: it always is)."""
+
+    argv: list[str]
+    cwd: str
+    env: dict
+    uid: int | None = None
+    pass_fds: tuple = ()
+    started_fd: int | None = None
+
+
+class Backend(ABC):
+    """A way of starting the sandboxed interpreter (see the module docstring)."""
+
+    name: str = ""
+    isolated: bool = False       # read-only system, private /tmp, no network, own namespaces, nobody
+
+    @abstractmethod
+    def missing(self) -> str:
+        """What this machine lacks for this backend, as one line ('' when nothing); checked
+        before a trial run."""
+
+    @abstractmethod
+    def launch(self, job: Job) -> Launch:
+        """The command that runs ``job.python(...)`` in this backend."""
+
+    def started(self, launch: Launch) -> bool:
+        """Whether the launcher got as far as starting the program (read after it exited)."""
+        if launch.started_fd is None:
+            return True
+        with os.fdopen(launch.started_fd, "rb") as info:
+            return b"child-pid" in info.read()
+
+
+backends: Registry = Registry("code sandbox backend", error=ConfigError)
+backends.register_lazy("bwrap", "edgebuild.bench.sandbox_backends:Bubblewrap")
+backends.register_lazy("subprocess", "edgebuild.bench.sandbox_backends:PlainSubprocess")
+
+
+def sandbox_uid() -> int | None:
+    """The host uid programs run as: ``nobody`` when we are root, else the caller's (None)."""
+    return NOBODY if os.geteuid() == 0 else None
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend programs run in (None: none can), its interpreter, and a one-line reason
+    (why generated code cannot run, or why it runs unsandboxed)."""
+
+    backend: str | None
+    interpreter: str | None = None
+    reason: str = ""
+    isolated: bool = False
+
+
+_policy = {"allow_unsandboxed": False}
+
+
+def allow_unsandboxed(allow: bool) -> None:
+    """Set, for this process, whether generated code may run without isolation when no
+    isolating backend works (the ``--allow-unsandboxed-code`` opt-in)."""
+    _policy["allow_unsandboxed"] = bool(allow)
+
+
+def choose(allow: bool | None = None) -> Choice:
+    """The backend generated code runs in: the first isolating backend that works here; else,
+    with the opt-in (``allow``, default: the process's setting), the plain subprocess."""
+    allow = _policy["allow_unsandboxed"] if allow is None else allow
+    reasons = []
+    for name in ISOLATING:
+        interpreter, reason = probe(name)
+        if interpreter:
+            return Choice(name, interpreter, isolated=True)
+        reasons.append(f"{name}: {reason}")
+    why = "; ".join(reasons)
+    if not allow:
+        return Choice(None, reason=f"generated code cannot run isolated here ({why}); {INSTALL_HINT}")
+    interpreter, reason = probe(UNSANDBOXED)
+    if not interpreter:
+        return Choice(None, reason=f"generated code cannot run here ({why}; {UNSANDBOXED}: {reason})")
+    return Choice(UNSANDBOXED, interpreter, f"unsandboxed ({OPT_IN}): {why}")
+
+
+def unavailable_reason(allow: bool | None = None) -> str | None:
+    """Why generated code cannot run here (None: it can), in one line."""
+    choice = choose(allow)
+    return None if choice.backend else choice.reason
 
 
 @functools.lru_cache(maxsize=None)
-def isolation() -> Isolation:
-    """Probe (once per process) the strongest isolation that works on this machine."""
-    uid = NOBODY if os.geteuid() == 0 else None
-    unshare = shutil.which("unshare", path=SAFE_PATH)
-    prefixes = [(unshare, *flags) for flags in UNSHARE_FLAGS] if unshare else []
+def probe(name: str) -> tuple[str | None, str]:
+    """``(interpreter, '')`` when backend ``name`` runs a trial program here, else
+    ``(None, why not)``; probed once per process."""
+    backend = backends.get(name)()
+    missing = backend.missing()
+    if missing:
+        return None, missing
+    why = "no Python interpreter ran"
     for interpreter in _interpreters():
-        check = [interpreter, "-I", "-S", "-B", "-c", "import resource, runpy"]
-        for prefix in prefixes:
-            if _runs([*prefix, *check], uid):
-                note = "" if "--pid" in prefix else "no PID namespace (unshare --pid failed)"
-                return Isolation(interpreter, prefix, uid, True, note)
-        if _runs(check, uid):
-            why = "unshare not found" if not unshare else "unshare --user --net failed"
-            log.warning("code sandbox without network isolation: %s", why)
-            return Isolation(interpreter, (), uid, False, f"network not isolated: {why}")
-    who = "uid 65534" if uid is not None else "the current user"
-    return Isolation(None, (), uid, False, f"no Python interpreter runs as {who}")
+        result = _run(backend, interpreter, "import resource, runpy\n", Limits(timeout_s=20.0))
+        if result.passed:
+            return interpreter, ""
+        why = _last_line(result.stderr) or f"trial run {result.status} ({result.returncode})"
+    log.warning("code sandbox backend %s does not work here: %s", name, why)
+    return None, why
+
+
+def _interpreters() -> list[str]:
+    """Candidate interpreters: this one (resolved), then the system's ``python3``.
+    Programs need only the standard library."""
+    found = [os.path.realpath(sys.executable), os.path.realpath(getattr(sys, "_base_executable", "")),
+             shutil.which("python3", path=SAFE_PATH)]
+    return [path for path in dict.fromkeys(found) if path and os.path.isfile(path)]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 # ----------------------------------------------------------------------------- running
 
 
-def run_program(source: str, limits: Limits = DEFAULT_LIMITS) -> SandboxResult:
+def run_program(source: str, limits: Limits = DEFAULT_LIMITS, choice: Choice | None = None) -> SandboxResult:
     """Run ``source`` as a Python program in a fresh sandbox and report how it ended."""
-    iso = isolation()
-    if iso.interpreter is None:
-        return SandboxResult(False, "error", None, 0.0, iso.note, False, note=iso.note)
-    root = Path(tempfile.mkdtemp(prefix="edgebuild-sandbox-"))
-    try:
-        work = _prepare(root, source, iso.uid)
-        return _execute(root, work, iso, limits)
-    except OSError as err:
-        return SandboxResult(False, "error", None, 0.0, f"sandbox set-up failed: {err}",
-                             iso.network_isolated, note=iso.note)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    choice = choice or choose()
+    if choice.backend is None:
+        return SandboxResult(False, "error", None, 0.0, choice.reason, False, note=choice.reason)
+    result = _run(backends.get(choice.backend)(), choice.interpreter, source, limits)
+    note = choice.reason or choice.backend
+    return SandboxResult(**{**result.to_dict(), "note": note, "network_isolated": choice.isolated})
 
 
 def run_programs(sources: list[str], limits: Limits = DEFAULT_LIMITS,
@@ -221,46 +319,75 @@ def run_programs(sources: list[str], limits: Limits = DEFAULT_LIMITS,
     """
     if not sources:
         return []
+    choice = choose()
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=min(workers, len(sources))) as pool:
-        return list(pool.map(lambda source: run_program(source, limits), sources))
+        return list(pool.map(lambda source: run_program(source, limits, choice), sources))
 
 
-def _prepare(root: Path, source: str, uid: int | None) -> Path:
-    """``root`` (searchable only) holding ``work/`` (the program's own dir) with the program."""
-    root.chmod(0o711)
-    work = root / "work"
-    work.mkdir(mode=0o700)
-    (work / PROGRAM).write_text(source, encoding="utf-8")
+def _run(backend: Backend, interpreter: str, source: str, limits: Limits) -> SandboxResult:
+    root = Path(tempfile.mkdtemp(prefix="edgebuild-sandbox-"))
+    try:
+        job = Job(interpreter, root, limits)
+        _prepare(job, source)
+        return _execute(backend, job)
+    except OSError as err:
+        return SandboxResult(False, "error", None, 0.0, f"sandbox set-up failed: {err}",
+                             backend.isolated)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _prepare(job: Job, source: str) -> None:
+    """``root`` (searchable only) holding ``work/`` (the sandbox user's) with the program."""
+    job.root.chmod(0o711)
+    job.work.mkdir(mode=0o700)
+    program = job.work / PROGRAM
+    program.write_text(source, encoding="utf-8")
+    program.chmod(0o644)
+    uid = sandbox_uid()
     if uid is not None:
-        os.chown(work, uid, uid)
-        os.chown(work / PROGRAM, uid, uid)
-    return work
+        os.chown(job.work, uid, uid)
+        os.chown(program, uid, uid)
 
 
-def _execute(root: Path, work: Path, iso: Isolation, limits: Limits) -> SandboxResult:
+def _execute(backend: Backend, job: Job) -> SandboxResult:
     """Start the program, wait up to the timeout, kill its process group, read its output."""
-    command = [*iso.prefix, iso.interpreter, "-I", "-S", "-B", "-c", BOOTSTRAP,
-               json.dumps(limits.rlimits()), PROGRAM]
-    env = {"PATH": SAFE_PATH, "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
-    with open(root / "stdout", "w+b") as out, open(root / "stderr", "w+b") as err:
+    launch = backend.launch(job)
+    user = {} if launch.uid is None else {"user": launch.uid, "group": launch.uid, "extra_groups": []}
+    with open(job.root / "stdout", "w+b") as out, open(job.root / "stderr", "w+b") as err:
         start = time.monotonic()
-        proc = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True, close_fds=True,
-                                **iso.popen_user())
-        timed_out = False
         try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            proc = subprocess.Popen(launch.argv, cwd=launch.cwd, env=launch.env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True,
+                                    pass_fds=launch.pass_fds, **user)
+        except OSError:
+            if launch.started_fd is not None:
+                os.close(launch.started_fd)
+            raise
         finally:
-            _kill_group(proc.pid)
-            returncode = proc.wait()
+            for fd in launch.pass_fds:
+                os.close(fd)
+        timed_out = _wait(proc, job.limits.timeout_s)
         seconds = time.monotonic() - start
-        stdout, stderr = _tail(out, limits.output_bytes), _tail(err, limits.output_bytes)
-    status = "timeout" if timed_out else _status(returncode)
-    return SandboxResult(status == "passed", status, returncode, seconds, stderr,
-                         iso.network_isolated, stdout, iso.note)
+        started = backend.started(launch)
+        stdout, stderr = _tail(out, job.limits.output_bytes), _tail(err, job.limits.output_bytes)
+    status = "timeout" if timed_out else _status(proc.returncode) if started else "error"
+    return SandboxResult(status == "passed", status, proc.returncode, seconds, stderr,
+                         backend.isolated, stdout, backend.name)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for ``proc`` up to ``timeout_s``, then kill its process group; True on timeout."""
+    try:
+        proc.wait(timeout=timeout_s)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    _kill_group(proc.pid)
+    proc.wait()
+    return timed_out
 
 
 def _status(returncode: int) -> str:
@@ -275,7 +402,7 @@ def _status(returncode: int) -> str:
 
 
 def _kill_group(pgid: int) -> None:
-    """SIGKILL every process left in the group (the program's session)."""
+    """SIGKILL every process left in the group (the launcher's session)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -287,3 +414,8 @@ def _tail(stream, limit: int) -> str:
     size = stream.seek(0, os.SEEK_END)
     stream.seek(max(0, size - limit))
     return stream.read().decode("utf-8", errors="replace")
+
+
+__all__ = ["Backend", "Choice", "DEFAULT_LIMITS", "Job", "Launch", "Limits", "SandboxResult",
+           "allow_unsandboxed", "backends", "choose", "probe", "run_program", "run_programs",
+           "unavailable_reason"]

@@ -18,8 +18,10 @@ agents       ALFWorld, BabyAI, WebShop           interactive tasks in an environ
 A build's *primary* expert benchmark (the one the critical-drop rule watches) is the first expert
 benchmark in its ``build.tasks``. A benchmark edgebuild cannot run is reported as unavailable with the
 reason: StoryCloze's data is distributed only on request, the agent benchmarks are interactive
-environments rather than scored data sets, and any benchmark whose files are missing from the
-data dir says which file it wanted.
+environments rather than scored data sets, any benchmark whose files are missing from the
+data dir says which file it wanted, and the code benchmarks (HumanEval, MBPP) say why generated
+code cannot run isolated here unless the user passed ``--allow-unsandboxed-code``
+(``edgebuild.bench.sandbox``).
 """
 from __future__ import annotations
 
@@ -87,9 +89,11 @@ def expert_benchmarks(domains: list[str]) -> list[str]:
     return names
 
 
-def plan(domains: list[str], data_dir, every: bool = False) -> Suite:
+def plan(domains: list[str], data_dir, every: bool = False,
+         allow_unsandboxed: bool | None = None) -> Suite:
     """The core suite and the experts of ``domains`` (``every``: all registered benchmarks and
-    every domain's experts), split into runnable tasks and unavailable ones."""
+    every domain's experts), split into runnable tasks and unavailable ones.
+    ``allow_unsandboxed``: see ``unavailable_reason``."""
     from edgebuild.bench import benchmarks
 
     experts = expert_benchmarks([GENERAL] if every else domains)
@@ -98,7 +102,7 @@ def plan(domains: list[str], data_dir, every: bool = False) -> Suite:
         names += [n for n in benchmarks.names() if n not in names]
     suite = Suite([], experts=experts)
     for name in names:
-        reason = unavailable_reason(name, data_dir)
+        reason = unavailable_reason(name, data_dir, allow_unsandboxed)
         if reason is None:
             suite.tasks.append(name)
         else:
@@ -106,14 +110,23 @@ def plan(domains: list[str], data_dir, every: bool = False) -> Suite:
     return suite
 
 
-def unavailable_reason(name: str, data_dir) -> str | None:
-    """Why benchmark ``name`` cannot run with ``data_dir`` (None: it can)."""
+def unavailable_reason(name: str, data_dir, allow_unsandboxed: bool | None = None) -> str | None:
+    """Why benchmark ``name`` cannot run with ``data_dir`` (None: it can). A code benchmark
+    also needs a code sandbox, or ``allow_unsandboxed`` (None: the process's setting, see
+    ``edgebuild.bench.sandbox.allow_unsandboxed``)."""
     from edgebuild.bench import benchmarks
+    from edgebuild.bench import sandbox
+    from edgebuild.bench.codeexec import runs_code
 
     if name in NOT_RUNNABLE:
         return NOT_RUNNABLE[name]
+    benchmark = benchmarks.get(name)
+    if runs_code(benchmark):
+        reason = sandbox.unavailable_reason(allow_unsandboxed)
+        if reason:
+            return reason
     try:
-        benchmarks.get(name).convert(Path(data_dir))
+        benchmark.convert(Path(data_dir))
     except DataError as exc:
         return f"no usable data: {exc}"
     return None

@@ -26,10 +26,11 @@ class ExitCode(enum.IntEnum):
     BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
     DEVICE_INCOMPLETE = 13  # the shipped stage's device checks did not run: not validated on the target
+    INTERRUPTED = 130      # interrupted (Ctrl-C); finished steps stay in the cache
 
 
 EXIT_CODE_HELP = {
-    ExitCode.OK: "the most compressed stage passed its gates and shipped",
+    ExitCode.OK: "success (a build: the most compressed stage passed its gates and shipped)",
     ExitCode.INTERNAL: "internal error (a bug; rerun with --debug)",
     ExitCode.USAGE: "bad command line",
     ExitCode.CONFIG: "invalid build config or option value",
@@ -43,6 +44,7 @@ EXIT_CODE_HELP = {
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
     ExitCode.DEVICE_INCOMPLETE: "the shipped stage's device checks did not run (rerun, or --no-device)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); finished steps are kept in the cache",
 }
 
 

@@ -80,6 +80,7 @@ def resolve(spec: str) -> ModelRef:
         if not (path / "config.json").exists():
             raise ModelError(f"model {spec!r} is not fetched yet",
                              hint=f"run `edgebuild model fetch {spec}`")
+        _check_dir(path, hint=f"fetch it again: `edgebuild model fetch {spec} --force`")
         return ModelRef(spec, "embedded", str(path), dir_fingerprint(path))
     p = Path(spec).expanduser()
     if p.exists():
@@ -112,11 +113,14 @@ def _resolve_path(spec: str, p: Path) -> ModelRef:
         if not (p / "config.json").exists():
             raise ModelError(f"model directory {p} has no config.json",
                              hint="point --model at a Hugging Face model directory")
+        _check_dir(p)
         return ModelRef(spec, "dir", str(p.resolve()), dir_fingerprint(p))
     if p.suffix == ".safetensors":
         if not (p.parent / "config.json").exists():
             raise ModelError(f"{p} has no config.json beside it",
                              hint="put the model's config.json and tokenizer files in the same directory")
+        _check_config_json(p.parent / "config.json", CORRUPT_HINT)
+        _check_safetensors(p, CORRUPT_HINT)
         return ModelRef(spec, "safetensors", str(p.resolve()), file_fingerprint(p))
     if p.suffix == ".gguf":
         _check_gguf(p)
@@ -126,9 +130,47 @@ def _resolve_path(spec: str, p: Path) -> ModelRef:
 
 
 def _check_gguf(p: Path) -> None:
-    with open(p, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelError(f"{p} is not a GGUF file (bad magic)", hint="check the file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"cannot read model file {p}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise ModelError(f"{p} is not a GGUF file (bad magic)", hint="check the file")
+
+
+CORRUPT_HINT = "copy or download the model again"
+
+
+def _check_dir(p: Path, hint: str = CORRUPT_HINT) -> None:
+    """A model directory's config.json parses and each ``.safetensors`` file is whole (cheap:
+    headers only), so that a broken model fails before any work with the file it is in."""
+    _check_config_json(p / "config.json", hint)
+    for weights in sorted(p.glob("*.safetensors")):
+        _check_safetensors(weights, hint)
+
+
+def _check_config_json(path: Path, hint: str) -> None:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e})", hint=hint) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(config).__name__}", hint=hint)
+
+
+def _check_safetensors(path: Path, hint: str) -> None:
+    """The safetensors library reads the header and checks that it covers the whole file."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except OSError as e:
+        raise ModelError(f"cannot read model weights {path}: {e.strerror or e}") from None
+    except (SafetensorError, ValueError) as e:
+        raise ModelError(f"model weights {path} are corrupt or truncated ({e})", hint=hint) from None
 
 
 def file_fingerprint(p: Path) -> str:
@@ -168,14 +210,31 @@ def load(ref: ModelRef, dtype: str = "float32"):
     """Load ``(model, tokenizer)`` for a resolved ref, in eval mode."""
     try:
         model, tok = _LOADERS[ref.kind](ref, dtype)
-    except ModelError:
+    except (ModelError, NetworkError):
         raise
     except OSError as e:
-        raise ModelError(f"cannot load model {ref.spec!r}: {e}", hint="check the path or fetch it again") from e
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot load model {ref.spec!r}: {type(e).__name__}: {e}") from e
+        raise ModelError(f"cannot load model {ref.spec!r}: {_first_line(e)}",
+                         hint="check the path or fetch it again") from e
+    except _corrupt_errors() as e:
+        what = "a GGUF file that is corrupt or truncated" if ref.kind == "gguf" else "corrupt or incomplete"
+        raise ModelError(f"cannot load model {ref.spec!r}: {what} ({type(e).__name__}: "
+                         f"{_first_line(e)})", hint=CORRUPT_HINT) from e
     model.eval()
     return model, tok
+
+
+def _corrupt_errors() -> tuple:
+    """Exceptions that loading a broken model file raises (not a bug of ours)."""
+    import pickle
+    import struct
+    from safetensors import SafetensorError
+    return (ValueError, KeyError, IndexError, RuntimeError, EOFError, SafetensorError,
+            pickle.UnpicklingError, struct.error, zipfile.BadZipFile, UnicodeDecodeError)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def cache_arg(module) -> str:

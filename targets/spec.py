@@ -7,7 +7,9 @@ runtime settings, the budgets a stage must meet on the device, and how to reach 
     target = load_target("lab/my-board.toml")   # or a path
     target.budgets.decode_ms_per_token_p95, target.timing.prompt_len
 
-Errors raise ``TargetError`` with the file, the key and the allowed values.
+Every key is declared once, with its type, range and description, in
+``edgebuild.targets.spec_schema`` (rendered as ``docs/targets.md`` by ``reference()``). Errors
+raise ``TargetError`` with one line naming the file, the key, the value and what is allowed.
 
 A spec's ``[connection]`` is what the board class usually needs; ``resolve_connection(target)``
 (used by the transports) lays over it what ``edgebuild device setup`` recorded for this machine
@@ -18,15 +20,9 @@ and key), then, for a spec that sets ``connection.env_prefix``, environment vari
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
 import json
-import os
-import re
 import logging
-import types
-import typing
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 try:
@@ -34,221 +30,31 @@ try:
 except ModuleNotFoundError:     # Python 3.10
     import tomli as tomllib
 
+from edgebuild.core import schema
 from edgebuild.core.errors import TargetError
 from edgebuild.core.files import write_text_atomic
 from edgebuild.core.registry import Registry
-from edgebuild.targets.transport import transports
+from edgebuild.targets.spec_schema import (
+    ARCHES, ON_UNREACHABLE, Budgets, Connection, RuntimeSpec, Target, Timing,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ARCHES", "BUILTIN", "Budgets", "Connection", "ON_UNREACHABLE", "RuntimeSpec", "SPECS_DIR",
+           "Target", "Timing", "load_target", "parse_target", "reference", "resolve_connection",
+           "targets"]
+
 SPECS_DIR = Path(__file__).parent / "specs"
 BUILTIN = ("local", "local-ssh", "rpi4", "rpi5", "jetson-orin-nano", "generic-aarch64")
-ARCHES = ("native", "aarch64", "armv7l", "x86_64", "riscv64")   # native: whatever the host is
-ON_UNREACHABLE = ("fail", "warn")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_ZERO_ALLOWED = {"connection.retries", "timing.warmup"}
-_VERSION = re.compile(r"^\d+\.\d+$")
+NOT_KEYS = ("source",)       # Target fields no spec file may set
 # Connection keys a setup record or the environment may set, with their types.
 OVERRIDABLE = {"host": str, "user": str, "port": int, "key": str, "known_hosts": str,
                "trust_on_first_use": bool, "agent_python": str, "root": str}
-_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings"), bool: ("true or false", "booleans")}
+_NOUNS = {int: "an integer", str: "a string", bool: "true or false"}
 
 targets: Registry = Registry("target", error=TargetError)
 for _name in BUILTIN:
     targets.register(_name, SPECS_DIR / f"{_name}.toml")
-
-
-@dataclass
-class RuntimeSpec:
-    """``[runtime]``: how the agent runs the model."""
-
-    threads: int | None = None                 # intra-op threads; omitted: onnxruntime's default
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
-    python_version: str | None = None          # the device's Python ("3.11"), for its wheels
-    glibc: str | None = None                   # the device's glibc ("2.36"): newest manylinux tag
-
-
-@dataclass
-class Timing:
-    """``[timing]``: how the agent times a stage (warm-up rounds, then timed repeats)."""
-
-    prompt_len: int = 64                       # prompt tokens of each prefill
-    decode_tokens: int = 32                    # tokens decoded with the KV cache after it
-    warmup: int = 2
-    repeats: int = 5
-
-
-@dataclass
-class Budgets:
-    """``[budgets]``: what a stage must achieve on the device to pass its gates."""
-
-    decode_ms_per_token_p95: float
-    prefill_ms: float                          # median prefill of timing.prompt_len tokens
-    peak_rss_mb: float
-    artifact_mb: float                         # packed weights, in MB (10^6 bytes)
-
-
-@dataclass
-class Connection:
-    """``[connection]``: how to reach the device's agent."""
-
-    transport: str = "local"
-    host: str | None = None
-    user: str | None = None                    # default: the local user name
-    port: int = 22
-    key: str | None = None                     # private key file; default: ssh-agent, ~/.ssh keys
-    known_hosts: str = "~/.ssh/known_hosts"
-    trust_on_first_use: bool = False           # accept and record an unknown host key
-    agent_python: str | None = None            # default: this interpreter (local), python3 (ssh)
-    root: str = "~/.cache/edgebuild/agent"     # the agent's folder on the device
-    connect_timeout_s: float = 10.0
-    retries: int = 3                           # connection retries, with exponential backoff
-    timeout_s: float = 300.0                   # longest wait for one agent reply (load, time)
-    env_prefix: str | None = None              # read <prefix>PORT, <prefix>USER, ... from the env
-
-
-@dataclass
-class Target:
-    """One device class, as read from a spec file."""
-
-    name: str
-    description: str
-    arch: str
-    cores: int
-    ram_mb: int
-    storage_mb: int
-    memory_bandwidth_gbps: float               # sustained, for predicted decode latency
-    budgets: Budgets
-    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
-    timing: Timing = field(default_factory=Timing)
-    connection: Connection = field(default_factory=Connection)
-    on_unreachable: str = "fail"               # warn: device gates not_run (never invented numbers)
-    source: Path | None = field(default=None, compare=False)   # the spec file; not a TOML key
-
-    def validate(self) -> "Target":
-        """Check every key's type, allowed values and range; raise ``TargetError`` naming the
-        file, the key and what is allowed. Returns ``self``."""
-        where = str(self.source or "target spec")
-        for key, value, hint in _leaves(self):
-            if not _type_ok(value, hint):
-                raise TargetError(f"{where}: key {key!r} must be {_describe(hint)}, got {value!r}")
-            if _is_number(value) and (value < 0 or (value == 0 and key not in _ZERO_ALLOWED)):
-                raise TargetError(f"{where}: key {key!r} must be positive, got {value!r}")
-        choices = [("arch", self.arch, ARCHES), ("on_unreachable", self.on_unreachable, ON_UNREACHABLE),
-                   ("connection.transport", self.connection.transport, transports.names())]
-        for key, value, allowed in choices:
-            if value not in allowed:
-                raise TargetError(f"{where}: key {key!r} must be one of "
-                                  f"{', '.join(map(repr, allowed))}, got {value!r}")
-        if not _NAME.match(self.name):
-            raise TargetError(f"{where}: key 'name' must be lowercase letters, digits, '.', '_' or "
-                              f"'-', got {self.name!r}")
-        if self.connection.port > 65535:
-            raise TargetError(f"{where}: key 'connection.port' must be 1-65535, got {self.connection.port}")
-        bad = [p for p in self.runtime.providers if not p.endswith("ExecutionProvider")]
-        if not self.runtime.providers or bad:
-            raise TargetError(f"{where}: key 'runtime.providers' must list onnxruntime providers "
-                              f"such as 'CPUExecutionProvider', got {self.runtime.providers!r}")
-        for key, value in (("runtime.python_version", self.runtime.python_version),
-                           ("runtime.glibc", self.runtime.glibc)):
-            if value is not None and not _VERSION.match(value):
-                raise TargetError(f"{where}: key {key!r} must be MAJOR.MINOR such as '3.11', "
-                                  f"got {value!r}")
-        if self.connection.transport == "ssh" and not self.connection.host:
-            raise TargetError(f"{where}: key 'connection.host' is required when "
-                              f"connection.transport is 'ssh'")
-        return self
-
-    def to_dict(self) -> dict:
-        """The spec as plain JSON-serialisable data (``source`` as a string)."""
-        data = dataclasses.asdict(self)
-        data["source"] = str(self.source) if self.source else None
-        return data
-
-    def budgets_dict(self) -> dict:
-        """``{budget name: limit}`` as the device gates read them."""
-        return dataclasses.asdict(self.budgets)
-
-    def digest(self) -> str:
-        """sha256 of everything that can change a device measurement (all but description/source)."""
-        data = self.to_dict()
-        data.pop("source")
-        data.pop("description")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-    def path_of(self, value: str) -> Path:
-        """A host-side path from the spec (a key or known_hosts file): ``~`` expanded, relative
-        paths taken from the spec file's folder."""
-        path = Path(value).expanduser()
-        if not path.is_absolute() and self.source is not None:
-            path = self.source.parent / path
-        return path
-
-
-def _leaves(obj, prefix: str = ""):
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name == "source":
-            continue
-        if dataclasses.is_dataclass(value):
-            yield from _leaves(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value, hints[f.name]
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _type_ok(value, hint) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        return _is_number(value) and (hint is float or isinstance(value, int))
-    return isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is list:
-        return f"a list of {_NOUNS[args[0]][1]}"
-    if args:
-        return " or ".join(_describe(a) for a in args)
-    return _NOUNS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
-
-
-def _from_table(cls, table: dict, prefix: str, where: str):
-    """Build dataclass ``cls`` from a TOML table, refusing unknown and missing keys."""
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
-    section = f"[{prefix[:-1]}]" if prefix else "the top level"
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-            raise TargetError(f"{where}: unknown key {prefix + key!r}{hint} "
-                              f"(allowed in {section}: {', '.join(allowed)})")
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name in allowed and f.name not in table:
-            raise TargetError(f"{where}: missing key {prefix + f.name!r} in {section}")
-    kwargs = {}
-    for key, value in table.items():
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise TargetError(f"{where}: key {prefix + key!r} must be a table "
-                                  f"([{prefix + key}]), got {value!r}")
-            value = _from_table(hints[key], value, f"{prefix}{key}.", where)
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 def _spec_path(name_or_path) -> Path:
@@ -269,23 +75,40 @@ def parse_target(text: str, source: Path | None = None) -> Target:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise TargetError(f"{where}: not valid TOML ({err})") from None
-    target = _from_table(Target, data, "", where)
+    for key in NOT_KEYS:
+        if key in data:
+            keys = [k for k in schema.fields(Target) if k not in NOT_KEYS]
+            raise TargetError(f"{where}: unknown key {key!r} (allowed in the top level: {', '.join(keys)})")
+    target = schema.load(Target, data, where, TargetError)
     target.source = source
-    return target.validate()
+    return target
 
 
 def load_target(name_or_path) -> Target:
     """Load a target spec by registered name (see ``targets``) or from a ``.toml`` path."""
     path = _spec_path(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise TargetError(f"cannot read target spec {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise TargetError(f"{path}: not valid TOML (not UTF-8 text: {err.reason} at byte {err.start})") from None
     target = parse_target(text, path)
     if name_or_path in targets and target.name != name_or_path:
         raise TargetError(f"{path}: key 'name' is {target.name!r} but the spec is registered as "
                           f"{name_or_path!r}; make them equal")
     return target
+
+
+def reference() -> str:
+    """``docs/targets.md``: every key of a target spec, from the schema."""
+    head = ("# Target spec reference\n\n"
+            "Generated from `edgebuild/targets/spec_schema.py` by `edgebuild targets docs`; do not "
+            "edit by hand.\nCheck a file with `edgebuild targets check FILE`; the built-in specs are "
+            "in `targets/specs/`.\nUnknown keys are errors.\n\n")
+    tables = [(Target, "top level"), (RuntimeSpec, "`[runtime]`"), (Timing, "`[timing]`"),
+              (Budgets, "`[budgets]` (required)"), (Connection, "`[connection]`")]
+    return head + "\n".join(schema.reference_table(cls, heading) for cls, heading in tables)
 
 
 # ------------------------------------------------------------------ connection overrides
@@ -327,7 +150,7 @@ def _checked_overrides(data: dict, where: str) -> dict:
             raise TargetError(f"{where}: unknown connection key {key!r} "
                               f"(allowed: {', '.join(OVERRIDABLE)})")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise TargetError(f"{where}: key {key!r} must be {_describe(kind)}, got {value!r}")
+            raise TargetError(f"{where}: key {key!r} must be {_NOUNS[kind]}, got {value!r}")
     return dict(data)
 
 
@@ -363,9 +186,9 @@ def resolve_connection(target: Target) -> Connection:
     for key in ("key", "known_hosts"):
         if key in overrides:
             overrides[key] = str(Path(overrides[key]).expanduser().absolute())
-    resolved = dataclasses.replace(target.connection, **overrides)
-    dataclasses.replace(target, connection=resolved).validate()
-    return resolved
+    data = {**dataclasses.asdict(target.connection), **overrides}
+    return schema.load(Connection, data, str(target.source or "target spec"), TargetError,
+                       lambda loc: schema.dotted(("connection", *loc)))
 
 
 # ------------------------------------------------------------------ predicted latency

@@ -177,14 +177,17 @@ def test_bench_runs_the_suite_and_lists_what_cannot_run(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="benchmark data dir not found")
-def test_bench_named_tasks(capsys, tmp_path):
+def test_bench_named_tasks(capfd, tmp_path, monkeypatch):
+    """Run from a folder outside any git checkout: lm-eval's git lookup prints nothing."""
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "c.toml"
     config.write_text('[build]\neudaimonia = false\n')
-    code, out, _ = run(capsys, "bench", "--model", "tiny-random", "--profile", "smoke", "--config",
-                       str(config), "--tasks", "piqa", "--data-dir", str(DATA_DIR),
-                       "--out", str(tmp_path / "out"))
+    code, out, err = run(capfd, "bench", "--model", "tiny-random", "--profile", "smoke", "--config",
+                         str(config), "--tasks", "piqa", "--data-dir", str(DATA_DIR),
+                         "--out", str(tmp_path / "out"))
     assert code == 0 and "piqa" in out and "expert" in out and "unavailable" not in out
-    code, _, err = run(capsys, "bench", "--model", "tiny-random", "--tasks", "piqa,arc_eazy",
+    assert "fatal" not in err and "git" not in err, err
+    code, _, err = run(capfd, "bench", "--model", "tiny-random", "--tasks", "piqa,arc_eazy",
                        "--data-dir", str(DATA_DIR), "--out", str(tmp_path / "out"))
     assert code == ExitCode.CONFIG and "arc_easy" in one_line_error(err)
 
@@ -195,3 +198,98 @@ def test_bench_without_any_usable_data_is_a_data_error(capsys, tmp_path):
                        "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "out"))
     assert code == ExitCode.DATA
     assert "no benchmark can run" in one_line_error(err)
+
+
+# ----------------------------------------------------------------------------- the error boundary
+
+
+def test_exit_codes_in_the_readme_and_help_come_from_one_table(capsys):
+    from edgebuild.build.cli import exit_code_table
+    from edgebuild.core.errors import EXIT_CODE_HELP
+    assert set(EXIT_CODE_HELP) == set(ExitCode), "every exit code is documented"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert exit_code_table() in readme, "README's exit-code table is stale: paste exit_code_table()"
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for exit_code, text in EXIT_CODE_HELP.items():
+        assert f"{int(exit_code):>3}  {text}" in out
+
+
+def test_config_and_target_checks(capsys, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    code, out, _ = run(capsys, "config", "check", str(repo / "configs" / "demo.toml"))
+    assert code == 0 and out.startswith("ok: ") and "baseline -> seedlm -> vptq -> hyper" in out
+    bad = tmp_path / "b.toml"
+    bad.write_text("[gates]\ncumulative = 1.5\n")
+    code, out, err = run(capsys, "config", "check", str(bad))
+    assert code == ExitCode.CONFIG and not out
+    assert one_line_error(err) == f"error: {bad}: key 'gates.cumulative' must be a number in (0, 1], got 1.5"
+    code, out, _ = run(capsys, "targets", "check", "rpi4")
+    assert code == 0 and out.startswith("ok: rpi4: target rpi4 (aarch64, 4 cores")
+    spec = tmp_path / "t.toml"
+    spec.write_text((repo / "targets" / "specs" / "rpi4.toml").read_text().replace("cores = 4", "cores = -4"))
+    code, _, err = run(capsys, "targets", "check", str(spec))
+    assert code == ExitCode.TARGET
+    assert one_line_error(err) == f"error: {spec}: key 'cores' must be an integer > 0, got -4"
+
+
+def test_docs_commands_print_and_write_the_references(capsys, tmp_path):
+    from edgebuild.build.config import reference as config_reference
+    from edgebuild.targets.spec import reference as target_reference
+    code, out, _ = run(capsys, "config", "docs")
+    assert code == 0 and out == config_reference()
+    code, out, _ = run(capsys, "targets", "docs", "--write", str(tmp_path / "t.md"))
+    assert code == 0 and (tmp_path / "t.md").read_text() == target_reference()
+
+
+@pytest.mark.parametrize("make_out, words", [
+    (lambda tmp: tmp / "file.txt", "is a file"),                       # click's own check
+    (lambda tmp: tmp / "file.txt" / "sub", "cannot write to --out"),
+    (lambda tmp: Path("/proc/edgebuild-out"), "cannot write to --out /proc/edgebuild-out"),
+])
+def test_an_out_path_that_is_no_writable_directory(capsys, tmp_path, make_out, words):
+    (tmp_path / "file.txt").write_text("x")
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--data-dir", str(tmp_path),
+                       "--out", str(make_out(tmp_path)))
+    assert code == ExitCode.USAGE and words in one_line_error(err)
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch):
+    """This machine as one without bubblewrap; the sandbox's probe and policy reset after."""
+    from edgebuild.bench import sandbox
+    from edgebuild.bench.sandbox_backends import Bubblewrap
+    sandbox.probe.cache_clear()
+    monkeypatch.setattr(Bubblewrap, "missing", lambda self: "bwrap is not installed")
+    yield
+    sandbox.allow_unsandboxed(False)
+    sandbox.probe.cache_clear()
+
+
+def test_code_benchmarks_without_a_sandbox_stop_before_the_build(capsys, tmp_path, no_bwrap):
+    config = tmp_path / "c.toml"
+    config.write_text('[build]\ntasks = ["humaneval"]\n')
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--config", str(config),
+                       "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert code == ExitCode.CONFIG
+    assert "humaneval cannot run: generated code cannot run isolated" in one_line_error(err)
+    assert not (tmp_path / "out").exists()
+    code, _, err = run(capsys, "all", "--model", "tiny-random", "--config", str(config),
+                       "--data-dir", str(tmp_path / "nodata"), "--out", str(tmp_path / "out"),
+                       "--allow-unsandboxed-code")
+    assert code == ExitCode.DATA        # past the sandbox check: the opt-in reached it
+
+
+def test_an_internal_error_is_one_line_with_exit_code_1(capsys, monkeypatch):
+    import edgebuild.build.config as config
+
+    def broken(path, **overrides):
+        return {}["no such key"]
+    monkeypatch.setattr(config, "load_config", broken)
+    code, _, err = run(capsys, "config", "check", "x.toml")
+    lines = err.strip().splitlines()
+    assert code == ExitCode.INTERNAL and len(lines) == 1
+    assert lines[0].startswith("internal error: KeyError: 'no such key' at ")
+    assert "test_cli.py" in lines[0] and "rerun with --debug" in lines[0]
+    with pytest.raises(KeyError):
+        main(["--debug", "config", "check", "x.toml"])

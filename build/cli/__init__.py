@@ -12,7 +12,13 @@ import click
 from edgebuild.core import __version__
 from edgebuild.core.errors import EXIT_CODE_HELP, EdgebuildError, ExitCode
 
-EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c):>2}  {text}" for c, text in EXIT_CODE_HELP.items())
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {int(c):>3}  {text}" for c, text in EXIT_CODE_HELP.items())
+
+
+def exit_code_table() -> str:
+    """The README's exit-code table (Markdown), from ``EXIT_CODE_HELP``."""
+    rows = [f"| {int(code)} | {text} |" for code, text in EXIT_CODE_HELP.items()]
+    return "\n".join(["| code | meaning |", "|---|---|", *rows]) + "\n"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -46,8 +52,10 @@ def _quiet_libraries() -> None:
 
 
 def _register() -> None:
-    from edgebuild.build.cli import build_cmds, measure_cmds, model_cmds, release_cmds, target_cmds
-    for module in (build_cmds, measure_cmds, model_cmds, release_cmds, target_cmds):
+    from edgebuild.build.cli import (
+        build_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds,
+    )
+    for module in (build_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds):
         module.register(cli)
 
 
@@ -66,20 +74,30 @@ def main(argv=None) -> int:
         return int(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except click.UsageError as e:
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
         click.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
         return e.exit_code
-    except click.ClickException as e:
+    except click.ClickException as e:       # e.g. a file option click could not open
         click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-        return e.exit_code
+        return int(ExitCode.USAGE)
     except KeyboardInterrupt:
         click.echo("interrupted; finished steps are kept in the cache", err=True)
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - the one place that turns bugs into an exit code
         if debug:
             raise
-        click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        click.echo(f"internal error: {_bug_line(e)} (a bug; rerun with --debug for the traceback)",
+                   err=True)
         return int(ExitCode.INTERNAL)
     return int(rv or 0)
+
+
+def _bug_line(err: BaseException) -> str:
+    """``Type: message at file:line`` of an unexpected exception, on one line."""
+    import traceback
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    message = " ".join(str(err).split())[:300]
+    return f"{type(err).__name__}: {message}{where}" if message else f"{type(err).__name__}{where}"

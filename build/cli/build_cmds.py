@@ -2,23 +2,56 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import click
 
-from edgebuild.build.cli.options import build_options
+from edgebuild.build.cli.options import build_options, unsandboxed_option
 from edgebuild.build.steps import COMMANDS
 from edgebuild.core.errors import ExitCode
 
 
 def _request(model, target, config_path, profile, data_dir, out, *, force=False, from_stage=None,
-             steps=None, stages=None, search=None):
+             steps=None, stages=None, allow_unsandboxed=False, check_tasks=True, search=None):
+    from edgebuild.bench import sandbox
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
     from edgebuild.core.progress import Progress
-    cfg = load_config(config_path, profile=profile, stages=stages, **(search or {}))
+    cfg = load_config(config_path, profile=profile, stages=stages,
+                      allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}))
+    sandbox.allow_unsandboxed(cfg.allow_unsandboxed_code)
+    steps = steps or STEPS
+    if check_tasks and "host" in steps and cfg.tasks is not None:   # the default suite drops what cannot run
+        _require_code_sandbox(cfg.tasks)
+    check_out_dir(out)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
-                        from_stage=from_stage, steps=steps or STEPS, progress=Progress())
+                        from_stage=from_stage, steps=steps, progress=Progress())
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` is (or can be made) a writable directory; else a one-line ``UsageError``."""
+    from edgebuild.core.errors import UsageError
+    hint = "pass --out a directory you can write to"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".edgebuild-write-check-"):
+            pass
+    except FileExistsError:
+        raise UsageError(f"--out {out} is not a directory", hint=hint) from None
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {e.strerror or e}", hint=hint) from None
+
+
+def _require_code_sandbox(tasks) -> None:
+    """Benchmarks that run generated code need a code sandbox or the explicit opt-in."""
+    from edgebuild.bench import benchmarks, sandbox
+    from edgebuild.bench.codeexec import runs_code
+    from edgebuild.core.errors import ConfigError
+    code = [t for t in tasks if t in benchmarks and runs_code(benchmarks.get(t))]
+    reason = sandbox.unavailable_reason() if code else None
+    if reason:
+        raise ConfigError(f"{', '.join(code)} cannot run: {reason}")
 
 
 def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None):
@@ -84,15 +117,16 @@ def record_options(f):
 @build_options
 @record_options
 @search_options
+@unsandboxed_option
 @click.option("--force", is_flag=True, help="Redo every step, ignoring the cache.")
 @click.option("--from", "from_stage", default=None, help="Redo this stage and the ones after it.")
 def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, no_device,
-            max_trials, time_budget, force, from_stage):
+            max_trials, time_budget, allow_unsandboxed, force, from_stage):
     """Run the whole build: baseline, each compression stage (searching its settings), export,
     host and device benchmarks, gates; write the manifest and reports; exit with a code CI can
     act on."""
     req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage,
-                   search=_search(no_device, max_trials, time_budget))
+                   allow_unsandboxed=allow_unsandboxed, search=_search(no_device, max_trials, time_budget))
     return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode).exit_code)
 
 
@@ -117,18 +151,20 @@ deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and export each st
 
 @click.command("bench")
 @build_options
+@unsandboxed_option
 @click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every registered "
                                             "benchmark); default: the core suite and the expert "
                                             "benchmarks of build.experts.")
-def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, tasks):
+def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow_unsandboxed, tasks):
     """Benchmark the model as it is (no compression) on the host and print each benchmark's score,
     n, bootstrap interval and chance level. Without --tasks: the core suite and the expert
     benchmarks of the config's expert domains; benchmarks that cannot run are listed as unavailable."""
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
     req = _request(model, target, config_path, profile, data_dir, out, steps=COMMANDS["bench"],
-                   stages=["baseline"])
+                   stages=["baseline"], allow_unsandboxed=allow_unsandboxed, check_tasks=False)
     suite = _suite(tasks, req)
+    _require_code_sandbox(suite.tasks)
     req.config.tasks = suite.tasks
     result = Pipeline(req).run()
     if as_json:

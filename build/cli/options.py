@@ -50,3 +50,10 @@ def build_options(f):
                           out_option, json_option]):
         f = deco(f)
     return f
+
+
+def unsandboxed_option(f):
+    return click.option("--allow-unsandboxed-code", "allow_unsandboxed", is_flag=True,
+                        help="Run generated code (HumanEval, MBPP) without isolation when no code "
+                             "sandbox (bubblewrap) works here; without it such benchmarks are "
+                             "unavailable (config: build.allow_unsandboxed_code).")(f)

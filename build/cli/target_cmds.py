@@ -10,7 +10,7 @@ import click
 
 @click.group("targets")
 def targets_group():
-    """List and show target specs (devices and their budgets)."""
+    """List, show and check target specs (devices and their budgets)."""
 
 
 @targets_group.command("list")
@@ -28,6 +28,28 @@ def show_cmd(name):
     """Show a target's full spec as JSON (a name or a .toml path)."""
     from edgebuild.targets import load_target
     click.echo(json.dumps(load_target(name).to_dict(), indent=2))
+
+
+@targets_group.command("check")
+@click.argument("file")
+def check_spec_cmd(file):
+    """Validate a target spec FILE (or a registered name): print `ok: ...` or the one-line
+    error (exit code 5)."""
+    from edgebuild.targets import load_target
+    t = load_target(file)
+    where = f"{t.connection.transport}" + (f" to {t.connection.host}" if t.connection.host else "")
+    click.echo(f"ok: {file}: target {t.name} ({t.arch}, {t.cores} cores, {t.ram_mb} MiB RAM), "
+               f"transport {where}")
+
+
+@targets_group.command("docs")
+@click.option("--write", "dest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the Markdown here (atomically) instead of printing it.")
+def docs_cmd(dest):
+    """Print the reference of every target spec key (docs/targets.md), from the schema."""
+    from edgebuild.build.cli.config_cmds import emit
+    from edgebuild.targets.spec import reference
+    emit(reference(), dest)
 
 
 @click.group("device")
