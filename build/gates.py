@@ -244,18 +244,21 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     """The device's predictions against the host's on the items both scored: the share of the same
     predictions, and the largest log-likelihood difference of any answer."""
     names = ("device/agreement", "device/loglik_diff")
-    agree = (device or {}).get("agreement") if (device or {}).get("status") == "ok" else None
+    limits = (cfg.device_agreement, cfg.device_loglik_tolerance)
+    device = device or {}
+    if device.get("status") != "ok":
+        why = f"device {device.get('status', 'not run')}"
+        return [Check(n, "device", NOT_RUN, threshold=t, detail=why) for n, t in zip(names, limits)]
+    agree = device.get("agreement")
     if not agree:
-        why = "device did not score benchmarks" if (device or {}).get("status") == "ok" else \
-            f"device {(device or {}).get('status', 'not run')}"
-        return [Check(n, "device", NOT_RUN, threshold=t, detail=why)
-                for n, t in zip(names, (cfg.device_agreement, cfg.device_loglik_tolerance))]
+        return [Check(n, "device", SKIPPED, threshold=t, detail="skipped: the device scored no benchmarks "
+                      "(build.device_tasks)") for n, t in zip(names, limits)]
     same, gap, n = agree.get("same_prediction"), agree.get("max_loglik_diff"), agree.get("n")
     out = [Check(names[0], "device", PASS if same >= cfg.device_agreement else FAIL, same, cfg.device_agreement,
                  detail=f"same prediction on {same:.3f} of {n} items vs {cfg.device_agreement:.2f}")]
     if gap is None:
-        out.append(Check(names[1], "device", NOT_RUN, threshold=cfg.device_loglik_tolerance,
-                         detail="no per-answer log-likelihoods on both sides"))
+        out.append(Check(names[1], "device", SKIPPED, threshold=cfg.device_loglik_tolerance,
+                         detail="skipped: no per-answer log-likelihoods on both sides"))
     else:
         out.append(Check(names[1], "device", PASS if gap <= cfg.device_loglik_tolerance else FAIL, gap,
                          cfg.device_loglik_tolerance,

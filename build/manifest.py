@@ -193,7 +193,7 @@ def search_summary(result) -> dict:
 
 def _device_checks_state(result, shipped) -> str:
     """``measured``, ``skipped`` (``--no-device`` or a partial build) or ``not run``."""
-    if not result.config.device:
+    if not getattr(result.config, "device", True):
         return "skipped: --no-device"
     return "measured" if _device_ok(shipped) else "not run: the shipped stage is not validated on its target"
 

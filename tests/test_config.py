@@ -24,6 +24,7 @@ def test_defaults_validate():
     assert cfg.gates.core["vptq"] == 0.95 and cfg.gates.expert["hyper"] == 0.88
     assert cfg.gates.cumulative == 0.84 and cfg.allow_unsandboxed_code is False
     assert cfg.stage_config("hyper").scope == "leftovers" and cfg.stage_config("rtn").method == "rtn"
+    assert cfg.tasks is None and cfg.device is True and cfg.max_trials == 4   # the whole suite gates
 
 
 def test_overrides_from_toml(tmp_path):
@@ -82,9 +83,17 @@ def test_a_ladder_override_keeps_the_files_stage_tables(tmp_path):
     ("[build]\ntasks = 'arc_easy'\n", "key 'build.tasks' must be a list of benchmark names: arc_challenge, "),
     ("[build]\ntasks = ['arc_easyy']\n", "key 'build.tasks[0]' must name a benchmark (arc_challenge, "),
     ("[build]\ntasks = ['arc_easyy']\n", "got 'arc_easyy'; did you mean 'arc_easy'?"),
-    ("[build]\ndevice_tasks = ['boolq']\n",
+    ("[build]\ntasks = ['arc_easy', 'piqa']\ndevice_tasks = ['boolq']\n",
      "key 'build.device_tasks[0]' must name a benchmark of build.tasks (arc_easy, piqa), got 'boolq'"),
-    ("[build]\nedge_task = 'boolq'\n", "key 'build.edge_task' must name a benchmark of build.tasks"),
+    ("[build]\ntasks = ['arc_easy']\nedge_task = 'boolq'\n", "key 'build.edge_task' must name a benchmark of build.tasks"),
+    ("[build]\nmax_trials = 0\n", "key 'build.max_trials' must be an integer > 0, got 0"),
+    ("[build]\ntime_budget_s = -5\n", "key 'build.time_budget_s' must be"),
+    ("[gates]\ndevice_agreement = 0\n", "key 'gates.device_agreement' must be a number in (0, 1], got 0"),
+    ("[gates]\ndevice_agreement = 1.5\n", "key 'gates.device_agreement' must be a number in (0, 1], got 1.5"),
+    ("[stage.vptq]\nspace = {}\n", "the knob space of 'vptq' is empty"),
+    ("[stage.vptq]\nspace = { outlier_fraction = [] }\n", "knob 'outlier_fraction' needs a non-empty list"),
+    ("[stage.rtn]\nmethod = 'rtn'\nspace = { bitz = [4] }\n[build]\nstages = ['baseline', 'rtn']\n", "'rtn' has no knob 'bitz'"),
+    ("[stage.vptq]\nfallback_layers = [0]\n", "key 'stage.vptq.fallback_layers[0]' must be an integer > 0"),
     ("[build]\nexperts = []\n", "key 'build.experts' must name at least one expert domain"),
     ("[build]\nseed = -3\n", "key 'build.seed' must be an integer >= 0, got -3"),
     ("[build]\ncalibration_texts = 2.5\n", "key 'build.calibration_texts' must be an integer >= 0"),
@@ -116,8 +125,7 @@ def test_a_ladder_override_keeps_the_files_stage_tables(tmp_path):
      "did you mean 'seedlm'?"),
     ("[gates]\nkl_max = {hyper = 0}\n", "key 'gates.kl_max.hyper' must be a number > 0, got 0"),
     ("[gates]\neudaimonia = {vptq = 1.2}\n", "key 'gates.eudaimonia.vptq' must be a number in [0, 1]"),
-    ("[gates]\nmax_retries = -1\n", "key 'gates.max_retries' must be an integer in [0, 5], got -1"),
-    ("[gates]\nmax_retries = 1.0\n", "key 'gates.max_retries' must be an integer in [0, 5], got 1.0"),
+    ("[gates]\nmax_retries = 1\n", "unknown key 'gates.max_retries'"),
     ("[gates]\nconfidence = 1\n", "key 'gates.confidence' must be a number in (0, 1), got 1"),
     ("[gates]\nbootstrap = 0\n", "key 'gates.bootstrap' must be an integer > 0, got 0"),
     ("[gates]\nretention = 'log'\n",
@@ -157,11 +165,11 @@ def test_the_classes_keep_their_python_interface():
     gates = GateConfig(on_inconclusive="pass", cumulative=0.9)
     assert gates.core["hyper"] == 0.90 and dataclasses.asdict(gates)["cumulative"] == 0.9
     cfg = BuildConfig()
-    cfg.gates.max_retries = 0
+    cfg.max_trials = 2
     cfg.tasks = ["boolq"]
     assert cfg.validate() is cfg
-    cfg.gates.max_retries = 9
-    with pytest.raises(ConfigError, match="<defaults>: key 'gates.max_retries' must be an integer in"):
+    cfg.max_trials = 0
+    with pytest.raises(ConfigError, match="<defaults>: key 'build.max_trials' must be an integer > 0"):
         cfg.validate()
 
 

@@ -35,21 +35,25 @@ def test_failures_carry_the_check_detail(build):
     manifest, root = build
     hyper = _suite(root, "hyper#1")
     failed = {c.get("name"): c.find("failure") for c in hyper.findall("testcase") if c.find("failure") is not None}
-    expected = {c["name"] for c in manifest["stages"][4]["gate"]["checks"] if c["verdict"] == "fail"}
+    checks = manifest["stages"][4]["gate"]["checks"]
+    expected = {c["name"] for c in checks if c["verdict"] == "fail"
+                or (c["group"] == "device" and c["verdict"] == "not_run")}   # its device was not reached
     assert set(failed) == expected and "critical/core_floor/arc_easy" in failed
+    assert failed["device/decode_ms_per_token_p95"].get("message") == "not_run: device unreachable"
     msg = failed["critical/core_floor/arc_easy"].get("message")
     assert msg.startswith("fail: ") and "of baseline (floor 0.80)" in msg
     assert failed["kl"].get("type") == "gate.kl" and "threshold: 1.0" in failed["kl"].text
     assert int(hyper.get("failures")) == len(expected)
 
 
-def test_not_run_checks_are_skipped(build):
+def test_device_checks_that_did_not_run_fail_and_inapplicable_ones_are_skipped(build):
     _, root = build
     hyper = {c.get("name"): c for c in _suite(root, "hyper#1").findall("testcase")}
-    skipped = hyper["device/decode_ms_per_token_p95"].find("skipped")
-    assert skipped is not None and "unreachable" in skipped.get("message")
-    assert hyper["device/artifact_mb"].find("skipped") is None      # the size is known without the device
-    assert int(_suite(root, "hyper#1").get("skipped")) == 3
+    assert hyper["device/decode_ms_per_token_p95"].find("failure") is not None   # not validated on the target
+    assert hyper["device/artifact_mb"].find("failure") is None and hyper["device/artifact_mb"].find("skipped") is None
+    vptq2 = {c.get("name"): c for c in _suite(root, "vptq#2").findall("testcase")}
+    skipped = vptq2["device/agreement"].find("skipped")                # reached, but scored no benchmarks
+    assert skipped is not None and "scored no benchmarks" in skipped.get("message")
 
 
 def test_passing_stage_has_no_failures_and_totals_add_up(build):

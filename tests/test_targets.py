@@ -113,7 +113,7 @@ def test_a_table_given_as_a_value_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    ((r'^on_unreachable = "warn"', 'on_unreachable = "ignore"'),
+    ((r'^on_unreachable = "fail"', 'on_unreachable = "ignore"'),
      "key 'on_unreachable' must be one of 'fail', 'warn', got 'ignore'"),
     ((r'^arch = "aarch64"', 'arch = "arm64"'), "key 'arch' must be one of 'native', 'aarch64'"),
     ((r'^transport = "ssh"', 'transport = "telnet"'),
@@ -281,7 +281,7 @@ def _unreachable(tmp_path, on_unreachable: str) -> Target:
     from edgebuild.targets.provision import free_port
 
     text = (SPECS_DIR / "rpi5.toml").read_text()
-    text = text.replace('on_unreachable = "warn"', f'on_unreachable = "{on_unreachable}"')
+    text = re.sub(r'^on_unreachable = "fail".*$', f'on_unreachable = "{on_unreachable}"', text, flags=re.M)
     text = text.replace('host = "rpi5.local"', 'host = "127.0.0.1"').replace(
         "port = 22", f"port = {free_port()}\nretries = 0\nconnect_timeout_s = 2.0\n"
                      f"trust_on_first_use = true").replace(
