@@ -45,7 +45,8 @@ class TaskResult:
     answers; pass@k with k > 1: the item's unbiased estimate). ``chance`` is the expected score
     of uniform guessing on the same items (0 for generation tasks). ``details`` holds facts of
     generation tasks: samples per item, answer length bound, the score of every lm-eval filter,
-    and for code tasks the sandbox's status counts and network isolation.
+    and for code tasks the sandbox's status counts and network isolation; for a stratified
+    benchmark (MMLU), ``strata`` holds each stratum's ``{"score", "n"}`` (the score is their mean).
     """
 
     name: str
@@ -77,6 +78,7 @@ class TaskPart:
     task_name: str
     doc_ids: list[int]       # benchmark-wide doc id of each document in the task's file
     selected: list[int]      # sorted positions, within the task's file, to evaluate
+    stratum: str | None = None   # the stratum (MMLU: subject) whose documents the task holds
 
 
 @dataclass
@@ -159,7 +161,7 @@ def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Prof
         if not selected:
             continue
         suffix = f"_{stratum}" if stratum is not None else ""
-        part = TaskPart(f"{TASK_PREFIX}{bench.name}{suffix}", doc_ids, selected)
+        part = TaskPart(f"{TASK_PREFIX}{bench.name}{suffix}", doc_ids, selected, stratum)
         fewshot = _fewshot(bench, [d for d in converted.fewshot_docs
                                    if stratum is None or d[bench.strata_key] == stratum],
                            part.task_name, seed)
@@ -307,8 +309,15 @@ def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
         score=_mean_of_means([[c for _, c in items] for items in per_part]),
         n=len(items), chance=_mean_of_means(chance), items=items,
         stderr=_stderr([[c for _, c in items] for items in per_part]),
-        details=_details(prepared, samples),
+        details={**_details(prepared, samples), **_strata(prepared.parts, per_part)},
     )
+
+
+def _strata(parts: list[TaskPart], per_part: list[list]) -> dict:
+    """``{"strata": {stratum: {"score", "n"}}}`` of a stratified benchmark; empty otherwise."""
+    scores = {part.stratum: {"score": sum(c for _, c in items) / len(items), "n": len(items)}
+              for part, items in zip(parts, per_part) if part.stratum is not None}
+    return {"strata": scores} if scores else {}
 
 
 def _details(prepared: PreparedTask, samples: dict) -> dict:

@@ -9,40 +9,56 @@ from __future__ import annotations
 import io
 import logging
 
+from edgebuild.build.views import compression_ratio, final_stages, label, score_table
+
 log = logging.getLogger(__name__)
 
 PASSED_COLOUR, FAILED_COLOUR = "#2b7a3d", "#b3261e"
 
 
-def final_stages(manifest: dict) -> list:
-    """The last attempt of each stage, in build order."""
-    last = {}
-    for st in manifest.get("stages", []):
-        last[st["stage"]] = st
-    return list(last.values())
-
-
-def label(st: dict) -> str:
-    """``stage#attempt`` (attempts counted from 1), as the tables print it."""
-    return f"{st['stage']}#{st.get('attempt', 0) + 1}"
-
-
-def compression_ratio(manifest: dict, st: dict):
-    """Baseline bytes over this stage's bytes, or None when either is unknown."""
-    base = manifest.get("original_size_bytes")
-    return base / st["bytes"] if base and st.get("bytes") else None
-
-
 def all_plots(manifest: dict) -> dict:
     """``{name: png bytes}`` for every plot; a plot that cannot be drawn is logged and left out."""
     out = {}
-    for name, fn in (("quality_vs_compression", quality_vs_compression),
-                     ("retention_per_stage", retention_per_stage), ("latency_per_stage", latency_per_stage)):
+    for name, fn in PLOTS:
         try:
             out[name] = fn(manifest)
         except (ImportError, ValueError, KeyError, TypeError) as e:
             log.warning("plot %s not drawn: %s", name, e)
     return out
+
+
+def score_by_stage(manifest: dict) -> bytes:
+    """One panel per benchmark: its score in the last attempt of each stage (``views.ScoreTable``,
+    the series the W&B run draws as line plots); hollow: the benchmark failed that stage's gate."""
+    table = score_table(manifest)
+    cols = min(3, max(len(table.benchmarks), 1))
+    rows = max(1, -(-len(table.benchmarks) // cols))
+    fig = _figure(width=3.6 * cols, height=2.8 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, benchmark in zip(axes, table.benchmarks):
+        _score_panel(ax, benchmark, table.series(benchmark), table.labels)
+    for ax in axes[len(table.benchmarks):]:
+        ax.set_axis_off()
+    if not table.benchmarks:
+        axes[0].set_axis_on()
+        _legend_or_note(axes[0], False, "no stage was benchmarked")
+    fig.suptitle("Score by stage (hollow: the benchmark failed that stage's gate)")
+    return _png(fig)
+
+
+def _score_panel(ax, benchmark: str, points: list, labels: list) -> None:
+    ax.plot([p[0] for p in points], [p[2] for p in points], color="C0", linewidth=1.2)
+    for x, _, y, passed in points:
+        colour = FAILED_COLOUR if passed is False else PASSED_COLOUR
+        ax.scatter([x], [y], color=colour, facecolors="none" if passed is False else colour, zorder=3)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30)
+    ax.set_xlim(-0.4, max(len(labels), 1) - 0.6)
+    if points:
+        lo, hi = min(p[2] for p in points), max(p[2] for p in points)
+        pad = max(0.05, 0.15 * (hi - lo))          # a flat series is not blown up to fill the panel
+        ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+    ax.set_title(benchmark, fontsize=10)
+    ax.set_ylabel("score", fontsize=8)
 
 
 def _figure(width=7.0, height=4.2):
@@ -164,3 +180,7 @@ def latency_per_stage(manifest: dict) -> bytes:
             ax.text(0.5, 0.5, "device not measured", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"Device latency on {manifest.get('target', '?')} (raw samples)")
     return _png(fig)
+
+
+PLOTS = (("score_by_stage", score_by_stage), ("quality_vs_compression", quality_vs_compression),
+         ("retention_per_stage", retention_per_stage), ("latency_per_stage", latency_per_stage))

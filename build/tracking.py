@@ -1,18 +1,16 @@
-"""Log a finished build to Weights & Biases, offline unless the user configures otherwise.
+"""Weights & Biases tracking of a build, live: each stage attempt is logged as it finishes.
 
-The mode is, in order: the ``mode`` argument, ``WANDB_MODE``, then ``"offline"``; an offline run is
-written under the build directory (``<out>/<target>/wandb/offline-run-*``) and can be uploaded later
-with ``wandb sync``. Tracking never fails a build: any error from wandb becomes a logged warning.
+``WandbTracker`` is a build listener (``BuildRequest.listeners``): ``start`` creates the run when
+the build starts, ``stage_finished`` logs each stage attempt in its own step as soon as the
+pipeline finishes it, ``finish`` logs what needs the whole build (the benchmark × stage table, a
+line plot per benchmark, the report's plots, build-level numbers, artifacts) and closes the run.
+The names are those of ``tracking_metrics``.
 
-Metric names (one value per stage, the stage's last attempt)::
-
-    {stage}/core/{bench}, {stage}/expert/{bench}     score on the benchmark
-    {stage}/retention/{bench}                         score / baseline score
-    {stage}/degradation/{bench}                       1 - retention (the gates' "drop")
-    {stage}/edge_of_chaos/..., {stage}/eudaimonia/... numbers from the manifest, when measured
-    {stage}/size_mb, {stage}/bits_per_weight, {stage}/kl, {stage}/top1_agreement, {stage}/passed,
-    {stage}/num_failed_checks, {stage}/latency/{decode_ms_per_token_p50,...}
-    model_size_mb, compression_ratio, bits_per_weight, overall_passed, num_failed_benchmarks, exit_code
+The run's ``.wandb`` file is written every ``FLUSH_S`` seconds, so a reader of an offline run
+(``wandb leet``) sees each stage shortly after it finished. The mode is, in order: the ``mode``
+argument, ``WANDB_MODE``, then ``"offline"``; an offline run is written under the build directory
+(``<out>/<target>/wandb/offline-run-*``) and can be uploaded later with ``wandb sync``. Tracking
+never fails a build: the first error from wandb becomes a logged warning and ends the tracking.
 """
 from __future__ import annotations
 
@@ -20,17 +18,17 @@ import io
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
-from edgebuild.build.plots import compression_ratio, final_stages, label
+from edgebuild.build.tracking_metrics import (artifact_name, build_metrics, mmlu_subjects, run_config,
+                                              stage_metrics, stage_table)
+from edgebuild.build.views import score_table
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "edgebuild"
-LATENCY_KEYS = ("decode_ms_per_token_p50", "decode_ms_per_token_p95", "prefill_ms_p50", "decode_tokens_per_s",
-                "peak_rss_mb")
+FLUSH_S = 2.0        # seconds between writes of the run's .wandb file (wandb's own default: 15)
 
 
 def resolve_mode(mode: str | None = None) -> str:
@@ -38,186 +36,135 @@ def resolve_mode(mode: str | None = None) -> str:
     return mode or os.environ.get("WANDB_MODE") or "offline"
 
 
-def task_kinds(manifest: dict) -> dict:
-    """``{task: "core" | "expert"}`` for every benchmarked task."""
-    expert = set(manifest.get("expert_benchmarks") or {})
-    for st in manifest.get("stages", []):
-        for c in (st.get("gate") or {}).get("checks", []):
-            if c.get("group") == "expert":
-                expert.add(c["name"].split("/", 1)[-1])
-    tasks = {t for st in manifest.get("stages", []) for t in (st.get("scores") or {})}
-    return {t: "expert" if t in expert else "core" for t in sorted(tasks)}
+class WandbTracker:
+    """A build listener logging to one W&B run: ``start``, ``stage_finished`` per attempt, ``finish``.
 
-
-def _flatten(prefix: str, obj, out: dict) -> None:
-    """Numbers (booleans as 0/1) of nested dicts and short lists under ``prefix/key/...``."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}/{k}", v, out)
-    elif isinstance(obj, (list, tuple)) and len(obj) <= 8:
-        for i, v in enumerate(obj):
-            _flatten(f"{prefix}/{i}", v, out)
-    elif isinstance(obj, bool):
-        out[prefix] = int(obj)
-    elif isinstance(obj, (int, float)):
-        out[prefix] = obj
-
-
-def _measured(manifest: dict, st: dict, key: str):
-    """A stage's ``edge_of_chaos``/``eudaimonia`` section; the build-level one belongs to the shipped stage."""
-    section = st.get(key)
-    unmeasured = not isinstance(section, dict) or section.get("measured") is False
-    if unmeasured and st["stage"] == manifest.get("compression_level"):
-        section = manifest.get(key)
-    if not isinstance(section, dict) or section.get("measured") is False:
-        return None
-    return {k: v for k, v in section.items() if k != "measured"}
-
-
-def stage_metrics(manifest: dict, st: dict, kinds: dict) -> dict:
-    """The metrics of one stage attempt, named ``{stage}/...``."""
-    s, out = st["stage"], {}
-    for task, score in sorted((st.get("scores") or {}).items()):
-        if task == "eudaimonia":          # logged under {stage}/eudaimonia/... below
-            continue
-        out[f"{s}/{kinds.get(task, 'core')}/{task}"] = score
-        ret = (st.get("retention_vs_baseline") or {}).get(task)
-        if ret is not None:
-            out[f"{s}/retention/{task}"] = ret
-            out[f"{s}/degradation/{task}"] = 1.0 - ret
-    for key in ("edge_of_chaos", "eudaimonia"):
-        section = _measured(manifest, st, key)
-        if section:
-            _flatten(f"{s}/{key}", section, out)
-    out.update(_stage_facts(st))
-    return out
-
-
-def _stage_facts(st: dict) -> dict:
-    s, quality, lat = st["stage"], st.get("quality") or {}, st.get("latency") or {}
-    size = st.get("size_mb") if st.get("bytes") is not None else None     # a skipped stage has no artifact
-    facts = {f"{s}/size_mb": size, f"{s}/bits_per_weight": st.get("bits_per_weight"),
-             f"{s}/kl": quality.get("kl"), f"{s}/top1_agreement": quality.get("top1_agreement"),
-             f"{s}/passed": int(st.get("status") == "passed"), f"{s}/num_failed_checks": len(_failed_checks(st))}
-    facts.update({f"{s}/latency/{k}": lat.get(k) for k in LATENCY_KEYS})
-    return {k: v for k, v in facts.items() if v is not None}
-
-
-def _failed_checks(st: dict) -> list:
-    return [c for c in (st.get("gate") or {}).get("checks", []) if c.get("verdict") == "fail"]
-
-
-def failed_benchmarks(manifest: dict) -> set:
-    """Benchmarks with a failed check (retention or critical) in the last attempt of any stage."""
-    out = set()
-    for st in final_stages(manifest):
-        tasks = set(st.get("scores") or {})
-        for c in _failed_checks(st):
-            parts = c["name"].split("/")
-            if c.get("group") == "critical" and len(parts) > 1 and parts[1] == "eudaimonia":
-                out.add("eudaimonia")
-            out.update(t for t in parts[-1].split("+") if t in tasks)
-    return out
-
-
-def metrics(manifest: dict) -> dict:
-    """Every metric of a build: per stage (last attempt) and the build-level summary."""
-    kinds = task_kinds(manifest)
-    out = {}
-    for st in final_stages(manifest):
-        out.update(stage_metrics(manifest, st, kinds))
-    top = {"model_size_mb": manifest.get("size_mb"), "compression_ratio": manifest.get("compression_ratio"),
-           "bits_per_weight": manifest.get("bits_per_weight"), "exit_code": manifest.get("exit_code"),
-           "overall_passed": bool((manifest.get("quality_gates") or {}).get("passed")),
-           "num_failed_benchmarks": len(failed_benchmarks(manifest))}
-    out.update({k: v for k, v in top.items() if v is not None})
-    return out
-
-
-def stage_table(manifest: dict) -> tuple:
-    """``(columns, rows)``: one row per stage attempt, for a side-by-side comparison."""
-    tasks = sorted(task_kinds(manifest))
-    columns = ["stage", "attempt", "method", "reference_method", "source", "knobs", "status", "note", "bytes",
-               "size_mb", "bits_per_weight", "compression_ratio", "kl", "top1_agreement", *LATENCY_KEYS,
-               "failed_checks", *(f"score/{t}" for t in tasks), *(f"retention/{t}" for t in tasks)]
-    return columns, [_table_row(manifest, st, tasks) for st in manifest.get("stages", [])]
-
-
-def _table_row(manifest: dict, st: dict, tasks: list) -> list:
-    quality, lat = st.get("quality") or {}, st.get("latency") or {}
-    failed = "; ".join(c["name"] for c in _failed_checks(st))
-    return [st["stage"], st.get("attempt", 0) + 1, st.get("method"), bool(st.get("reference_method")),
-            st.get("source") or "", json.dumps(st.get("knobs") or {}, sort_keys=True), st.get("status"),
-            st.get("note") or "", st.get("bytes"), st.get("size_mb"), st.get("bits_per_weight"),
-            compression_ratio(manifest, st), quality.get("kl"), quality.get("top1_agreement"),
-            *(lat.get(k) for k in LATENCY_KEYS), failed,
-            *((st.get("scores") or {}).get(t) for t in tasks),
-            *((st.get("retention_vs_baseline") or {}).get(t) for t in tasks)]
-
-
-def artifact_name(kind: str, manifest: dict) -> str:
-    """A wandb-legal artifact name: ``{kind}-{model}-{target}``."""
-    raw = f"{kind}-{Path(str(manifest.get('model', 'model'))).name}-{manifest.get('target', 'target')}"
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
-
-
-def log_build(manifest_path: Path, *, package_path: Path | None = None, project: str | None = None,
-              entity: str | None = None, mode: str | None = None, run_name: str | None = None,
-              plots: bool = True) -> Path | None:
-    """Log the build whose manifest is at ``manifest_path``; return the wandb run directory.
-
-    Returns None when tracking is disabled or wandb failed (the failure is logged as a warning; it
-    never raises). The run directory is ``<build dir>/wandb/offline-run-...`` in offline mode.
+    Every method returns normally whatever wandb does: the first wandb error is logged as a warning
+    and ends the tracking (the run is closed, later calls do nothing).
     """
-    mode = resolve_mode(mode)
-    if mode == "disabled":
-        return None
-    t0 = time.perf_counter()
-    try:
-        run_dir = _log(Path(manifest_path), package_path, project, entity, mode, run_name, plots)
-    except Exception as e:  # noqa: BLE001 - tracking must never fail a build
-        log.warning("W&B logging skipped: %s: %s", type(e).__name__, e)
-        return None
-    log.info("W&B run (%s) written to %s in %.1f s", mode, run_dir, time.perf_counter() - t0)
-    return run_dir
+
+    def __init__(self, build_dir: Path, *, mode: str | None = None, project: str | None = None,
+                 entity: str | None = None, run_name: str | None = None, plots: bool = True,
+                 flush_s: float = FLUSH_S):
+        self.build_dir, self.mode = Path(build_dir), resolve_mode(mode)
+        self.project, self.entity, self.run_name, self.plots = project, entity, run_name, plots
+        self.flush_s = flush_s
+        self.run = None
+        self._baseline, self._last = None, {}      # the baseline's StageRun; the last attempt of each stage
+
+    @property
+    def run_dir(self) -> Path | None:
+        """``<build dir>/wandb/offline-run-...`` (``run-...`` online) while the run is open."""
+        return Path(self.run.dir).parent if self.run is not None else None
+
+    def start(self, config: dict | None = None) -> bool:
+        """Create the run with ``config``; False when tracking is disabled or wandb failed."""
+        if self.mode == "disabled":
+            return False
+        try:
+            self._init(config or {})
+            return True
+        except Exception as e:  # noqa: BLE001 - tracking must never fail a build
+            return self._failed("start", e)
+
+    def stage_finished(self, run, ctx=None) -> None:
+        """Log one finished stage attempt (an ``edgebuild.core.steps.StageRun``) in its own step."""
+        from edgebuild.build.manifest import stage_summary
+        if run.stage == "baseline":
+            self._baseline = run
+        self._last[run.stage] = run
+        self._guard("stage", lambda: self.run.log(stage_metrics(stage_summary(run, self._baseline))))
+
+    def log_stage(self, st: dict, manifest: dict | None = None) -> None:
+        """Log one stage attempt given as a manifest stage entry, in its own step."""
+        self._guard("stage", lambda: self.run.log(stage_metrics(st, manifest)))
+
+    def finish(self, manifest_path: Path, package_path: Path | None = None) -> Path | None:
+        """Log the whole build's tables, plots, numbers and artifacts, close the run and return its
+        directory (None when there is no run or wandb failed)."""
+        run_dir, t0 = self.run_dir, time.perf_counter()
+        if not self._guard("finish", lambda: self._finish(Path(manifest_path), package_path)):
+            return None
+        self._close(0)
+        log.info("W&B run (%s) written to %s in %.1f s", self.mode, run_dir, time.perf_counter() - t0)
+        return run_dir
+
+    def abort(self, exit_code: int = 1) -> None:
+        """Close the run of a build that stopped with an error."""
+        self._close(exit_code)
+
+    # -- internals --
+    def _guard(self, what: str, fn) -> bool:
+        if self.run is None:
+            return False
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - tracking must never fail a build
+            return self._failed(what, e)
+
+    def _failed(self, what: str, e: Exception) -> bool:
+        log.warning("W&B logging skipped (%s): %s: %s", what, type(e).__name__, e)
+        self._close(1)
+        return False
+
+    def _init(self, config: dict) -> None:
+        import wandb
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_machine_info=True,
+                                  disable_git=True, save_code=False, init_timeout=60,
+                                  x_transaction_log_flush_interval=self.flush_s)
+        self.run = wandb.init(project=self.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                              entity=self.entity, name=self.run_name, mode=self.mode, dir=str(self.build_dir),
+                              config=config, job_type="build", settings=settings, reinit="create_new")
+
+    def _finish(self, manifest_path: Path, package_path) -> None:
+        import wandb
+        manifest = json.loads(manifest_path.read_text())
+        shipped = self._last.get(manifest.get("compression_level"))
+        values = build_metrics(manifest, mmlu_subjects(shipped.host) if shipped else None)
+        self.run.config.update(run_config(manifest), allow_val_change=True)
+        if self.run_name is None:
+            self.run.name = f"{manifest.get('model')}-{manifest.get('target')}"
+        images = _plot_images(wandb, manifest) if self.plots else {}
+        self.run.log({**values, **_tables(wandb, manifest), **images})
+        self.run.summary.update(values)
+        _log_artifacts(wandb, self.run, manifest, manifest_path.parent, values, package_path)
+
+    def _close(self, exit_code: int) -> None:
+        run, self.run = self.run, None
+        if run is None:
+            return
+        try:
+            run.finish(exit_code=exit_code)
+            import wandb
+            if wandb.run is None:      # no other run open in this process: wait until the files are written
+                wandb.teardown()
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B run not closed cleanly: %s: %s", type(e).__name__, e)
 
 
-def _log(manifest_path: Path, package_path, project, entity, mode, run_name, plots) -> Path:
-    import wandb
-    manifest = json.loads(manifest_path.read_text())
-    build_dir = manifest_path.parent
-    settings = wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_machine_info=True,
-                              disable_git=True, save_code=False, init_timeout=60)
-    run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, entity=entity,
-                     name=run_name or f"{manifest.get('model')}-{manifest.get('target')}", mode=mode,
-                     dir=str(build_dir), config=run_config(manifest), job_type="build", settings=settings,
-                     reinit="create_new")
-    try:
-        _record(wandb, run, manifest, build_dir, package_path, plots)
-    finally:
-        run.finish()
-        if wandb.run is None:      # no other run open in this process: wait until the files are written
-            wandb.teardown()
-    return Path(run.dir).parent
-
-
-def run_config(manifest: dict) -> dict:
-    """The run's config: what was built, for whom, how."""
-    keys = ("model", "model_fingerprint", "target", "profile", "tasks", "compression_level", "edgebuild_version")
-    cfg = {k: manifest.get(k) for k in keys}
-    cfg["stages"] = {label(st): {"method": st.get("method"), "knobs": st.get("knobs"), "source": st.get("source")}
-                     for st in manifest.get("stages", [])}
-    return cfg
-
-
-def _record(wandb, run, manifest: dict, build_dir: Path, package_path, plots: bool) -> None:
-    values = metrics(manifest)
+def _tables(wandb, manifest: dict) -> dict:
+    """The benchmark × stage table, a line plot of each benchmark's score by stage, the attempts table."""
+    table = score_table(manifest)
+    out = {"benchmark_by_stage": wandb.Table(columns=table.header(), data=table.rows())}
+    for b in table.benchmarks:
+        points = wandb.Table(columns=["stage_index", "score", "stage"],
+                             data=[[i, score, name] for i, name, score, _ in table.series(b)])
+        out[f"score_by_stage/{b}"] = wandb.plot.line(points, "stage_index", "score", title=f"{b}: score by stage")
     columns, rows = stage_table(manifest)
-    payload = dict(values, stage_comparison=wandb.Table(columns=columns, data=rows))
-    if plots:
-        payload.update(_plot_images(wandb, manifest))
-    run.log(payload)
-    run.summary.update(values)
+    out["stage_comparison"] = wandb.Table(columns=columns, data=rows)
+    return out
+
+
+def _plot_images(wandb, manifest: dict) -> dict:
+    from PIL import Image
+    from edgebuild.build.plots import all_plots
+    return {f"plots/{name}": wandb.Image(Image.open(io.BytesIO(png)), caption=name.replace("_", " "))
+            for name, png in all_plots(manifest).items()}
+
+
+def _log_artifacts(wandb, run, manifest: dict, build_dir: Path, values: dict, package_path) -> None:
     report = wandb.Artifact(artifact_name("manifest", manifest), type="build-manifest",
                             metadata={k: values[k] for k in ("compression_ratio", "overall_passed") if k in values})
     for name in ("manifest.json", "report.md", "report.html"):
@@ -230,8 +177,23 @@ def _record(wandb, run, manifest: dict, build_dir: Path, package_path, plots: bo
         run.log_artifact(pkg)
 
 
-def _plot_images(wandb, manifest: dict) -> dict:
-    from PIL import Image
-    from edgebuild.build.plots import all_plots
-    return {f"plots/{name}": wandb.Image(Image.open(io.BytesIO(png)), caption=name.replace("_", " "))
-            for name, png in all_plots(manifest).items()}
+def log_build(manifest_path: Path, *, package_path: Path | None = None, project: str | None = None,
+              entity: str | None = None, mode: str | None = None, run_name: str | None = None,
+              plots: bool = True) -> Path | None:
+    """Log a finished build from its manifest alone (each stage attempt, then the whole build) to a
+    new run; return the run directory, or None when tracking is disabled or wandb failed (a warning)."""
+    manifest_path = Path(manifest_path)
+    tracker = WandbTracker(manifest_path.parent, mode=mode, project=project, entity=entity,
+                           run_name=run_name, plots=plots)
+    if tracker.mode == "disabled":
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("W&B logging skipped: cannot read %s: %s", manifest_path, e)
+        return None
+    if not tracker.start({"model": manifest.get("model"), "target": manifest.get("target")}):
+        return None
+    for st in manifest.get("stages", []):
+        tracker.log_stage(st, manifest)
+    return tracker.finish(manifest_path, package_path)

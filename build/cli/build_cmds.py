@@ -57,10 +57,14 @@ def _require_code_sandbox(tasks) -> None:
 def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None):
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
-    result = Pipeline(req).run()
-    path = None
-    if manifest:
-        path = _record(result, junit, wandb_mode)
+    pipeline = Pipeline(req)
+    tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
+    try:
+        result = pipeline.run()
+        path = _record(result, junit, tracker) if manifest else None
+    finally:
+        if tracker is not None:
+            tracker.abort()          # still open only when the build stopped with an error
     if as_json:
         click.echo(json.dumps(summary.as_dict(result, path), indent=2, default=str))
     else:
@@ -68,14 +72,32 @@ def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=No
     return result
 
 
-def _record(result, junit, wandb_mode):
-    """Manifest, report.md, report.html, JUnit XML (when asked) and the W&B run of a build."""
+def _tracker(req, build_dir: Path, wandb_mode):
+    """The W&B run of the build, started now and told of each stage as it finishes (None: disabled)."""
+    from edgebuild.build.tracking import WandbTracker, resolve_mode
+    from edgebuild.core.data import check_data_dir
+    if resolve_mode(wandb_mode) == "disabled":
+        return None
+    check_data_dir(req.data_dir)            # a build that cannot start gets no run
+    tracker = WandbTracker(build_dir, mode=wandb_mode)
+    cfg = req.config
+    if tracker.start({"model": req.model, "target": build_dir.name, "profile": cfg.profile, "tasks": cfg.tasks,
+                      "ladder": cfg.stages, "experts": cfg.experts, "seed": cfg.seed}):
+        req.listeners.append(tracker)
+    return tracker
+
+
+def _record(result, junit, tracker=None):
+    """Manifest, report.md, report.html, the W&B run's tables and plots (closing it) and JUnit XML
+    (when asked) of a build."""
     from edgebuild.build.manifest import write_manifest
     from edgebuild.build.report import write_reports
     from edgebuild.build.report_html import write_html_report
     path = write_manifest(result)
     write_reports(result, path)
     write_html_report(result.out_dir)
+    if tracker is not None:
+        tracker.finish(path)
     if junit is not None:
         from edgebuild.core.errors import UsageError
         from edgebuild.build.junit import write_junit
@@ -84,9 +106,6 @@ def _record(result, junit, wandb_mode):
         except OSError as e:
             raise UsageError(f"cannot write the JUnit file {junit}: {e.strerror or e}",
                              hint=f"pass a writable --junit path; the build's records are in {path.parent}") from None
-    from edgebuild.build.tracking import log_build, resolve_mode
-    if resolve_mode(wandb_mode) != "disabled":
-        log_build(path, mode=wandb_mode)
     return path
 
 
