@@ -50,7 +50,10 @@ def settings(sc, method, layers: int | None = None) -> Iterator[dict]:
     space = method.knob_space if sc.space is None else sc.space
     order = (list(space) if sc.space is not None else method.knob_order) if sc.order is None else sc.order
     fallbacks = [n for n in sc.fallback_layers if layers is None or n < layers] if sc.scope == "weights" else []
-    for knobs in [dict(sc.knobs)] + knob_walk(sc.knobs, space, order):
+    defaults = dataclasses.asdict(method.config_class())
+    start = {**defaults, **sc.knobs}
+    for full in [start] + knob_walk(start, space, order):
+        knobs = {k: v for k, v in full.items() if k in sc.knobs or v != defaults[k]}
         yield {"knobs": knobs, "fallback_layers": None}
         for n in fallbacks:
             yield {"knobs": knobs, "fallback_layers": n}
