@@ -25,6 +25,8 @@ class ExitCode(enum.IntEnum):
     FALLBACK = 10          # a less compressed stage shipped (fallback down the ladder)
     BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
+    HOST = 13              # this host lacks a tool or kernel feature the command needs
+    BUSY = 14              # a lab board (labgrid place) is held by someone else
 
 
 EXIT_CODE_HELP = {
@@ -41,6 +43,8 @@ EXIT_CODE_HELP = {
     ExitCode.FALLBACK: "a less compressed stage shipped (fallback)",
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
+    ExitCode.HOST: "this host lacks a tool the command needs (the message names the package)",
+    ExitCode.BUSY: "a lab board is held by someone else; retry later",
 }
 
 
@@ -90,6 +94,18 @@ class PackageError(EdgebuildError):
 
 class NetworkError(EdgebuildError):
     exit_code = ExitCode.NETWORK
+
+
+class HostError(EdgebuildError):
+    """This machine cannot do what was asked (e.g. run foreign-architecture binaries)."""
+
+    exit_code = ExitCode.HOST
+
+
+class BusyError(DeviceError):
+    """The device exists but someone else holds it (a labgrid place acquired by another user)."""
+
+    exit_code = ExitCode.BUSY
 
 
 class UnknownNameError(ConfigError):

@@ -9,6 +9,11 @@ runtime settings, the budgets a stage must meet on the device, and how to reach 
 
 Errors raise ``TargetError`` with the file, the key and the allowed values.
 
+Specs are found by name among the built-in ones (``targets/specs/``), then among the user's
+(``$EDGEBUILD_HOME/targets/<name>.toml``: e.g. what ``edgebuild device emulate start`` writes).
+``labgrid:PLACE`` and ``labgrid:TAG=VALUE[,TAG=VALUE]`` name a board (or every board) of a labgrid
+place, found through the coordinator (``targets/labgrid.py``, ``edgebuild[lab]``).
+
 A spec's ``[connection]`` is what the board class usually needs; ``resolve_connection(target)``
 (used by the transports) lays over it what ``edgebuild device setup`` recorded for this machine
 (``$EDGEBUILD_HOME/devices/<target>.json``: e.g. the device venv's interpreter, a loopback port
@@ -48,6 +53,7 @@ ON_UNREACHABLE = ("fail", "warn")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _ZERO_ALLOWED = {"connection.retries", "timing.warmup"}
 _VERSION = re.compile(r"^\d+\.\d+$")
+LABGRID_PREFIX = "labgrid:"
 # Connection keys a setup record or the environment may set, with their types.
 OVERRIDABLE = {"host": str, "user": str, "port": int, "key": str, "known_hosts": str,
                "trust_on_first_use": bool, "agent_python": str, "root": str}
@@ -109,6 +115,16 @@ class Connection:
 
 
 @dataclass
+class LabgridSpec:
+    """``[labgrid]``: the board is a labgrid place (or any of the places carrying ``tags``)."""
+
+    place: str | None = None                   # one place, by name
+    tags: dict[str, str] | None = None         # a group: every place carrying all these tags
+    coordinator: str | None = None             # HOST:PORT; default: $LG_COORDINATOR, else labgrid's
+    resource: str = "NetworkService"           # the place's resource that names the SSH address
+
+
+@dataclass
 class Target:
     """One device class, as read from a spec file."""
 
@@ -124,6 +140,8 @@ class Target:
     timing: Timing = field(default_factory=Timing)
     connection: Connection = field(default_factory=Connection)
     on_unreachable: str = "fail"               # warn: device gates not_run (never invented numbers)
+    emulated: bool = False                     # an emulated CPU: its latencies are not the board's
+    labgrid: LabgridSpec | None = None         # reach the board through a labgrid place
     source: Path | None = field(default=None, compare=False)   # the spec file; not a TOML key
 
     def validate(self) -> "Target":
@@ -158,7 +176,20 @@ class Target:
         if self.connection.transport == "ssh" and not self.connection.host:
             raise TargetError(f"{where}: key 'connection.host' is required when "
                               f"connection.transport is 'ssh'")
+        self._validate_labgrid(where)
         return self
+
+    def _validate_labgrid(self, where: str) -> None:
+        lab, transport = self.labgrid, self.connection.transport
+        if (lab is None) != (transport != "labgrid"):
+            raise TargetError(f"{where}: connection.transport 'labgrid' and a [labgrid] table go "
+                              f"together; got transport {transport!r} "
+                              f"{'with' if lab else 'without'} a [labgrid] table")
+        if lab is not None and (lab.place is None) == (lab.tags is None):
+            raise TargetError(f"{where}: [labgrid] needs exactly one of 'place' (one board) or "
+                              f"'tags' (every place carrying them)")
+        if lab is not None and lab.tags is not None and not lab.tags:
+            raise TargetError(f"{where}: key 'labgrid.tags' must name at least one tag")
 
     def to_dict(self) -> dict:
         """The spec as plain JSON-serialisable data (``source`` as a string)."""
@@ -175,6 +206,9 @@ class Target:
         data = self.to_dict()
         data.pop("source")
         data.pop("description")
+        data.pop("labgrid")                    # which lab place served it: not the board class
+        if not data["emulated"]:
+            data.pop("emulated")               # specs from before the key keep their digests
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def path_of(self, value: str) -> Path:
@@ -194,6 +228,8 @@ def _leaves(obj, prefix: str = ""):
             continue
         if dataclasses.is_dataclass(value):
             yield from _leaves(value, f"{prefix}{f.name}.")
+        elif value is None and _table_class(hints[f.name]) is not None:
+            continue
         else:
             yield f"{prefix}{f.name}", value, hints[f.name]
 
@@ -209,6 +245,10 @@ def _type_ok(value, hint) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item)
+                                               for k, v in value.items())
     if hint is type(None):
         return value is None
     if hint in (int, float):
@@ -220,9 +260,19 @@ def _describe(hint) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is list:
         return f"a list of {_NOUNS[args[0]][1]}"
+    if typing.get_origin(hint) is dict:
+        return f"a table of {_NOUNS[args[1]][1]}"
     if args:
         return " or ".join(_describe(a) for a in args)
     return _NOUNS.get(hint, (getattr(hint, "__name__", str(hint)),))[0]
+
+
+def _table_class(hint):
+    """The dataclass a TOML table fills for ``hint`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def _from_table(cls, table: dict, prefix: str, where: str):
@@ -242,13 +292,27 @@ def _from_table(cls, table: dict, prefix: str, where: str):
             raise TargetError(f"{where}: missing key {prefix + f.name!r} in {section}")
     kwargs = {}
     for key, value in table.items():
-        if dataclasses.is_dataclass(hints[key]):
+        table_cls = _table_class(hints[key])
+        if table_cls is not None:
             if not isinstance(value, dict):
                 raise TargetError(f"{where}: key {prefix + key!r} must be a table "
                                   f"([{prefix + key}]), got {value!r}")
-            value = _from_table(hints[key], value, f"{prefix}{key}.", where)
+            value = _from_table(table_cls, value, f"{prefix}{key}.", where)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def user_specs_dir() -> Path:
+    """``$EDGEBUILD_HOME/targets``: the user's own specs, found by name like the built-in ones."""
+    from edgebuild.core.paths import edgebuild_home
+    return edgebuild_home() / "targets"
+
+
+def target_names() -> list[str]:
+    """Every target name ``load_target`` accepts: the built-in specs, then the user's."""
+    folder = user_specs_dir()
+    users = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    return targets.names() + [n for n in users if n not in targets]
 
 
 def _spec_path(name_or_path) -> Path:
@@ -257,9 +321,18 @@ def _spec_path(name_or_path) -> Path:
         path = Path(text).expanduser()
         if not path.is_file():
             raise TargetError(f"target spec file {path} not found; pass a registered target name "
-                              f"({', '.join(targets.names())}) or a path to a .toml file")
+                              f"({', '.join(target_names())}) or a path to a .toml file")
         return path
-    return targets.get(text)
+    if text in targets:
+        return targets.get(text)
+    path = user_specs_dir() / f"{text}.toml"
+    if _NAME.match(text) and path.is_file():
+        return path
+    known = target_names()
+    close = difflib.get_close_matches(text, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TargetError(f"unknown target {text!r}{hint} (known: {', '.join(known)}; or a path to a "
+                      f".toml file, or labgrid:PLACE)")
 
 
 def parse_target(text: str, source: Path | None = None) -> Target:
@@ -275,17 +348,55 @@ def parse_target(text: str, source: Path | None = None) -> Target:
 
 
 def load_target(name_or_path) -> Target:
-    """Load a target spec by registered name (see ``targets``) or from a ``.toml`` path."""
+    """Load a target spec by name (built-in, then ``user_specs_dir()``), from a ``.toml`` path,
+    or from a labgrid place (``labgrid:PLACE``, ``labgrid:TAG=VALUE``; see ``targets.labgrid``)."""
+    if isinstance(name_or_path, str) and name_or_path.startswith(LABGRID_PREFIX):
+        from edgebuild.targets.labgrid import target_for
+        return target_for(name_or_path[len(LABGRID_PREFIX):])
     path = _spec_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise TargetError(f"cannot read target spec {path}: {err.strerror}") from None
     target = parse_target(text, path)
-    if name_or_path in targets and target.name != name_or_path:
+    if path.stem == name_or_path and target.name != name_or_path:
         raise TargetError(f"{path}: key 'name' is {target.name!r} but the spec is registered as "
                           f"{name_or_path!r}; make them equal")
     return target
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)               # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_target(target: Target, header: str = "") -> str:
+    """``target`` as spec-file TOML (``parse_target`` reads it back equal); ``header`` becomes
+    leading comment lines. Keys whose value is None are left out (their defaults)."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    tables = []
+    for f in dataclasses.fields(target):
+        value = getattr(target, f.name)
+        if f.name == "source" or value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(table).items()
+                  if v is not None]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ connection overrides
@@ -366,6 +477,28 @@ def resolve_connection(target: Target) -> Connection:
     resolved = dataclasses.replace(target.connection, **overrides)
     dataclasses.replace(target, connection=resolved).validate()
     return resolved
+
+
+# ------------------------------------------------------------------ emulated boards
+
+LATENCY_BUDGETS = ("decode_ms_per_token_p95", "prefill_ms")
+NOT_MEASURABLE = "not measurable under emulation"
+
+
+def latency_gate_applies(target: Target) -> bool:
+    """Whether the device's latency samples may gate a stage: never on an emulated CPU, whose
+    timings say how fast the emulator runs, not the board."""
+    return not target.emulated
+
+
+def gate_applies(target: Target, budget: str) -> bool:
+    """Whether budget ``budget`` (a ``[budgets]`` key) can be judged on ``target``'s device."""
+    return budget not in LATENCY_BUDGETS or latency_gate_applies(target)
+
+
+def measurement_label(target: Target) -> str:
+    """How the device's numbers were obtained: ``"emulated"`` or ``"measured"``."""
+    return "emulated" if target.emulated else "measured"
 
 
 # ------------------------------------------------------------------ predicted latency

@@ -16,8 +16,9 @@ def targets_group():
 @targets_group.command("list")
 def list_cmd():
     """List the known targets."""
-    from edgebuild.targets import load_target, targets
-    for name in targets.names():
+    from edgebuild.targets import load_target
+    from edgebuild.targets.spec import target_names
+    for name in target_names():
         t = load_target(name)
         click.echo(f"{name:<20} {t.arch:<8} {t.description}")
 
@@ -38,13 +39,32 @@ def device_group():
 @device_group.command("check")
 @click.option("--target", default="local", show_default=True, help="Target name or .toml file.")
 def check_cmd(target):
-    """Connect to the device agent, say hello and print what the device reports."""
+    """Connect to the device agent, say hello and print what the device reports.
+
+    A board whose Python or glibc differs from its spec's [runtime] is an error (exit code 5).
+    """
     from edgebuild.targets import load_target
     from edgebuild.targets.client import connect
+    from edgebuild.targets.spec import measurement_label
+    from edgebuild.targets.transport import transport_for
     t = load_target(target)
-    with connect(t) as client:
+    transport = transport_for(t)
+    with connect(t, transport) as client:
         hello, info = client.agent_hello, client.info()
-    click.echo(json.dumps({"hello": hello, "info": info}, indent=2))
+        board = _check_platform(t, transport)
+    result = {"hello": hello, "info": info, "timings": measurement_label(t)}
+    if board:
+        result["platform"] = board
+    click.echo(json.dumps(result, indent=2))
+
+
+def _check_platform(t, transport) -> dict | None:
+    """The board's Python and glibc, checked against the spec (when it names them)."""
+    if not (t.runtime.python_version or t.runtime.glibc):
+        return None
+    from edgebuild.targets.provision import check_platform
+    from edgebuild.targets.spec import resolve_connection
+    return check_platform(t, transport, resolve_connection(t).agent_python or "python3")
 
 
 @device_group.command("setup")
@@ -110,5 +130,7 @@ def _report(result: dict) -> None:
 
 
 def register(group) -> None:
+    from edgebuild.build.cli import emulate_cmds
+    emulate_cmds.register(device_group)
     group.add_command(targets_group)
     group.add_command(device_group)
