@@ -221,9 +221,9 @@ def _write_board_etc(board: Board, files: BoardFiles, link: Link) -> None:
     host_key = keygen(files.etc / "ssh_host_ed25519_key")
     files.client_key.parent.mkdir(parents=True, exist_ok=True)
     client = keygen(files.client_key)
-    write_text_atomic(files.etc / "authorized_keys", client + "\n")
-    write_text_atomic(files.etc / "sshd_config", sshd_config(board, link))
-    write_text_atomic(files.etc / "cpuinfo", board.cpuinfo())
+    for name, text in (("authorized_keys", client + "\n"), ("sshd_config", sshd_config(board, link)),
+                       ("cpuinfo", board.cpuinfo())):
+        os.chmod(write_text_atomic(files.etc / name, text), 0o644)   # read by the board's user
     write_text_atomic(files.known_hosts, f"{link.board_addr} {host_key}\n")
 
 
@@ -244,11 +244,8 @@ def read_state(name: str) -> Running | None:
 
 
 def _alive(run: Running) -> bool:
-    try:
-        cmdline = Path(f"/proc/{run.pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return run.link.netns.encode() in cmdline and net.exists(run.link)
+    """Whether the board's runner still runs (a live process inside the board's namespace)."""
+    return net.in_namespace(run.pid, run.link)
 
 
 def ssh_ready(address: str, timeout_s: float, proc=None) -> bool:

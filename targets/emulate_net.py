@@ -114,6 +114,14 @@ def exists(link: Link) -> bool:
     return (NETNS_DIR / link.netns).exists()
 
 
+def in_namespace(pid: int, link: Link) -> bool:
+    """Whether process ``pid`` lives in ``link``'s network namespace."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(NETNS_DIR / link.netns).st_ino
+    except OSError:
+        return False
+
+
 def taken_slots() -> set[int]:
     """Slots whose namespace or host interface exists (used by us or anyone else)."""
     taken = set()

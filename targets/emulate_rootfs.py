@@ -183,9 +183,10 @@ def _debootstrap(release: Release, work: Path, log_file) -> None:
 
 def _prepare(release: Release, root: Path) -> None:
     """Add the login user and the per-board mount point; drop host keys and package lists."""
+    # password "*": no password login, yet not a locked account (sshd refuses those)
     _run(["chroot", str(root), "/usr/sbin/useradd", "--create-home", "--shell", "/bin/bash",
-          "--uid", "1000", LOGIN_USER], f"adding user {LOGIN_USER} to the root filesystem",
-         timeout_s=300)
+          "--uid", "1000", "--password", "*", LOGIN_USER],
+         f"adding user {LOGIN_USER} to the root filesystem", timeout_s=300)
     (root / BOARD_ETC).mkdir(parents=True, exist_ok=True)
     for key in (root / "etc" / "ssh").glob("ssh_host_*"):
         key.unlink()

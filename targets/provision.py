@@ -202,7 +202,7 @@ def install_on_device(transport, wheels: list[Path], *, device_python: str = "py
          "install the OS package python3-venv on the device")
     python = posixpath.join(venv, "bin", "python")
     pip = [python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir,
-           "--disable-pip-version-check", "--quiet"]
+           "--disable-pip-version-check", "--quiet", "--no-compile"]
     _run(transport, pip + [f"{AGENT_DIST}[runtime]" if with_runtime else AGENT_DIST],
          "installing the agent", "the wheels may not match the device's platform or Python")
     _run(transport, pip + ["--no-deps", "--force-reinstall",

@@ -198,7 +198,13 @@ class Target:
         return data
 
     def budgets_dict(self) -> dict:
-        """``{budget name: limit}`` as the device gates read them."""
+        """``{budget name: limit}`` of the budgets the device gates can judge on this target:
+        all of them on a real board; on an emulated one, not the latency budgets (``gate_applies``),
+        whose samples time the emulator (``all_budgets`` has every budget)."""
+        return {k: v for k, v in self.all_budgets().items() if gate_applies(self, k)}
+
+    def all_budgets(self) -> dict:
+        """``{budget name: limit}``: every ``[budgets]`` key of the spec."""
         return dataclasses.asdict(self.budgets)
 
     def digest(self) -> str:

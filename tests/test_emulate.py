@@ -199,3 +199,10 @@ def test_device_setup_checks_the_platform_before_downloading(tmp_path, monkeypat
     monkeypatch.setattr(provision, "build_agent_wheel", lambda dest: pytest.fail("built a wheel"))
     with pytest.raises(TargetError, match="runs Python 3.13 with glibc 2.41"):
         provision.provision(load_target("rpi5"), board, tmp_path)
+
+
+def test_an_emulated_board_is_not_gated_on_latency():
+    real = load_target("rpi4")
+    emu = dataclasses.replace(real, emulated=True)
+    assert real.budgets_dict() == real.all_budgets() == emu.all_budgets()
+    assert emu.budgets_dict() == {"peak_rss_mb": 2048.0, "artifact_mb": 160.0}

@@ -49,9 +49,13 @@ def check_cmd(target):
     from edgebuild.targets.transport import transport_for
     t = load_target(target)
     transport = transport_for(t)
+    try:
+        board = _check_platform(t, transport)
+    except BaseException:
+        transport.close()
+        raise
     with connect(t, transport) as client:
         hello, info = client.agent_hello, client.info()
-        board = _check_platform(t, transport)
     result = {"hello": hello, "info": info, "timings": measurement_label(t)}
     if board:
         result["platform"] = board
