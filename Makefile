@@ -60,16 +60,19 @@ smoke: setup
 	$(BIN)/edgebuild all --model tiny-random --target local --profile smoke --data-dir $(DATA_DIR) --out $(OUT)/smoke
 
 # Hardware in the loop without the hardware: start an emulated Raspberry Pi (HIL_BOARD), install
-# the agent on it as on a real board, build the tiny model and validate every stage there, write
-# JUnit to $(OUT)/hil/junit.xml, stop the board. Exit codes 10 and 11 are results, not errors.
+# the agent on it as on a real board, build the tiny model and validate every stage there
+# (configs/hil.toml: smoke profile, every stage), write JUnit to $(OUT)/hil/junit.xml, stop the
+# board, also on failure. Exit codes 10 and 11 are results, not errors. Needs root.
 HIL_BOARD ?= rpi4
 hil: setup emulator
-	@$(BIN)/edgebuild device emulate start $(HIL_BOARD) --fresh >/dev/null && \
+	@t0=$$(date +%s); lap() { echo "hil: $$1 after $$(( $$(date +%s) - t0 )) s"; }; \
+	  $(BIN)/edgebuild device emulate start $(HIL_BOARD) --fresh >/dev/null && lap "board started" && \
 	  trap '$(BIN)/edgebuild device emulate stop $(HIL_BOARD)-emu >/dev/null' EXIT && \
-	  $(BIN)/edgebuild device setup --target $(HIL_BOARD)-emu >/dev/null && \
+	  $(BIN)/edgebuild device setup --target $(HIL_BOARD)-emu >/dev/null && lap "agent installed" && \
 	  mkdir -p $(OUT)/hil && $(BIN)/edgebuild device check --target $(HIL_BOARD)-emu >$(OUT)/hil/device.json && \
-	  { $(BIN)/edgebuild all --model tiny-random --target $(HIL_BOARD)-emu --profile smoke \
+	  { $(BIN)/edgebuild all --model tiny-random --target $(HIL_BOARD)-emu --config configs/hil.toml \
 	      --data-dir $(DATA_DIR) --out $(OUT)/hil --junit $(OUT)/hil/junit.xml; rc=$$?; \
+	    lap "build finished"; \
 	    if [ $$rc -eq 10 ] || [ $$rc -eq 11 ]; then echo "hil: exit code $$rc (see $(OUT)/hil/$(HIL_BOARD)-emu/report.md)"; rc=0; fi; \
 	    exit $$rc; }
 

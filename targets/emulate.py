@@ -231,7 +231,7 @@ def _write_board_etc(board: Board, files: BoardFiles, link: Link) -> None:
 
 def _lock():
     home = edgebuild_home() / "emulate"
-    return rootfs._locked(home / "boards.lock")
+    return rootfs.file_lock(home / "boards.lock")
 
 
 def read_state(name: str) -> Running | None:
@@ -262,6 +262,18 @@ def ssh_ready(address: str, timeout_s: float, proc=None) -> bool:
     return False
 
 
+def prepare_host(board_name: str = "rpi4") -> None:
+    """Check that this host can run the board and enable qemu-user in binfmt_misc; one-line
+    ``HostError`` (exit code 13) naming what to install when it cannot."""
+    rootfs.enable_binfmt(boards.get(board_name).release)
+
+
+def rootfs_cached(board_name: str = "rpi4") -> bool:
+    """Whether board ``board_name``'s root filesystem is built (else ``start`` takes minutes)."""
+    release = boards.get(board_name).release
+    return rootfs.read_marker(rootfs.rootfs_dir(edgebuild_home(), release)) is not None
+
+
 def start(board_name: str = "rpi4", name: str | None = None, *, fresh: bool = False,
           build_log=None) -> Running:
     """Start emulated board ``board_name`` as target ``name`` (default ``<board>-emu``).
@@ -273,13 +285,13 @@ def start(board_name: str = "rpi4", name: str | None = None, *, fresh: bool = Fa
     board = boards.get(board_name)
     name = name or f"{board.name}-emu"
     _check_name(name)
-    rootfs.enable_binfmt(board.release)
+    prepare_host(board.name)
     running_now = read_state(name)
     if running_now is not None and _alive(running_now):
         return running_now
     home = edgebuild_home()
     files = BoardFiles(home, name)
-    lower = rootfs.ensure_rootfs(home, board.release, log_file=build_log or files.folder.parent / "rootfs-build.log")
+    lower = rootfs.ensure_rootfs(home, board.release, log_file=build_log)
     with _lock():
         if running_now is not None:
             _teardown(running_now)
@@ -298,8 +310,8 @@ def start(board_name: str = "rpi4", name: str | None = None, *, fresh: bool = Fa
 
 
 def _check_name(name: str) -> None:
-    from edgebuild.targets.spec import BUILTIN, _NAME
-    if not _NAME.match(name) or name in BUILTIN:
+    from edgebuild.targets.spec import BUILTIN, valid_name
+    if not valid_name(name) or name in BUILTIN:
         raise TargetError(f"emulated board name {name!r} must be lowercase letters, digits, '.', "
                           f"'_' or '-' and not a built-in target ({', '.join(BUILTIN)})")
 
@@ -359,9 +371,11 @@ def emulated_target(board: Board, files: BoardFiles, run: Running):
                             known_hosts=str(files.known_hosts), agent_python="python3",
                             root=real.connection.root, connect_timeout_s=30.0, retries=2,
                             timeout_s=7200.0)
+    # Timing runs the real board's shapes once each: repeats would time the emulator more closely.
+    timing = dataclasses.replace(real.timing, warmup=0, repeats=1)
     return dataclasses.replace(
         real, name=files.name, emulated=True, on_unreachable="fail", connection=connection,
-        runtime=dataclasses.replace(real.runtime, threads=threads), source=None,
+        runtime=dataclasses.replace(real.runtime, threads=threads), timing=timing, source=None,
         description=f"Emulated {real.description} (qemu-user {board.qemu_cpu})").validate()
 
 

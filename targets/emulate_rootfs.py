@@ -131,7 +131,8 @@ def read_marker(folder) -> dict | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def file_lock(path: Path):
+    """Hold an exclusive lock on ``path`` (created) while the block runs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -139,11 +140,13 @@ def _locked(path: Path):
 
 
 def ensure_rootfs(home, release: Release = BOOKWORM_ARM64, log_file=None) -> Path:
-    """The cached root filesystem of ``release``, built first when absent (minutes)."""
+    """The cached root filesystem of ``release``, built first when absent (minutes; debootstrap's
+    output goes to ``log_file``, default ``<cache>/<release>.log``)."""
     final = rootfs_dir(home, release)
+    log_file = log_file or final.with_name(final.name + ".log")
     if read_marker(final):
         return final
-    with _locked(final.with_name(final.name + ".lock")):
+    with file_lock(final.with_name(final.name + ".lock")):
         if read_marker(final):                 # built meanwhile by another start
             return final
         enable_binfmt(release)

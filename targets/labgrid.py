@@ -388,6 +388,21 @@ def acquire_places(lab: Lab, spec, count: int | None, wait_s: float) -> list[str
     return allocated
 
 
+def each_place(target) -> list:
+    """One target per place of ``target``'s labgrid group (the target itself for one place),
+    e.g. to set every board of a group up."""
+    spec = target.labgrid
+    if spec.place:
+        return [target]
+    lab = Lab(coordinator_address(spec))
+    try:
+        names = lab.matching(spec.tags)
+    finally:
+        lab.close()
+    return [dataclasses.replace(target, labgrid=dataclasses.replace(spec, place=n, tags=None))
+            for n in names]
+
+
 def from_target(target) -> LabgridTransport:
     """The transport of a target with a ``[labgrid]`` table."""
     return LabgridTransport(target)

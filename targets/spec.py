@@ -308,6 +308,11 @@ def _from_table(cls, table: dict, prefix: str, where: str):
     return cls(**kwargs)
 
 
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can name a target (lowercase letters, digits, '.', '_', '-')."""
+    return bool(_NAME.match(name))
+
+
 def user_specs_dir() -> Path:
     """``$EDGEBUILD_HOME/targets``: the user's own specs, found by name like the built-in ones."""
     from edgebuild.core.paths import edgebuild_home

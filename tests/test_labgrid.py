@@ -360,3 +360,12 @@ def test_a_group_pool_shards_over_the_places_and_releases_them(lab, stage, monke
     finally:
         single.close()
     assert sum(pool.last.items.values()) == 100
+
+
+def test_each_place_of_a_group_is_its_own_target(lab):
+    from edgebuild.targets.labgrid import each_place
+    places = each_place(load_target("labgrid:shelf=one"))
+    assert [(t.name, t.labgrid.place, t.labgrid.tags) for t in places] == [
+        ("lab-pi", "pi-a", None), ("lab-pi", "pi-b", None)]
+    single = load_target("labgrid:pi-c")
+    assert each_place(single) == [single]

@@ -19,11 +19,6 @@ def emulate_group():
     """
 
 
-def _board_choices() -> list[str]:
-    from edgebuild.targets.emulate import boards
-    return boards.names()
-
-
 @emulate_group.command("start")
 @click.argument("board", default="rpi4")
 @click.option("--name", help="Target name of the board (default: BOARD-emu); run several boards "
@@ -32,6 +27,9 @@ def _board_choices() -> list[str]:
 def start_cmd(board, name, fresh):
     """Start emulated BOARD (rpi4, rpi5) and write its target spec."""
     from edgebuild.targets import emulate
+    emulate.prepare_host(board)
+    if not emulate.rootfs_cached(board):
+        click.echo(f"building the {board} root filesystem (once; minutes) ...", err=True)
     run = emulate.start(board, name, fresh=fresh)
     click.echo(json.dumps(emulate.status(run.name), indent=2))
 

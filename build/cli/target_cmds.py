@@ -92,6 +92,8 @@ def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, i
     $EDGEBUILD_HOME/devices/<target>.json.
     For local-ssh it first makes a key pair, a private sshd config on 127.0.0.1 and the
     known_hosts entry under $EDGEBUILD_HOME/local-ssh/, and records them.
+    A labgrid group (--target labgrid:TAG=VALUE) sets up every board of the group, each place
+    acquired for its turn. A board whose Python or glibc differs from the spec: exit code 5.
     """
     from edgebuild.targets import load_target
     t = load_target(target)
@@ -102,6 +104,11 @@ def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, i
             return _report(result)
     if t.connection.transport == "local" and not install:
         result["note"] = "the local target runs the agent with this interpreter; nothing to install"
+        return _report(result)
+    if t.labgrid is not None:
+        from edgebuild.targets.labgrid import each_place
+        result["installed"] = {p.labgrid.place: _install(p, wheelhouse, device_python, not no_runtime)
+                               for p in each_place(t)}
         return _report(result)
     result["installed"] = _install(t, wheelhouse, device_python, not no_runtime)
     _report(result)
