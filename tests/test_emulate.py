@@ -98,6 +98,7 @@ def test_the_spec_of_a_running_board_is_its_real_boards_spec_emulated(home):
     real = load_target("rpi4")
     assert target.emulated and not real.emulated
     assert target.budgets == real.budgets and target.arch == "aarch64"
+    assert (target.timing.prompt_len, target.timing.warmup, target.timing.repeats) == (64, 0, 1)
     assert (target.runtime.python_version, target.runtime.glibc) == ("3.11", "2.36")
     c = target.connection
     assert (c.transport, c.host, c.user, c.port) == ("ssh", "10.213.5.2", "pi", 22)

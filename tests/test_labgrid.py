@@ -60,8 +60,17 @@ class LocalLab:
         self.folder, self.port = folder, free_port()
         self.address = f"127.0.0.1:{self.port}"
         folder.mkdir(parents=True, exist_ok=True)
-        self.procs = [self._start([sys.executable, "-m", "labgrid.remote.coordinator", "-l",
-                                   self.address], "coordinator.log")]
+        self.procs = []
+        try:
+            self._serve(services, tags)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self, services: dict, tags: dict) -> None:
+        folder = self.folder
+        self.procs.append(self._start([sys.executable, "-m", "labgrid.remote.coordinator", "-l",
+                                       self.address], "coordinator.log"))
         _wait_port(self.port, self.procs[0])
         config = folder / "exporter.yaml"
         config.write_text("".join(

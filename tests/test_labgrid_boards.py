@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import threading
 
 import pytest
 
@@ -90,22 +89,21 @@ def test_two_boards_share_the_requests_and_score_as_one(lab, stage):
 def test_a_board_lost_mid_run_is_named_and_its_requests_rerun(lab, stage):
     running, runs = lab
     requests = _requests(400)
-    stopper = None
+    stopped = []
 
     def lose_b(done, total):
-        nonlocal stopper
-        if stopper is None:
-            stopper = threading.Thread(target=emulate.stop, args=(BOARDS["pi-b"],))
-            stopper.start()
+        """After the first batch: stop board b (its sshd, agent and network vanish)."""
+        if not stopped:
+            stopped.append(emulate.stop(BOARDS["pi-b"]))
 
     with connect_group(load_target("labgrid:shelf=emu")) as pool:
         pool.deploy("raw", "v1", stage)
         pool.load("raw", "v1", threads=1)
         one = pool.clients["pi-a"].score(requests)
         sharded = pool.score(requests, progress=lose_b)
-        stopper.join()
         items, lost = dict(pool.last.items), dict(pool.lost)
     print(f"\nitems per board: {items}; lost: {lost}")
+    assert stopped == [True]
     assert sharded == one
-    assert list(lost) == ["pi-b"] and sum(items.values()) == 400
+    assert list(lost) == ["pi-b"] and sum(items.values()) == 400 and items["pi-a"] > items["pi-b"]
     assert running.holder("pi-b") is None
