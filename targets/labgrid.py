@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 
 from edgebuild.core.errors import BusyError, ConfigError, DeviceError, TargetError
 from edgebuild.targets.transport import Transport
