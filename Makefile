@@ -1,6 +1,7 @@
 # edgebuild — developer and CI entry points.
 #   make demo   set up, fetch the default model, run the main job on it
 #   make test   set up and run the test suite (CI runs this)
+#   make hil    the tiny model built and validated on an emulated Raspberry Pi 4 (JUnit out)
 PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
@@ -9,15 +10,15 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd bwrap model docs test test-slow test-gpu demo smoke bench-compress bench-device bench-host report-screenshot clean help
+.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil bench-compress bench-device bench-host report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | smoke | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
 
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test,lab]"
 	touch $@
 
 setup: $(BIN)/.installed sshd bwrap
@@ -40,6 +41,15 @@ docs: setup
 	$(BIN)/edgebuild config docs --write docs/config.md
 	$(BIN)/edgebuild targets docs --write docs/targets.md
 
+# Emulated boards (make hil, make test-emulated) run arm64 programs through qemu-user and build
+# their root filesystem with debootstrap (as root).
+emulator:
+	@command -v qemu-aarch64-static >/dev/null && command -v update-binfmts >/dev/null && \
+	  command -v debootstrap >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	   qemu-user-static binfmt-support debootstrap >/dev/null); } || \
+	  echo "qemu-user-static, binfmt-support or debootstrap is not installed: emulated boards will not start"
+
 model: setup
 	$(BIN)/edgebuild model fetch smollm2-135m
 
@@ -49,12 +59,34 @@ test: setup model
 test-slow: setup model
 	$(BIN)/pytest -q -m slow
 
+# Emulated-board tests: start Raspberry Pi boards under qemu-user (root; minutes, the first time
+# longer: the board's root filesystem is built once under $EDGEBUILD_HOME/emulate).
+test-emulated: setup emulator
+	$(BIN)/pytest -q -m emulated
+
 # Needs a CUDA device (and Triton, which CUDA builds of torch bring).
 test-gpu: setup
 	$(BIN)/pytest -q -m gpu
 
 smoke: setup
 	$(BIN)/edgebuild all --model tiny-random --target local --profile smoke --data-dir $(DATA_DIR) --out $(OUT)/smoke
+
+# Hardware in the loop without the hardware: start an emulated Raspberry Pi (HIL_BOARD), install
+# the agent on it as on a real board, build the tiny model and validate every stage there
+# (configs/hil.toml: smoke profile, every stage), write JUnit to $(OUT)/hil/junit.xml, stop the
+# board, also on failure. Exit codes 10 and 11 are results, not errors. Needs root.
+HIL_BOARD ?= rpi4
+hil: setup emulator
+	@t0=$$(date +%s); lap() { echo "hil: $$1 after $$(( $$(date +%s) - t0 )) s"; }; \
+	  $(BIN)/edgebuild device emulate start $(HIL_BOARD) --fresh >/dev/null && lap "board started" && \
+	  trap '$(BIN)/edgebuild device emulate stop $(HIL_BOARD)-emu >/dev/null' EXIT && \
+	  $(BIN)/edgebuild device setup --target $(HIL_BOARD)-emu >/dev/null && lap "agent installed" && \
+	  mkdir -p $(OUT)/hil && $(BIN)/edgebuild device check --target $(HIL_BOARD)-emu >$(OUT)/hil/device.json && \
+	  { $(BIN)/edgebuild all --model tiny-random --target $(HIL_BOARD)-emu --config configs/hil.toml \
+	      --data-dir $(DATA_DIR) --out $(OUT)/hil --junit $(OUT)/hil/junit.xml; rc=$$?; \
+	    lap "build finished"; \
+	    if [ $$rc -eq 10 ] || [ $$rc -eq 11 ]; then echo "hil: exit code $$rc (see $(OUT)/hil/$(HIL_BOARD)-emu/report.md)"; rc=0; fi; \
+	    exit $$rc; }
 
 # Exit codes 10 (a less compressed stage shipped) and 11 (the baseline shipped) are results, not errors.
 demo: setup model

@@ -27,6 +27,7 @@ from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, SKIPPED, U
                                    mean_interval, paired, retention, verdict)
 from edgebuild.build.config import GateConfig
 from edgebuild.core.steps import BuildContext, StageRun, Step
+from edgebuild.targets.spec import NOT_MEASURABLE, gate_applies
 
 __all__ = ["PASS", "FAIL", "INCONCLUSIVE", "UNINFORMATIVE", "NOT_RUN", "Retention", "Check",
            "GateReport", "StageEvidence", "paired", "retention", "verdict", "evaluate", "device_checks"]
@@ -72,6 +73,7 @@ class StageEvidence:
     budgets: dict | None = None      # the target's budgets
     edge_task: str | None = None     # host benchmark whose accuracy must lie in the edge band
     device_enabled: bool = True      # False: --no-device, every device check is skipped
+    not_measurable: tuple = ()       # budgets the target's device cannot judge (emulated latency)
 
 
 def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
@@ -86,7 +88,7 @@ def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
     checks += _kl_check(ev, cfg)
     device = []
     if cfg.device_budgets:
-        device += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {})
+        device += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {}, ev.not_measurable)
     device += agreement_checks(ev.device, cfg)
     if not ev.device_enabled:
         device = [Check(c.name, c.group, SKIPPED, threshold=c.threshold, detail="skipped: --no-device")
@@ -266,8 +268,9 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     return out
 
 
-def device_checks(device: dict | None, artifact_bytes, budgets: dict) -> list:
-    """Budget checks on raw device samples; ``not_run`` when the device was not reached."""
+def device_checks(device: dict | None, artifact_bytes, budgets: dict, not_measurable=()) -> list:
+    """Budget checks on raw device samples; ``not_run`` when the device was not reached;
+    ``skipped`` for a budget the device cannot judge (latency under emulation)."""
     specs = [("decode_ms_per_token_p95", "decode_ms_per_token", lambda x: float(np.percentile(x, 95))),
              ("prefill_ms", "prefill_ms", lambda x: float(np.median(x))),
              ("peak_rss_mb", "peak_rss_mb", float)]
@@ -275,6 +278,10 @@ def device_checks(device: dict | None, artifact_bytes, budgets: dict) -> list:
     for budget_key, sample_key, stat in specs:
         limit = budgets.get(budget_key)
         if limit is None:
+            continue
+        if budget_key in not_measurable:
+            out.append(Check(f"device/{budget_key}", "device", SKIPPED, threshold=limit,
+                             detail=f"skipped: {NOT_MEASURABLE}"))
             continue
         if not device or device.get("status") != "ok" or device.get(sample_key) is None:
             why = (device or {}).get("status", "not run")
@@ -330,7 +337,8 @@ def stage_evidence(ctx: BuildContext, run: StageRun, host: dict | None = None) -
     reference, baseline = _reference(ctx, run), ctx.passed.get("baseline", run)
     return StageEvidence(run.stage, run.host if host is None else host, reference.host, baseline.host,
                          run.quality, run.device, run.pack.get("bytes"), ctx.target.budgets_dict(),
-                         edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device)
+                         edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device,
+                         not_measurable=tuple(k for k in ctx.target.budgets_dict() if not gate_applies(ctx.target, k)))
 
 
 def _with_not_evaluated(report: GateReport, ctx: BuildContext, run: StageRun) -> GateReport:

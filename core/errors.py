@@ -26,6 +26,8 @@ class ExitCode(enum.IntEnum):
     BASELINE_ONLY = 11     # no compressed stage passed; the baseline shipped
     GATE_FAILED = 12       # `edgebuild gate`: the examined stage failed its gates
     DEVICE_INCOMPLETE = 13  # the shipped stage's device checks did not run: not validated on the target
+    BUSY = 14              # a lab board (labgrid place) or the output directory is held by someone else
+    HOST = 15              # this host lacks a tool or kernel feature the command needs
     INTERRUPTED = 130      # interrupted (Ctrl-C); finished steps stay in the cache
 
 
@@ -44,6 +46,8 @@ EXIT_CODE_HELP = {
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
     ExitCode.DEVICE_INCOMPLETE: "the shipped stage's device checks did not run (rerun, or --no-device)",
+    ExitCode.BUSY: "a lab board or the output directory is held by someone else; retry later",
+    ExitCode.HOST: "this host lacks a tool the command needs (the message names the package)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C); finished steps are kept in the cache",
 }
 
@@ -94,6 +98,18 @@ class PackageError(EdgebuildError):
 
 class NetworkError(EdgebuildError):
     exit_code = ExitCode.NETWORK
+
+
+class HostError(EdgebuildError):
+    """This machine cannot do what was asked (e.g. run foreign-architecture binaries)."""
+
+    exit_code = ExitCode.HOST
+
+
+class BusyError(DeviceError):
+    """The device exists but someone else holds it (a labgrid place acquired by another user)."""
+
+    exit_code = ExitCode.BUSY
 
 
 class UnknownNameError(ConfigError):

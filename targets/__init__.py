@@ -6,9 +6,11 @@
 Importing this package loads neither paramiko nor the agent client: transports register lazily.
 """
 from edgebuild.targets.spec import (
-    Budgets, Connection, RuntimeSpec, Target, Timing, load_target, parse_target, targets,
+    Budgets, Connection, LabgridSpec, RuntimeSpec, Target, Timing, gate_applies,
+    latency_gate_applies, load_target, measurement_label, parse_target, target_names, targets,
 )
 from edgebuild.targets.transport import Transport, transport_for, transports
 
-__all__ = ["Budgets", "Connection", "RuntimeSpec", "Target", "Timing", "Transport", "load_target",
-           "parse_target", "targets", "transport_for", "transports"]
+__all__ = ["Budgets", "Connection", "LabgridSpec", "RuntimeSpec", "Target", "Timing", "Transport",
+           "gate_applies", "latency_gate_applies", "load_target", "measurement_label", "parse_target",
+           "target_names", "targets", "transport_for", "transports"]

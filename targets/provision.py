@@ -139,6 +139,42 @@ def download_runtime_wheels(target, dest) -> list[Path]:
 
 # ------------------------------------------------------------------------- the device
 
+_PROBE = "import platform; print(platform.python_version(), *platform.libc_ver())"
+
+
+def board_platform(transport, python: str = "python3") -> dict:
+    """The board's Python and glibc (``{"python": "3.11", "glibc": "2.36"}``; None: not glibc)."""
+    output = _run(transport, [python, "-c", _PROBE], "asking the board's Python for its version",
+                  f"check that {python} runs there")
+    words = output.split()
+    if len(words) not in (1, 3):
+        raise DeviceError(f"unexpected answer from {python} on the board: {output.strip()[:200]!r}")
+    glibc = words[2] if len(words) == 3 and words[1] == "glibc" else None
+    return {"python": ".".join(words[0].split(".")[:2]),
+            "glibc": ".".join(glibc.split(".")[:2]) if glibc else None}
+
+
+def platform_mismatch(target, found: dict) -> str | None:
+    """Why the board (``found``, from ``board_platform``) cannot use the wheels chosen for
+    ``target``'s ``[runtime]`` python_version and glibc; None when it can."""
+    spec = {"python": target.runtime.python_version, "glibc": target.runtime.glibc}
+    if all(spec[k] is None or spec[k] == found[k] for k in spec):
+        return None
+    where = target.source or f"target {target.name}"
+    return (f"the board of target {target.name} runs Python {found['python']} with glibc "
+            f"{found['glibc'] or 'none'}, but {where} says Python {spec['python'] or 'any'} with "
+            f"glibc {spec['glibc'] or 'any'}; set [runtime] python_version = "
+            f"\"{found['python']}\" and glibc = \"{found['glibc']}\" in the spec, or run the OS it names")
+
+
+def check_platform(target, transport, python: str = "python3") -> dict:
+    """The board's platform (``board_platform``); ``TargetError`` when it differs from the spec."""
+    found = board_platform(transport, python)
+    problem = platform_mismatch(target, found)
+    if problem:
+        raise TargetError(problem)
+    return found
+
 def _run(transport, argv: list[str], what: str, hint: str = "", timeout_s: float = 1800.0) -> str:
     status, output = transport.run(argv, timeout_s=timeout_s)
     if status != 0:
@@ -166,7 +202,7 @@ def install_on_device(transport, wheels: list[Path], *, device_python: str = "py
          "install the OS package python3-venv on the device")
     python = posixpath.join(venv, "bin", "python")
     pip = [python, "-m", "pip", "install", "--no-index", "--find-links", wheel_dir,
-           "--disable-pip-version-check", "--quiet"]
+           "--disable-pip-version-check", "--quiet", "--no-compile"]
     _run(transport, pip + [f"{AGENT_DIST}[runtime]" if with_runtime else AGENT_DIST],
          "installing the agent", "the wheels may not match the device's platform or Python")
     _run(transport, pip + ["--no-deps", "--force-reinstall",
@@ -186,6 +222,8 @@ def provision(target, transport, work_dir, *, wheelhouse=None, device_python: st
     from edgebuild.targets.spec import write_setup
 
     work_dir = Path(work_dir)
+    if target.runtime.python_version or target.runtime.glibc:
+        check_platform(target, transport, device_python)     # before minutes of downloads
     wheels = [build_agent_wheel(work_dir / "agent")]
     if wheelhouse is not None:
         wheels += sorted(p for p in Path(wheelhouse).glob("*.whl")

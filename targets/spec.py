@@ -20,9 +20,11 @@ and key), then, for a spec that sets ``connection.env_prefix``, environment vari
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 try:
@@ -35,18 +37,20 @@ from edgebuild.core.errors import TargetError
 from edgebuild.core.files import write_text_atomic
 from edgebuild.core.registry import Registry
 from edgebuild.targets.spec_schema import (
-    ARCHES, ON_UNREACHABLE, Budgets, Connection, RuntimeSpec, Target, Timing,
+    ARCHES, ON_UNREACHABLE, Budgets, Connection, LabgridSpec, RuntimeSpec, Target, Timing,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARCHES", "BUILTIN", "Budgets", "Connection", "ON_UNREACHABLE", "RuntimeSpec", "SPECS_DIR",
+__all__ = ["ARCHES", "BUILTIN", "Budgets", "Connection", "LabgridSpec", "ON_UNREACHABLE", "RuntimeSpec", "SPECS_DIR",
            "Target", "Timing", "load_target", "parse_target", "reference", "resolve_connection",
            "targets"]
 
 SPECS_DIR = Path(__file__).parent / "specs"
 BUILTIN = ("local", "local-ssh", "rpi4", "rpi5", "jetson-orin-nano", "generic-aarch64")
 NOT_KEYS = ("source",)       # Target fields no spec file may set
+LABGRID_PREFIX = "labgrid:"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 # Connection keys a setup record or the environment may set, with their types.
 OVERRIDABLE = {"host": str, "user": str, "port": int, "key": str, "known_hosts": str,
                "trust_on_first_use": bool, "agent_python": str, "root": str}
@@ -57,15 +61,42 @@ for _name in BUILTIN:
     targets.register(_name, SPECS_DIR / f"{_name}.toml")
 
 
+def valid_name(name: str) -> bool:
+    """Whether ``name`` can name a target (lowercase letters, digits, '.', '_', '-')."""
+    return bool(_NAME.match(name))
+
+
+def user_specs_dir() -> Path:
+    """``$EDGEBUILD_HOME/targets``: the user's own specs, found by name like the built-in ones."""
+    from edgebuild.core.paths import edgebuild_home
+    return edgebuild_home() / "targets"
+
+
+def target_names() -> list[str]:
+    """Every target name ``load_target`` accepts: the built-in specs, then the user's."""
+    folder = user_specs_dir()
+    users = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    return targets.names() + [n for n in users if n not in targets]
+
+
 def _spec_path(name_or_path) -> Path:
     text = os.fspath(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(".toml") or os.sep in text:
         path = Path(text).expanduser()
         if not path.is_file():
             raise TargetError(f"target spec file {path} not found; pass a registered target name "
-                              f"({', '.join(targets.names())}) or a path to a .toml file")
+                              f"({', '.join(target_names())}) or a path to a .toml file")
         return path
-    return targets.get(text)
+    if text in targets:
+        return targets.get(text)
+    path = user_specs_dir() / f"{text}.toml"
+    if _NAME.match(text) and path.is_file():
+        return path
+    known = target_names()
+    close = difflib.get_close_matches(text, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TargetError(f"unknown target {text!r}{hint} (known: {', '.join(known)}; or a path to a "
+                      f".toml file, or labgrid:PLACE)")
 
 
 def parse_target(text: str, source: Path | None = None) -> Target:
@@ -85,7 +116,11 @@ def parse_target(text: str, source: Path | None = None) -> Target:
 
 
 def load_target(name_or_path) -> Target:
-    """Load a target spec by registered name (see ``targets``) or from a ``.toml`` path."""
+    """Load a target spec by name (built-in, then ``user_specs_dir()``), from a ``.toml`` path,
+    or from a labgrid place (``labgrid:PLACE``, ``labgrid:TAG=VALUE``; see ``targets.labgrid``)."""
+    if isinstance(name_or_path, str) and name_or_path.startswith(LABGRID_PREFIX):
+        from edgebuild.targets.labgrid import target_for
+        return target_for(name_or_path[len(LABGRID_PREFIX):])
     path = _spec_path(name_or_path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -94,7 +129,7 @@ def load_target(name_or_path) -> Target:
     except UnicodeDecodeError as err:
         raise TargetError(f"{path}: not valid TOML (not UTF-8 text: {err.reason} at byte {err.start})") from None
     target = parse_target(text, path)
-    if name_or_path in targets and target.name != name_or_path:
+    if path.stem == name_or_path and target.name != name_or_path:
         raise TargetError(f"{path}: key 'name' is {target.name!r} but the spec is registered as "
                           f"{name_or_path!r}; make them equal")
     return target
@@ -107,8 +142,65 @@ def reference() -> str:
             "edit by hand.\nCheck a file with `edgebuild targets check FILE`; the built-in specs are "
             "in `targets/specs/`.\nUnknown keys are errors.\n\n")
     tables = [(Target, "top level"), (RuntimeSpec, "`[runtime]`"), (Timing, "`[timing]`"),
-              (Budgets, "`[budgets]` (required)"), (Connection, "`[connection]`")]
+              (Budgets, "`[budgets]` (required)"), (Connection, "`[connection]`"),
+              (LabgridSpec, "`[labgrid]`")]
     return head + "\n".join(schema.reference_table(cls, heading) for cls, heading in tables)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)               # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_target(target: Target, header: str = "") -> str:
+    """``target`` as spec-file TOML (``parse_target`` reads it back equal); ``header`` becomes
+    leading comment lines. Keys whose value is None are left out (their defaults)."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    tables = []
+    for f in dataclasses.fields(target):
+        value = getattr(target, f.name)
+        if f.name == "source" or value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(table).items()
+                  if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ emulated boards
+
+LATENCY_BUDGETS = ("decode_ms_per_token_p95", "prefill_ms")
+NOT_MEASURABLE = "not measurable under emulation"
+
+
+def latency_gate_applies(target: Target) -> bool:
+    """Whether the device's latency samples may gate a stage: never on an emulated CPU, whose
+    timings say how fast the emulator runs, not the board."""
+    return not target.emulated
+
+
+def gate_applies(target: Target, budget: str) -> bool:
+    """Whether budget ``budget`` (a ``[budgets]`` key) can be judged on ``target``'s device."""
+    return budget not in LATENCY_BUDGETS or latency_gate_applies(target)
+
+
+def measurement_label(target: Target) -> str:
+    """How the device's numbers were obtained: ``"emulated"`` or ``"measured"``."""
+    return "emulated" if target.emulated else "measured"
 
 
 # ------------------------------------------------------------------ connection overrides

@@ -101,6 +101,24 @@ class Connection:
 
 
 @schema
+class LabgridSpec:
+    """``[labgrid]``: the board is a labgrid place (or any of the places carrying ``tags``)."""
+
+    place: Str | None = Field(None, description="one place, by name")
+    tags: dict[Str, Str] | None = Field(None, description="a group: every place carrying all these tags")
+    coordinator: Str | None = Field(None, description="HOST:PORT of the labgrid coordinator (not set: $LG_COORDINATOR, else labgrid's default)")
+    resource: Str = Field("NetworkService", description="the place's resource that names the SSH address")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.place is None) == (self.tags is None):
+            raise KeyProblem(("place",), "be set, or 'tags' instead (exactly one of them)", self.place)
+        if self.tags is not None and not self.tags:
+            raise KeyProblem(("tags",), "name at least one tag", self.tags)
+        return self
+
+
+@schema
 class Target:
     """One device class, as read from a spec file."""
 
@@ -116,7 +134,16 @@ class Target:
     timing: Timing = Field(default_factory=Timing, description="the `[timing]` table")
     connection: Connection = Field(default_factory=Connection, description="the `[connection]` table")
     on_unreachable: Literal["fail", "warn"] = Field("fail", description="an unreachable device fails the build, or (warn) its gates are reported as not run, never invented")
+    emulated: Bool = Field(False, description="an emulated CPU (`edgebuild device emulate`): its latencies are not the board's and gate nothing")
+    labgrid: LabgridSpec | None = Field(None, description="the `[labgrid]` table: reach the board through a labgrid place (with connection.transport = \"labgrid\")")
     source: Annotated[Path | None, Field(description="the spec file (not a key)", json_schema_extra=NOT_LISTED)] = dataclasses.field(default=None, compare=False)
+
+    @model_validator(mode="after")
+    def _labgrid_transport(self):
+        if (self.labgrid is None) != (self.connection.transport != "labgrid"):
+            raise KeyProblem(("labgrid",), "go together with connection.transport = 'labgrid' (a [labgrid] "
+                             "table and that transport, or neither)", self.connection.transport)
+        return self
 
     def validate(self) -> "Target":
         """Check every key's type, allowed values and range again; raise ``TargetError`` naming
@@ -133,7 +160,8 @@ class Target:
         return data
 
     def budgets_dict(self) -> dict:
-        """``{budget name: limit}`` as the device gates read them."""
+        """``{budget name: limit}``: every ``[budgets]`` key (``spec.gate_applies`` says which the
+        device can judge on this target)."""
         return dataclasses.asdict(self.budgets)
 
     def digest(self) -> str:
@@ -141,6 +169,9 @@ class Target:
         data = self.to_dict()
         data.pop("source")
         data.pop("description")
+        data.pop("labgrid")                    # which lab place served it: not the board class
+        if not data["emulated"]:
+            data.pop("emulated")               # specs from before the key keep their digests
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def path_of(self, value: str) -> Path:

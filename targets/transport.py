@@ -22,6 +22,7 @@ from edgebuild.core.registry import Registry
 transports: Registry = Registry("transport", error=ConfigError)
 transports.register_lazy("local", "edgebuild.targets.local:from_target")
 transports.register_lazy("ssh", "edgebuild.targets.ssh:from_target")
+transports.register_lazy("labgrid", "edgebuild.targets.labgrid:from_target")
 
 
 class Transport(ABC):

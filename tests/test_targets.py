@@ -117,7 +117,7 @@ def test_a_table_given_as_a_value_is_refused(tmp_path):
      "key 'on_unreachable' must be one of 'fail', 'warn', got 'ignore'"),
     ((r'^arch = "aarch64"', 'arch = "arm64"'), "key 'arch' must be one of 'native', 'aarch64'"),
     ((r'^transport = "ssh"', 'transport = "telnet"'),
-     "key 'connection.transport' must name a transport (local, ssh), got 'telnet'"),
+     "key 'connection.transport' must name a transport (labgrid, local, ssh), got 'telnet'"),
 ])
 def test_bad_enum_lists_the_allowed_values(tmp_path, edit, expected):
     with pytest.raises(TargetError, match=re.escape(expected)):

@@ -16,8 +16,9 @@ def targets_group():
 @targets_group.command("list")
 def list_cmd():
     """List the known targets."""
-    from edgebuild.targets import load_target, targets
-    for name in targets.names():
+    from edgebuild.targets import load_target
+    from edgebuild.targets.spec import target_names
+    for name in target_names():
         t = load_target(name)
         click.echo(f"{name:<20} {t.arch:<8} {t.description}")
 
@@ -60,13 +61,36 @@ def device_group():
 @device_group.command("check")
 @click.option("--target", default="local", show_default=True, help="Target name or .toml file.")
 def check_cmd(target):
-    """Connect to the device agent, say hello and print what the device reports."""
+    """Connect to the device agent, say hello and print what the device reports.
+
+    A board whose Python or glibc differs from its spec's [runtime] is an error (exit code 5).
+    """
     from edgebuild.targets import load_target
     from edgebuild.targets.client import connect
+    from edgebuild.targets.spec import measurement_label
+    from edgebuild.targets.transport import transport_for
     t = load_target(target)
-    with connect(t) as client:
+    transport = transport_for(t)
+    try:
+        board = _check_platform(t, transport)
+    except BaseException:
+        transport.close()
+        raise
+    with connect(t, transport) as client:
         hello, info = client.agent_hello, client.info()
-    click.echo(json.dumps({"hello": hello, "info": info}, indent=2))
+    result = {"hello": hello, "info": info, "timings": measurement_label(t)}
+    if board:
+        result["platform"] = board
+    click.echo(json.dumps(result, indent=2))
+
+
+def _check_platform(t, transport) -> dict | None:
+    """The board's Python and glibc, checked against the spec (when it names them)."""
+    if not (t.runtime.python_version or t.runtime.glibc):
+        return None
+    from edgebuild.targets.provision import check_platform
+    from edgebuild.targets.spec import resolve_connection
+    return check_platform(t, transport, resolve_connection(t).agent_python or "python3")
 
 
 @device_group.command("setup")
@@ -90,6 +114,8 @@ def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, i
     $EDGEBUILD_HOME/devices/<target>.json.
     For local-ssh it first makes a key pair, a private sshd config on 127.0.0.1 and the
     known_hosts entry under $EDGEBUILD_HOME/local-ssh/, and records them.
+    A labgrid group (--target labgrid:TAG=VALUE) sets up every board of the group, each place
+    acquired for its turn. A board whose Python or glibc differs from the spec: exit code 5.
     """
     from edgebuild.targets import load_target
     t = load_target(target)
@@ -100,6 +126,11 @@ def setup_cmd(target, wheelhouse, device_python, no_runtime, port, start_sshd, i
             return _report(result)
     if t.connection.transport == "local" and not install:
         result["note"] = "the local target runs the agent with this interpreter; nothing to install"
+        return _report(result)
+    if t.labgrid is not None:
+        from edgebuild.targets.labgrid import each_place
+        result["installed"] = {p.labgrid.place: _install(p, wheelhouse, device_python, not no_runtime)
+                               for p in each_place(t)}
         return _report(result)
     result["installed"] = _install(t, wheelhouse, device_python, not no_runtime)
     _report(result)
@@ -132,5 +163,7 @@ def _report(result: dict) -> None:
 
 
 def register(group) -> None:
+    from edgebuild.build.cli import emulate_cmds
+    emulate_cmds.register(device_group)
     group.add_command(targets_group)
     group.add_command(device_group)
