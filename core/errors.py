@@ -32,7 +32,7 @@ class ExitCode(enum.IntEnum):
 
 
 EXIT_CODE_HELP = {
-    ExitCode.OK: "success (a build: the most compressed stage passed its gates and shipped)",
+    ExitCode.OK: "success (a build: a compressed stage shipped and every stage passed its gates)",
     ExitCode.INTERNAL: "internal error (a bug; rerun with --debug)",
     ExitCode.USAGE: "bad command line",
     ExitCode.CONFIG: "invalid build config or option value",
@@ -42,7 +42,7 @@ EXIT_CODE_HELP = {
     ExitCode.DEVICE: "device unreachable or agent failure",
     ExitCode.PACKAGE: "corrupt or unsafe artifact or package",
     ExitCode.NETWORK: "a download failed",
-    ExitCode.FALLBACK: "a less compressed stage shipped (fallback)",
+    ExitCode.FALLBACK: "a compressed stage shipped, but another stage failed its gates (fallback)",
     ExitCode.BASELINE_ONLY: "no compressed stage passed; the baseline shipped",
     ExitCode.GATE_FAILED: "edgebuild gate: the chosen stage failed",
     ExitCode.DEVICE_INCOMPLETE: "the shipped stage's device checks did not run (rerun, or --no-device)",
