@@ -18,6 +18,7 @@ CONFIGS = [
     # label, method, knobs, note — each method next to rtn at about the same bits/weight
     ("rtn 4b g128", "rtn", {"bits": 4, "group_size": 128}, ""),
     ("seedlm C8 P3", "seedlm", {}, ""),
+    ("seedlm C8 P3, all seeds", "seedlm", {"seed_budget": "all"}, ""),
     ("vptq v2 8b, 1% fp16 cols", "vptq", {}, ""),
     ("rtn 4b g64", "rtn", {"bits": 4, "group_size": 64}, ""),
     ("vptq v2 8b, 3% fp16 cols", "vptq", {"outlier_fraction": 0.03}, ""),
