@@ -23,7 +23,7 @@ Kernel: on CUDA with Triton, "fused" is one hand-written Triton kernel that stre
 blocks held in registers and keeps a running minimum (``_seedlm_triton``). On a CPU, "pruned"
 (``_seedlm_pruned``) bounds every seed's error from below by its unquantised least-squares error, got
 for all seeds by one matmul per seed chunk, and scores only the seeds whose bound beats the best score
-found: the same choice as scoring every seed, about 15x less work than the tile kernel. The tile
+found (about 40 of 65,535 per block on SmolLM2): the same choice as scoring every seed. The tile
 kernel runs under ``torch.compile`` ("compiled": C++ on CPU, Triton on CUDA; the first call compiles,
 10-40 s on 2 cores) or as plain torch ops ("eager"). "auto" picks "fused" where it can run, "pruned"
 on a CPU, else tries "compiled" and falls back to "eager" with a warning.
