@@ -74,7 +74,7 @@ class PrunedTables:
 
 def make_tables(bank: search.SeedBank) -> PrunedTables:
     """Lay out ``bank`` (a CPU ``SeedBank``) for the pruned search; ``quad`` from a float64 QR."""
-    groups, size, latent, chunk = bank.proj.shape
+    _, size, latent, _ = bank.proj.shape
     n_seeds = len(bank.seeds)
     tri = bank.tri.shape[1]
     terms = torch.cat([bank.proj.permute(0, 3, 1, 2).reshape(-1, size * latent),
@@ -130,7 +130,9 @@ def best_seeds(blocks: torch.Tensor, tables: PrunedTables, lo_bits, hi_bits, pro
     blocks = blocks.to("cpu", torch.float32).contiguous()
     starts = range(0, blocks.shape[0], BLOCK_CHUNK)
     index = torch.empty(blocks.shape[0], dtype=torch.int64)
-    work = lambda s: _chunk_best(blocks[s:s + BLOCK_CHUNK], tables, lo_bits, hi_bits)  # noqa: E731
+    def work(start):
+        return _chunk_best(blocks[start:start + BLOCK_CHUNK], tables, lo_bits, hi_bits)
+
     with _one_torch_thread(), ThreadPoolExecutor(max(1, threads)) as pool:
         for start, found in zip(starts, pool.map(work, starts)):
             index[start:start + found.shape[0]] = found
