@@ -203,21 +203,29 @@ FUSED_MAX_LATENT = 4
 
 
 class Searcher:
-    """Runs the search over blocks: the fused Triton kernel on CUDA ("fused"), else the tile
-    kernel compiled when possible ("compiled"), eager otherwise ("eager")."""
+    """Runs the search over blocks: the fused Triton kernel on CUDA ("fused"); on a CPU the exact
+    pruned search ("pruned", ``_seedlm_pruned``); else the tile kernel compiled when possible
+    ("compiled"), eager otherwise ("eager")."""
 
     def __init__(self, bank: SeedBank, kernel: str = "auto", block_chunk: int = 256):
         self.bank, self.kernel, self.block_chunk = bank, kernel, block_chunk
-        self.fused = None
+        self.fused = self.pruned = None
         usable = fused_available(bank.proj.device) and bank.latent_dim <= FUSED_MAX_LATENT
         if kernel == "fused" and not usable:
             raise ConfigError("seedlm kernel 'fused' needs CUDA, Triton and latent_dim <= "
                               f"{FUSED_MAX_LATENT}; set kernel = 'auto'")
+        on_cpu = bank.proj.device.type == "cpu"
+        if kernel == "pruned" and not on_cpu:
+            raise ConfigError("seedlm kernel 'pruned' runs on a CPU; set kernel = 'auto'")
         if kernel in ("auto", "fused") and usable:
             from edgebuild.compress import _seedlm_triton
 
             self.fused, self.kernel = _seedlm_triton.FusedTerms(bank), "fused"
             self.block_chunk = FUSED_ROWS
+        elif kernel in ("auto", "pruned") and on_cpu:
+            from edgebuild.compress import _seedlm_pruned
+
+            self.pruned, self.kernel = _seedlm_pruned.make_tables(bank), "pruned"
 
     def search(self, blocks: torch.Tensor, exp_lo: int, exp_hi: int, progress=None) -> SearchResult:
         """Best candidate seed of each row of ``blocks`` (N, C); ``progress(rows_done)`` per chunk."""
@@ -225,6 +233,10 @@ class Searcher:
         lo = torch.tensor(exp_lo + _F32_BIAS, dtype=torch.int32, device=dev)
         hi = torch.tensor(exp_hi + _F32_BIAS, dtype=torch.int32, device=dev)
         blocks = blocks.to(dev, torch.float32)
+        if self.pruned is not None:
+            from edgebuild.compress._seedlm_pruned import best_seeds
+
+            return finish(blocks, best_seeds(blocks, self.pruned, lo, hi, progress), self.bank, lo, hi)
         index = torch.empty(blocks.shape[0], dtype=torch.int64, device=dev)
         for start in range(0, blocks.shape[0], self.block_chunk):
             rows = blocks[start:start + self.block_chunk]

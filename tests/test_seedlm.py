@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgebuild.core.errors import ConfigError, ModelError
+from edgebuild.compress import _seedlm_pruned as pruned
 from edgebuild.compress import _seedlm_search as search
 from edgebuild.compress.base import CompressContext
 from edgebuild.compress.seedlm import SeedLM, SeedLMConfig, exponent_window
@@ -158,6 +159,122 @@ def test_ill_conditioned_bases_are_scored_accurately():
     torch.testing.assert_close(claimed, true_err, rtol=1e-3, atol=1e-7)
 
 
+# --- the pruned search (every seed, exact) ----------------------------------------------------------
+
+_ALL_SEEDS = np.arange(1, 1 << 16)
+
+
+@pytest.fixture(scope="module")
+def full_bank():
+    bank = search.make_bank(_ALL_SEEDS, 8, 3, 16, seed_chunk=128)
+    return bank, pruned.make_tables(bank)
+
+
+def _bits(exp_lo, exp_hi):
+    return (torch.tensor(exp_lo + 126, dtype=torch.int32), torch.tensor(exp_hi + 126, dtype=torch.int32))
+
+
+def _random_blocks(n, size, seed):
+    """Gaussian blocks of scales over four decades, a zero block, a tiny block and a constant one."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.normal(0, 1, size=(n, size)) * 10.0 ** rng.uniform(-3, 0, size=(n, 1))
+    blocks[1], blocks[2], blocks[3] = 0.0, blocks[2] * 1e-7, 0.02
+    return torch.from_numpy(blocks.astype(np.float32))
+
+
+def _assert_same_as_exhaustive(blocks, bank, tables, exp_lo, exp_hi):
+    lo, hi = _bits(exp_lo, exp_hi)
+    want = pruned.exhaustive_best(blocks, tables, lo, hi)
+    got = pruned.best_seeds(blocks, tables, lo, hi)
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+    found = search.Searcher(bank, "pruned").search(blocks, exp_lo, exp_hi)
+    assert torch.equal(found.index, want)
+    return found
+
+
+def test_pruned_search_picks_what_scoring_every_seed_picks(full_bank):
+    bank, tables = full_bank
+    blocks = _random_blocks(40, 8, 5)
+    _assert_same_as_exhaustive(blocks, bank, tables, *exponent_window(blocks))
+
+
+def test_pruned_search_is_never_worse_than_the_eager_exhaustive_kernel(full_bank):
+    """Both pick over all 65,535 seeds; the pruned pick has the lowest score under the common scorer."""
+    bank, _ = full_bank
+    blocks = torch.from_numpy(np.random.default_rng(6).normal(0, 0.05, size=(64, 8)).astype(np.float32))
+    got = search.Searcher(bank, "pruned").search(blocks, -20, -3)
+    eager = search.Searcher(bank, "eager", 64).search(blocks, -20, -3)
+    assert bool((got.score <= eager.score).all())
+    assert (got.index == eager.index).float().mean() >= 0.95
+    torch.testing.assert_close(got.score, eager.score, rtol=1e-5, atol=1e-9)
+
+
+def test_least_squares_bound_holds_for_every_seed(full_bank):
+    """Every seed's score is at least the bound the search prunes with, ill-conditioned bases included."""
+    _, tables = full_bank
+    blocks = _random_blocks(12, 8, 7)
+    lo, hi = _bits(*exponent_window(blocks))
+    i, j = tables.pairs
+    n = (blocks[:, i] * blocks[:, j]) @ tables.quad[:, :tables.n_seeds]
+    wn = (blocks * blocks).sum(1, keepdim=True)
+    bound = -(1 + pruned.REL_MARGIN) * (n + tables.margin * wn) - pruned.ABS_MARGIN
+    scores = pruned.score_seeds(blocks, torch.arange(tables.n_seeds).expand(12, -1), tables, lo, hi)
+    assert bool((scores >= bound).all())
+    assert float((scores - bound).min()) < 1e-3 * float(wn.max())    # and it is tight
+
+
+@pytest.mark.parametrize("shape,bits", [((12, 4), 16), ((6, 2), 16), ((8, 3), 8), ((4, 1), 8)])
+def test_pruned_search_is_exact_for_other_shapes(shape, bits):
+    size, latent = shape
+    seeds = np.sort(np.random.default_rng(8).choice(np.arange(1, 1 << bits), 250, replace=False))
+    bank = search.make_bank(seeds, size, latent, bits, seed_chunk=64)
+    blocks = _random_blocks(48, size, 9)
+    _assert_same_as_exhaustive(blocks, bank, pruned.make_tables(bank), *exponent_window(blocks))
+
+
+def test_pruned_search_recovers_planted_seeds_and_ignores_threads(full_bank):
+    bank, tables = full_bank
+    planted = np.array([1, 4097, 30000, 65535, 1234, 30000])
+    blocks, exps, mants = _planted(planted, 8, 3, 16, len(planted))
+    found = search.Searcher(bank, "pruned").search(torch.from_numpy(blocks), -15, 0)
+    assert bank.seeds[found.index.numpy()].tolist() == planted.tolist()
+    assert found.exponent.tolist() == exps.tolist() and found.mantissa.tolist() == mants.tolist()
+    lo, hi = _bits(-20, -3)
+    rows = _random_blocks(600, 8, 10)
+    assert torch.equal(pruned.best_seeds(rows, tables, lo, hi, threads=1),
+                       pruned.best_seeds(rows, tables, lo, hi, threads=2))
+
+
+def test_all_seeds_budget_on_cpu_uses_the_pruned_kernel():
+    method = SeedLM(SeedLMConfig(seed_budget="all"))
+    assert len(method.candidate_seeds("cpu")) == 65535 and method.config.budget == 65535
+    weight = torch.randn(4, 32) * 0.02
+    ctx = CompressContext()
+    (record,) = SeedLM(SeedLMConfig(seed_budget=512)).compress({"w": weight}, ctx)
+    assert ctx.log["seedlm"]["kernel"] == "pruned" and ctx.log["seedlm"]["seeds_searched"] == 512
+    np.testing.assert_array_equal(decode(record).shape, (4, 32))
+
+
+@pytest.mark.slow
+def test_pruned_search_is_exact_on_smollm2_rows(full_bank):
+    """Rows of every projection type of SmolLM2-135M (``make model``), each tensor's exponent window."""
+    from safetensors import safe_open
+
+    from edgebuild.core import models
+
+    bank, tables = full_bank
+    ref = models.resolve("smollm2-135m")
+    rng = np.random.default_rng(11)
+    with safe_open(f"{ref.path}/model.safetensors", "pt") as weights:
+        for name in [k for k in weights.keys() if k.endswith("proj.weight")][::29]:
+            blocks = weights.get_tensor(name).float().reshape(-1, 8)
+            window = exponent_window(blocks)
+            rows = blocks[torch.from_numpy(rng.choice(blocks.shape[0], 48, replace=False))]
+            found = _assert_same_as_exhaustive(rows, bank, tables, *window)
+            eager = search.Searcher(bank, "eager", 64).search(rows, *window)
+            assert bool((found.score <= eager.score).all()), name
+
+
 # --- records, packing, decoder --------------------------------------------------------------------
 
 def test_pack_fields_round_trip():
@@ -258,6 +375,7 @@ def test_decoder_rejects_inconsistent_records():
 @pytest.mark.parametrize("knob,value", [
     ("lfsr_bits", 17), ("lfsr_bits", 1), ("lfsr_bits", 16.0), ("block_size", 1), ("block_size", 65),
     ("latent_dim", 0), ("latent_dim", 8), ("latent_dim", 10), ("seed_budget", 0), ("seed_budget", True),
+    ("seed_budget", "every"),
     ("full_search_on_gpu", "yes"), ("kernel", "fast"),
 ])
 def test_bad_knobs_raise_config_error(knob, value):
