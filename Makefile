@@ -15,10 +15,12 @@ export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 help:
 	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
 
+# A quiet install: pyproject.toml declares the package data exactly (no data folder is taken
+# for a package), and the filter drops only setuptools' notice that an install is editable.
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test,lab]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test,lab]"
 	touch $@
 
 setup: $(BIN)/.installed sshd bwrap
