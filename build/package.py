@@ -22,7 +22,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from edgebuild.core.files import atomic_path, sha256_file
+from edgebuild.core.files import atomic_path
 from edgebuild.core.errors import PackageError, UsageError
 
 EPOCH = 0
@@ -35,8 +35,12 @@ def build_package(build_dir: Path, dest: Path | None = None) -> Path:
     manifest_path = build_dir / "manifest.json"
     if not manifest_path.exists():
         raise UsageError(f"no manifest at {manifest_path}", hint="run `edgebuild all` first")
-    manifest = json.loads(manifest_path.read_text())
-    stage = manifest["compression_level"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        stage = manifest["compression_level"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PackageError(f"manifest {manifest_path} is unreadable ({type(e).__name__}: {e})",
+                           hint="rerun `edgebuild all` to write it again") from None
     name = f"edgebuild-{_slug(manifest['model'])}-{stage}-{manifest['target']}"
     files = _collect(build_dir, manifest, stage)
     files[INDEX] = index_bytes(name, files)
@@ -57,15 +61,28 @@ def _collect(build_dir: Path, manifest: dict, stage: str) -> dict:
     files = {}
     for art in manifest["artifacts"].get(stage, []):
         path = build_dir / art["path"]
-        if not path.exists() or sha256_file(path) != art["sha256"]:
-            raise PackageError(f"artifact {path} is missing or does not match the manifest's sha256",
-                               hint="rerun `edgebuild all` to rebuild it")
-        files[f"stage/{path.name}"] = path.read_bytes()
+        files[f"stage/{path.name}"] = _checked_artifact(path, art)
     files["build-manifest.json"] = manifest_bytes(manifest)
     files["MODEL_CARD.md"] = model_card(manifest).encode()
     sums = "".join(f"{hashlib.sha256(v).hexdigest()}  {k}\n" for k, v in sorted(files.items()))
     files["SHA256SUMS"] = sums.encode()
     return files
+
+
+def _checked_artifact(path: Path, art: dict) -> bytes:
+    """The bytes of an artifact once they hash as the manifest says (hashed as read: what is
+    checked is what is packaged); else a one-line ``PackageError`` naming the file."""
+    hint = "rerun `edgebuild all` to rebuild it from the verified cache"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PackageError(f"artifact {path} cannot be read ({e.strerror or e}); refusing to package",
+                           hint=hint) from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != art.get("sha256"):
+        raise PackageError(f"artifact {path} does not match the manifest (sha256 {actual[:16]}…, "
+                           f"manifest {str(art.get('sha256'))[:16]}…); refusing to package", hint=hint)
+    return data
 
 
 def manifest_bytes(manifest: dict) -> bytes:

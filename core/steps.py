@@ -104,8 +104,10 @@ RECORD = "record.json"
 
 def execute(step: Step, ctx: BuildContext, run: StageRun, forced: bool = False) -> tuple[dict, Path | None]:
     """``(record, entry)`` of ``step`` for ``run``: the cached record under the step's key unless
-    ``forced``, else a fresh run in a work dir that becomes the cache entry (kept aside under
-    ``_failed/`` when the step raises; dropped when the step says the record must not be reused).
+    ``forced`` (its files' content checked against what was recorded at commit: a corrupt entry
+    is quarantined and the step runs again), else a fresh run in a work dir that becomes the cache
+    entry (kept aside under ``_failed/`` when the step raises; dropped when the step says the
+    record must not be reused).
     A step whose key is None runs every time and has no entry."""
     key = step.key(ctx, run)
     if key is None:
@@ -113,7 +115,10 @@ def execute(step: Step, ctx: BuildContext, run: StageRun, forced: bool = False) 
     run.keys[step.name] = key
     entry = None if forced else ctx.cache.get(step.name, key)
     if entry is not None:
-        return json.loads((entry / RECORD).read_text()), entry
+        try:
+            return json.loads((entry / RECORD).read_text()), entry
+        except (OSError, ValueError) as err:     # content-checked, so written this way: keep it aside
+            ctx.cache.quarantine(entry, f"{step.name}/{key[:12]}", f"{RECORD} is unreadable ({err})")
     work = ctx.cache.begin(step.name, key)
     try:
         record = step.run(ctx, run, work)

@@ -176,3 +176,25 @@ def test_verify_command_extracts(pkg, tmp_path, capsys):
     path, _, _ = pkg
     assert main(["verify", str(path), "--extract", str(tmp_path / "inst")]) == 0
     assert "installed" in capsys.readouterr().out and (tmp_path / "inst").is_dir()
+
+
+@pytest.mark.parametrize("how", ["flip", "delete", "manifest"])
+def test_package_refuses_an_artifact_changed_after_the_build_in_one_line(tmp_path, capsys, how):
+    build_dir, manifest = make_build(tmp_path, nasty=False)
+    art = manifest["artifacts"][manifest["compression_level"]][0]
+    path = build_dir / art["path"]
+    if how == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        words = f"artifact {path} does not match the manifest"
+    elif how == "delete":
+        path.unlink()
+        words = f"artifact {path} cannot be read"
+    else:
+        (build_dir / "manifest.json").write_text("{not json")
+        words = "manifest.json is unreadable"
+    code = main(["package", "--out", str(build_dir.parent), "--target", build_dir.name])
+    err = capsys.readouterr().err.strip()
+    assert code == ExitCode.PACKAGE and len(err.splitlines()) == 1 and words in err
+    assert not (build_dir / "release").exists() or not list((build_dir / "release").iterdir())

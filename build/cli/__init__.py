@@ -53,9 +53,9 @@ def _quiet_libraries() -> None:
 
 def _register() -> None:
     from edgebuild.build.cli import (
-        build_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds,
+        build_cmds, cache_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds,
     )
-    for module in (build_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds):
+    for module in (build_cmds, cache_cmds, config_cmds, measure_cmds, model_cmds, release_cmds, target_cmds):
         module.register(cli)
 
 

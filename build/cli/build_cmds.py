@@ -54,17 +54,27 @@ def _require_code_sandbox(tasks) -> None:
         raise ConfigError(f"{', '.join(code)} cannot run: {reason}")
 
 
-def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None):
+def output_lock(req, no_wait: bool):
+    """The lock of the build's ``--out`` (one writer per output directory), held for a ``with``
+    block: a second build waits for it and says so, or with ``--no-wait`` stops at once (exit 14)."""
+    from edgebuild.core.lock import OutputLock
+    ctx = click.get_current_context(silent=True)
+    what = f"{ctx.command_path if ctx else 'edgebuild'} --target {req.target}"
+    return OutputLock(req.out, what).hold(wait=not no_wait, on_wait=lambda msg: click.echo(msg, err=True))
+
+
+def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None, no_wait=False):
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
-    pipeline = Pipeline(req)
-    tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
-    try:
-        result = pipeline.run()
-        path = _record(result, junit, tracker) if manifest else None
-    finally:
-        if tracker is not None:
-            tracker.abort()          # still open only when the build stopped with an error
+    with output_lock(req, no_wait):
+        pipeline = Pipeline(req)
+        tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
+        try:
+            result = pipeline.run()
+            path = _record(result, junit, tracker) if manifest else None
+        finally:
+            if tracker is not None:
+                tracker.abort()          # still open only when the build stopped with an error
     if as_json:
         click.echo(json.dumps(summary.as_dict(result, path), indent=2, default=str))
     else:
@@ -124,6 +134,12 @@ def _search(no_device, max_trials, time_budget) -> dict:
     return {"device": False if no_device else None, "max_trials": max_trials, "time_budget_s": time_budget}
 
 
+def no_wait_option(f):
+    return click.option("--no-wait", "no_wait", is_flag=True,
+                        help="When another build holds --out, stop at once (exit 14) instead of "
+                             "waiting for it.")(f)
+
+
 def record_options(f):
     f = click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Also write JUnit XML here: one test case per gate check.")(f)
@@ -137,25 +153,27 @@ def record_options(f):
 @record_options
 @search_options
 @unsandboxed_option
+@no_wait_option
 @click.option("--force", is_flag=True, help="Redo every step, ignoring the cache.")
 @click.option("--from", "from_stage", default=None, help="Redo this stage and the ones after it.")
 def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, no_device,
-            max_trials, time_budget, allow_unsandboxed, force, from_stage):
+            max_trials, time_budget, allow_unsandboxed, no_wait, force, from_stage):
     """Run the whole build: baseline, each compression stage (searching its settings), export,
     host and device benchmarks, gates; write the manifest and reports; exit with a code CI can
     act on."""
     req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage,
                    allow_unsandboxed=allow_unsandboxed, search=_search(no_device, max_trials, time_budget))
-    return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode).exit_code)
+    return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode, no_wait=no_wait).exit_code)
 
 
 def _partial(name: str, steps: tuple, doc: str):
     @click.command(name, help=doc)
     @build_options
+    @no_wait_option
     @click.option("--force", is_flag=True, help="Redo the steps, ignoring the cache.")
-    def cmd(model, target, config_path, profile, data_dir, out, as_json, force):
+    def cmd(model, target, config_path, profile, data_dir, out, as_json, no_wait, force):
         req = _request(model, target, config_path, profile, data_dir, out, force=force, steps=steps)
-        _run(req, as_json, manifest=False)
+        _run(req, as_json, manifest=False, no_wait=no_wait)
         return 0
     return cmd
 
@@ -171,10 +189,11 @@ deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and export each st
 @click.command("bench")
 @build_options
 @unsandboxed_option
+@no_wait_option
 @click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every registered "
                                             "benchmark); default: the core suite and the expert "
                                             "benchmarks of build.experts.")
-def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow_unsandboxed, tasks):
+def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow_unsandboxed, no_wait, tasks):
     """Benchmark the model as it is (no compression) on the host and print each benchmark's score,
     n, bootstrap interval and chance level. Without --tasks: the core suite and the expert
     benchmarks of the config's expert domains; benchmarks that cannot run are listed as unavailable."""
@@ -185,7 +204,8 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow
     suite = _suite(tasks, req)
     _require_code_sandbox(suite.tasks)
     req.config.tasks = suite.tasks
-    result = Pipeline(req).run()
+    with output_lock(req, no_wait):
+        result = Pipeline(req).run()
     if as_json:
         click.echo(json.dumps({**summary.as_dict(result), "unavailable": suite.unavailable},
                               indent=2, default=str))
@@ -222,14 +242,15 @@ def _suite(value, req):
 @build_options
 @record_options
 @search_options
+@no_wait_option
 @click.option("--stage", default=None, help="Stage whose verdict sets the exit code (default: the last).")
 def gate_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, wandb_mode, no_device,
-             max_trials, time_budget, stage):
+             max_trials, time_budget, no_wait, stage):
     """Evaluate the gates of every stage (reusing cached results) and print each check.
     Exits 12 when the chosen stage failed."""
     req = _request(model, target, config_path, profile, data_dir, out,
                    search=_search(no_device, max_trials, time_budget))
-    result = _run(req, as_json, junit=junit, wandb_mode=wandb_mode)
+    result = _run(req, as_json, junit=junit, wandb_mode=wandb_mode, no_wait=no_wait)
     name = stage or req.config.stages[-1]
     runs = [r for r in result.runs if r.stage == name]
     if not runs:
