@@ -46,7 +46,7 @@ BUILTIN = ("local", "local-ssh", "rpi4", "rpi5", "jetson-orin-nano", "generic-aa
 ARCHES = ("native", "aarch64", "armv7l", "x86_64", "riscv64")   # native: whatever the host is
 ON_UNREACHABLE = ("fail", "warn")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_ZERO_ALLOWED = {"connection.retries", "timing.warmup"}
+_ZERO_ALLOWED = {"connection.retries", "timing.warmup", "runtime.accuracy_level"}
 _VERSION = re.compile(r"^\d+\.\d+$")
 # Connection keys a setup record or the environment may set, with their types.
 OVERRIDABLE = {"host": str, "user": str, "port": int, "key": str, "known_hosts": str,
@@ -67,6 +67,13 @@ class RuntimeSpec:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     python_version: str | None = None          # the device's Python ("3.11"), for its wheels
     glibc: str | None = None                   # the device's glibc ("2.36"): newest manylinux tag
+    encoding: str = "int4"                     # runtime encoding of the linear layers (export.encodings)
+    embedding_encoding: str | None = None      # of the embedding and tied head; None: as encoding
+    block_size: int = 32                       # values per scale of the blockwise encodings
+    accuracy_level: int = 4                    # MatMulNBits compute: 4 int8 (needs int8 dot products), 1 fp32
+    symmetric: bool = False                    # blockwise without zero points
+    fallback_encoding: str | None = None       # used where the device's onnxruntime lacks an operator
+    storage_budget_mb: float | None = None     # the agent keeps its stages within this (MB, 10^6 bytes)
 
 
 @dataclass
@@ -155,10 +162,25 @@ class Target:
             if value is not None and not _VERSION.match(value):
                 raise TargetError(f"{where}: key {key!r} must be MAJOR.MINOR such as '3.11', "
                                   f"got {value!r}")
+        self._validate_runtime(where)
         if self.connection.transport == "ssh" and not self.connection.host:
             raise TargetError(f"{where}: key 'connection.host' is required when "
                               f"connection.transport is 'ssh'")
         return self
+
+    def _validate_runtime(self, where: str) -> None:
+        from edgebuild.export.encodings import ACCURACY_LEVELS, BLOCK_SIZES, encodings
+
+        rt = self.runtime
+        for key in ("encoding", "embedding_encoding", "fallback_encoding"):
+            value = getattr(rt, key)
+            if value is not None and value not in encodings:
+                raise TargetError(f"{where}: key 'runtime.{key}' must be one of "
+                                  f"{', '.join(map(repr, encodings.names()))}, got {value!r}")
+        for key, allowed in (("block_size", BLOCK_SIZES), ("accuracy_level", ACCURACY_LEVELS)):
+            if getattr(rt, key) not in allowed:
+                raise TargetError(f"{where}: key 'runtime.{key}' must be one of "
+                                  f"{', '.join(map(str, allowed))}, got {getattr(rt, key)!r}")
 
     def to_dict(self) -> dict:
         """The spec as plain JSON-serialisable data (``source`` as a string)."""
