@@ -342,15 +342,14 @@ class Agent:
         budget = _arg(args, "budget_bytes", int, None)
         result = install_stage(self.root, _arg(args, "name", str), _arg(args, "version", str),
                                _arg(args, "files", list))
-        kept = storage.prune(self.root, budget)
-        if kept["over_budget"] and not result["existing"]:
-            new = Path(result["path"])
-            if (new.parent.name, new.name) not in storage.pinned(self.root):
-                shutil.rmtree(new, ignore_errors=True)
-                raise StageError(f"stage {new.parent.name}/{new.name} does not fit the storage budget "
-                                 f"of {budget} bytes ({kept['stored_bytes']} bytes stored with it, "
-                                 f"active and rollback versions kept); raise runtime.storage_budget_mb")
-        return dict(result, storage=kept)
+        new = Path(result["path"])
+        needed = storage.required_bytes(self.root, new)
+        if budget is not None and needed > budget and not result["existing"]:
+            shutil.rmtree(new, ignore_errors=True)
+            raise StageError(f"stage {new.parent.name}/{new.name} does not fit the storage budget of "
+                             f"{budget} bytes: with the active and rollback versions it needs {needed}; "
+                             f"raise runtime.storage_budget_mb")
+        return dict(result, storage=storage.prune(self.root, budget))
 
     def load(self, args: dict) -> dict:
         """Load a stage (default: the active one) and keep it loaded: a runtime directory, or a

@@ -53,6 +53,13 @@ def pinned(root) -> set:
     return {(e["name"], e["version"]) for e in entries if isinstance(e, dict)}
 
 
+def required_bytes(root, folder) -> int:
+    """Bytes that must stay on the device with ``folder`` installed: it, the active version and the
+    rollback target (what no pruning may remove)."""
+    keep = {Path(folder)} | {Path(root) / STAGES / name / version for name, version in pinned(root)}
+    return sum(_folder_bytes(f) for f in keep if f.is_dir())
+
+
 def stored_bytes(root) -> int:
     """Bytes of every installed stage."""
     return sum(_folder_bytes(f) for found in versions(root).values() for f in found)
