@@ -105,6 +105,14 @@ def check_files(folder, manifest: dict, *, hashes: bool = True) -> dict:
     return computed
 
 
+def upload_files(folder) -> dict:
+    """``{name: path}`` of what a device needs of the runtime directory ``folder``: every file
+    ``runtime.json`` lists, and ``runtime.json`` itself (the host's ``deploy_stage`` takes this)."""
+    folder = Path(folder)
+    names = [*read_manifest(folder)["files"], MANIFEST]
+    return {name: folder / name for name in sorted(names)}
+
+
 def stored_bytes(folder) -> int:
     """Bytes of every regular file directly inside ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())

@@ -49,7 +49,8 @@ def agent(tmp_path):
 
 
 def _deploy(client, transport, folder, name="int4", version="v1", **args) -> dict:
-    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
+    files = (runtime_dir.upload_files(folder) if runtime_dir.is_runtime_dir(folder)
+             else {p.name: p for p in sorted(folder.iterdir()) if p.is_file()})
     if args:
         entries = []
         for as_name, path in files.items():
