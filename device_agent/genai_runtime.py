@@ -85,6 +85,10 @@ class GenaiRuntime:
         og, model = _open_model(folder, threads)
         return cls(og, model, manifest, folder, threads, hashes)
 
+    def tokenizer(self):
+        """onnxruntime-genai's tokenizer of the package (``tokenizer.json`` in the folder)."""
+        return self._og.Tokenizer(self.model)
+
     @property
     def weights_sha256(self) -> str | None:
         """sha256 of the runtime weights, computed on this device at load (None when not verified)."""

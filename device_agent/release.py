@@ -72,7 +72,7 @@ def generate(package, prompt: str, max_new_tokens: int = 128, threads=None, out=
     out = out or sys.stdout
     with open_package(package) as folder:
         runtime = GenaiRuntime.load(folder, threads=threads)
-        tokenizer = runtime._og.Tokenizer(runtime.model)
+        tokenizer = runtime.tokenizer()
         stream = tokenizer.create_stream()
         ids = [int(t) for t in tokenizer.encode(prompt)]
         out.write(prompt)

@@ -226,12 +226,12 @@ def _runtime_module(name: str = "runtime"):
                              f"(numpy, onnxruntime, onnxruntime-genai) on the device") from None
 
 
-def _load_runtime(stage_dir: Path, packed: str | None, threads):
-    """The runtime of a stage folder: its runtime directory, or its graph with packed weights."""
-    isolated = _runtime_module("isolated")
-    if packed is None or (stage_dir / "runtime.json").is_file():
+def _load_runtime(stage_dir: Path, packed: str, threads):
+    """The runtime of a stage folder: its runtime directory, or its graph with the packed weights
+    file ``packed``."""
+    if (stage_dir / "runtime.json").is_file():
         try:
-            return isolated.load_stage(stage_dir, threads)
+            return _runtime_module("isolated").load_stage(stage_dir, threads)
         except _runtime_module().RuntimeLoadError as err:
             raise StageError(str(err)) from None
     path = stage_dir / safe_name(packed, "packed file")
@@ -356,11 +356,11 @@ class Agent:
         graph with packed weights (``packed``, default ``weights.ebpk``)."""
         named = "name" in args or "version" in args
         stage_dir = self._stage_dir(args if named else self._active_entry())
-        packed = _arg(args, "packed", str, None)
+        packed = _arg(args, "packed", str, PACKED_FILE)
         threads = _arg(args, "threads", int, None)
         self.runtime, self.loaded = None, None   # free the previous model first
         start = time.perf_counter()
-        self.runtime = _load_runtime(stage_dir, packed if packed else PACKED_FILE, threads)
+        self.runtime = _load_runtime(stage_dir, packed, threads)
         self.loaded = {"name": stage_dir.parent.name, "version": stage_dir.name}
         return {"loaded": self.loaded, "load_s": round(time.perf_counter() - start, 3),
                 "threads": self.runtime.threads,
