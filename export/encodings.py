@@ -40,7 +40,10 @@ class Knobs:
 
     block_size: int = 32
     accuracy_level: int = 4      # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
-    symmetric: bool = False      # False: a zero point per block (asymmetric)
+    # True: no zero points (codes centred on 2**(bits-1)). MatMulNBits zero points are integers, so an
+    # asymmetric block's range always contains 0; measured on SmolLM2-135M, int4 g32 symmetric is as
+    # close to the model (KL 0.46 vs 0.47), smaller and faster, and needs an older onnxruntime.
+    symmetric: bool = True
 
     def validate(self) -> "Knobs":
         if self.block_size not in BLOCK_SIZES:

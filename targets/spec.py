@@ -71,7 +71,7 @@ class RuntimeSpec:
     embedding_encoding: str | None = None      # of the embedding and tied head; None: as encoding
     block_size: int = 32                       # values per scale of the blockwise encodings
     accuracy_level: int = 4                    # MatMulNBits compute: 4 int8 (needs int8 dot products), 1 fp32
-    symmetric: bool = False                    # blockwise without zero points
+    symmetric: bool = True                     # blockwise without zero points
     fallback_encoding: str | None = None       # used where the device's onnxruntime lacks an operator
     storage_budget_mb: float | None = None     # the agent keeps its stages within this (MB, 10^6 bytes)
 

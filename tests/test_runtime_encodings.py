@@ -67,7 +67,7 @@ def test_each_encoding_round_trips_through_onnxruntime(tiny, encoded, name):
     for key, original in _state(model).items():
         if name == "fp32" or original.ndim == 1:
             np.testing.assert_array_equal(deployed[key], original)
-        else:   # round to nearest: within half a step of each block's asymmetric range
+        else:   # round to nearest: within a step of each block's range
             bits = 8 if name == "int8" else 4
             assert (np.abs(deployed[key] - original) <= _block_error_bound(original, bits, 32)).all(), key
             assert not np.array_equal(deployed[key], original)
@@ -112,7 +112,7 @@ def test_a_mixed_plan_encodes_each_tensor_class_its_own_way(tiny, tmp_path):
     model, tok = tiny
     plan = RuntimePlan("int4", "fp32")
     manifest = encode_stage(model, tok, tmp_path / "mixed", plan, state=_state(model))
-    assert manifest["label"] == "int4-g32-asym/emb=fp32"
+    assert manifest["label"] == "int4-g32-sym/emb=fp32"
     ops = {r["op"] for r in manifest["requirements"]}
     assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
     deployed = deployed_state_dict(tmp_path / "mixed")
@@ -175,13 +175,16 @@ def test_a_runtime_json_of_another_format_version_is_refused(encoded, tmp_path):
 
 
 def test_missing_operator_names_it_and_the_onnxruntime_it_needs():
-    plan = RuntimePlan("int4", "int4")
+    plan = RuntimePlan("int4", "int4", Knobs(symmetric=False))      # zero points: uint8 data needs 1.23
     with pytest.raises(TargetError) as err:
-        operators.check_plan(plan, ort_version="1.21.1")
+        operators.check_plan(plan, ort_version="1.22.1")
     message = err.value.one_line()
     assert "com.microsoft.GatherBlockQuantized" in message and ">= 1.23" in message
-    assert "onnxruntime 1.21.1" in message and "\n" not in message
+    assert "onnxruntime 1.22.1" in message and "\n" not in message
     operators.check_plan(plan, ort_version="1.23.0")
+    operators.check_plan(RuntimePlan("int4", "int4"), ort_version="1.22.1")     # symmetric
+    with pytest.raises(TargetError, match=">= 1.22"):
+        operators.check_plan(RuntimePlan("int4", "int4"), ort_version="1.21.1")
     kernels = [{"domain": "com.microsoft", "op": op, "types": {"T1": ["tensor(float)"], "T2": ["tensor(uint8)"],
                                                                  "T": ["tensor(float)"]}}
                for op in ("MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")]

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 BASELINE = "agent fp32 (float graph + packed weights)"
 LLAMA_REFERENCE = "llama.cpp Q4_1 (as shipped)"
-LOSSLESS_NOTE = ("≈ lossless here: the model was dequantised from Q4_1 (asymmetric 4-bit, blocks of 32), "
-                 "which this reproduces almost exactly")
+INT8_NOTE = ("≈ lossless here: the model was dequantised from Q4_1, whose 16 levels per block 8-bit "
+             "blocks reproduce almost exactly")
+INT4_NOTE = ("not lossless although the model came from Q4_1 (asymmetric 4-bit, blocks of 32): MatMulNBits "
+             "zero points are integers, so Q4_1's float minimum cannot be kept; a fresh 4-bit rounding")
 
 
 @dataclass
@@ -53,19 +55,20 @@ class Row:
 
 def encoding_rows() -> list:
     """``[(label, plan, note)]`` of the runtime encodings measured by default."""
-    k32 = Knobs(block_size=32)
+    sym, asym = Knobs(block_size=32), Knobs(block_size=32, symmetric=False)
     return [
-        ("runtime fp32", RuntimePlan("fp32", "fp32", k32), "the same graph layout with float weights"),
-        ("runtime int8 g32", RuntimePlan("int8", "int8", k32), ""),
-        ("runtime int4 g32", RuntimePlan("int4", "int4", k32), LOSSLESS_NOTE),
-        ("runtime int4 g32 sym", RuntimePlan("int4", "int4", Knobs(block_size=32, symmetric=True)),
-         "no zero points: not the grid the model came from"),
+        ("runtime fp32", RuntimePlan("fp32", "fp32", sym), "the same graph layout with float weights"),
+        ("runtime int8 g32", RuntimePlan("int8", "int8", sym), INT8_NOTE),
+        ("runtime int4 g32", RuntimePlan("int4", "int4", sym), INT4_NOTE + " (the default encoding)"),
+        ("runtime int4 g32 asym", RuntimePlan("int4", "int4", asym), "integer zero points: the range holds 0"),
         ("runtime int4 g64", RuntimePlan("int4", "int4", Knobs(block_size=64)), ""),
         ("runtime int4 g128", RuntimePlan("int4", "int4", Knobs(block_size=128)),
          "embedding in blocks of 64 (576 is no multiple of 128); K padded to 640"),
+        ("runtime int4 g32, int8 embedding", RuntimePlan("int4", "int8", sym),
+         "the embedding/head came as 8-bit in the GGUF: kept near-lossless"),
         ("runtime int4 g32 float compute", RuntimePlan("int4", "int4", Knobs(block_size=32, accuracy_level=1)),
          "accuracy_level 1: CPUs without int8 dot products (rpi4)"),
-        ("runtime int4 g32, fp32 embedding", RuntimePlan("int4", "fp32", k32),
+        ("runtime int4 g32, fp32 embedding", RuntimePlan("int4", "fp32", sym),
          "the fallback for an onnxruntime without GatherBlockQuantized"),
     ]
 
@@ -131,9 +134,11 @@ def llama_rows(model_name: str, work: Path) -> list:
     from edgebuild.build.measure import llama_ref
 
     files = llama_ref.gguf_files(model_name, work / "gguf")
-    return [Row(LLAMA_REFERENCE, "llama", files["shipped"], "the weights the baseline was dequantised from"),
-            Row("llama.cpp Q8_0 (requantised)", "llama", files["Q8_0"], ""),
-            Row("llama.cpp Q4_0 (requantised)", "llama", files["Q4_0"], "")]
+    return [Row(LLAMA_REFERENCE, "llama", files["shipped"],
+                "lossless here: the weights the baseline was dequantised from (KL: int8 activations)"),
+            Row("llama.cpp Q8_0 (requantised)", "llama", files["Q8_0"], "8 bits hold Q4_1's levels"),
+            Row("llama.cpp Q4_0 (requantised)", "llama", files["Q4_0"],
+                "symmetric 4-bit, embedding kept at Q8_0 (576 is no multiple of 256)")]
 
 
 def measure_speed(row: Row, timing: Timing) -> dict:
