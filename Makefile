@@ -10,10 +10,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil bench-compress bench-device bench-host report-screenshot clean help
+.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil bench-compress bench-device bench-host bench-runtime report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | bench-compress | bench-device | bench-host | report-screenshot | docs | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | bench-compress | bench-device | bench-host | bench-runtime | report-screenshot | docs | setup | model | clean"
 
 # A quiet install: pyproject.toml declares the package data exactly (no data folder is taken
 # for a package), and the filter drops only setuptools' notice that an install is editable.
@@ -115,6 +115,16 @@ bench-host: setup model
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup
 	$(BIN)/edgebuild measure device --out $(OUT)/demo --target $(TARGET) --json $(OUT)/bench-device.json
+
+# Every runtime encoding of the default model in the device agent next to llama.cpp on the same model
+# (its shipped Q4_1 GGUF and llama.cpp's Q8_0/Q4_0 requantisations), one table, 2 threads; BUILD_DIR=
+# out/demo/local adds the compressed stages of a build. llama.cpp is a benchmark-only dependency (the
+# bench extra), built from source once (~10 min of CPU) without native flags: these CPUs report AMX,
+# which the VM faults on.
+BUILD_DIR ?=
+bench-runtime: setup model
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/edgebuild measure runtime --model smollm2-135m --data-dir $(DATA_DIR) $(if $(BUILD_DIR),--build-dir $(BUILD_DIR)) --work $(OUT)/bench-runtime --json $(OUT)/bench-runtime.json
 
 # A PNG of report.html rendered by headless Chromium (apt package chromium-headless-shell or chromium).
 report-screenshot: setup

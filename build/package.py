@@ -3,7 +3,9 @@
 Entries are sorted, owned by 0:0, with a fixed mtime and no absolute paths; the gzip header carries
 no timestamp. Two packages of the same build are byte-identical.
 
-Every package holds, under one root folder ``<name>/``: the stage's files (``stage/``), the build
+Every package holds, under one root folder ``<name>/``: the stage's files (``stage/``) or its
+runtime directory (``runtime/``: what ``python -m edgebuild.device_agent generate --package`` runs
+on a device that has only the agent; ``runtime_files``, ``build_runtime_package``), the build
 manifest, a model card, ``SHA256SUMS`` (``sha256sum -c`` format) and ``PACKAGE.json``, which lists
 every other file with its size and sha256 and carries the sha256 of its own canonical content.
 ``verify`` checks all of it; ``extract`` verifies, refuses unsafe entries, then installs atomically.
@@ -47,6 +49,35 @@ def build_package(build_dir: Path, dest: Path | None = None) -> Path:
     dest = Path(dest) if dest else build_dir / "release"
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / f"{name}.tar.gz"
+    with atomic_path(out) as tmp, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=EPOCH) as gz:
+            _write_tar(gz, name, files)
+    return out
+
+
+def runtime_files(runtime_dir: Path) -> dict:
+    """``{"runtime/<file>": bytes}``: a runtime directory laid out for a release, every file its
+    ``runtime.json`` lists (checked against their sha256) and ``runtime.json`` itself."""
+    from edgebuild.device_agent import runtime_dir as fmt
+
+    runtime_dir = Path(runtime_dir)
+    try:
+        listed = fmt.check_files(runtime_dir, fmt.read_manifest(runtime_dir))
+    except fmt.RuntimeFormatError as e:
+        raise PackageError(str(e), hint="encode the stage again") from None
+    names = [*listed, fmt.MANIFEST]
+    return {f"runtime/{name}": (runtime_dir / name).read_bytes() for name in sorted(names)}
+
+
+def build_runtime_package(runtime_dir: Path, dest: Path, name: str) -> Path:
+    """A release ``dest/<name>.tar.gz`` holding a runtime directory (``runtime/``), ``SHA256SUMS``
+    and ``PACKAGE.json``; reproducible like ``build_package``."""
+    files = runtime_files(runtime_dir)
+    files["SHA256SUMS"] = "".join(f"{hashlib.sha256(v).hexdigest()}  {k}\n"
+                                  for k, v in sorted(files.items())).encode()
+    files[INDEX] = index_bytes(name, files)
+    out = Path(dest) / f"{name}.tar.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, open(tmp, "wb") as raw:
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=EPOCH) as gz:
             _write_tar(gz, name, files)

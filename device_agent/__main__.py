@@ -2,6 +2,8 @@
 
     python -m edgebuild.device_agent serve --stdio --root DIR   # JSON lines on stdin/stdout
     python -m edgebuild.device_agent info --root DIR            # device facts as JSON
+    python -m edgebuild.device_agent generate --package PKG "prompt"   # stream a continuation
+    python -m edgebuild.device_agent measure --dir STAGE        # one stage, this process alone
 
 The agent never opens a listening port: the host starts it as a subprocess or as the remote
 command of an SSH session and talks over its stdin and stdout. Logging goes to stderr or to a
@@ -36,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     info = sub.add_parser("info", help="print the facts the 'info' command reports, as JSON")
     info.add_argument("--root", required=True, type=Path)
+    gen = sub.add_parser("generate", help="stream a continuation of PROMPT from a runtime package")
+    gen.add_argument("--package", required=True, type=Path,
+                     help="runtime package: its folder, an extracted release, or a release .tar.gz")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    measure = sub.add_parser("measure", help="load one stage folder in this fresh process, time it "
+                                             "and print its memory and timing as one JSON line")
+    measure.add_argument("--dir", required=True, type=Path, help="the stage folder")
+    measure.add_argument("--threads", type=int, default=None)
+    for name, default in (("prompt-len", 64), ("decode-tokens", 32), ("warmup", 2), ("repeats", 5)):
+        measure.add_argument(f"--{name}", type=int, default=default)
     return parser
 
 
@@ -94,10 +108,46 @@ def _info(args) -> int:
     return 0
 
 
+def _fail(err) -> int:
+    print(f"edgebuild-agent: {' '.join(str(err).split())}", file=sys.stderr)
+    return 1
+
+
+def _generate(args) -> int:
+    from edgebuild.device_agent import release
+    from edgebuild.device_agent.runtime import RuntimeLoadError
+
+    if args.max_new_tokens < 1:
+        return _fail("--max-new-tokens must be at least 1")
+    try:
+        stats = release.generate(args.package, args.prompt, args.max_new_tokens, args.threads)
+    except (RuntimeLoadError, ValueError) as err:
+        return _fail(err)
+    print(f"\n[{stats['new_tokens']} tokens, {stats['decode_tok_s']:.1f} tokens/s decode, "
+          f"{stats['tok_s']:.1f} tokens/s overall]", file=sys.stderr)
+    return 0
+
+
+def _measure(args) -> int:
+    from edgebuild.device_agent import isolated
+    from edgebuild.device_agent.runtime import RuntimeLoadError
+
+    out = _protocol_stdout()     # onnxruntime's own output must not mix with the JSON line
+    try:
+        result = isolated.measure_here(args.dir, args.threads, prompt_len=args.prompt_len,
+                                       decode_tokens=args.decode_tokens, warmup=args.warmup,
+                                       repeats=args.repeats)
+    except (RuntimeLoadError, ValueError, OSError) as err:
+        return _fail(err)
+    out.write(protocol.encode_line(result))
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of ``edgebuild-agent`` and ``python -m edgebuild.device_agent``."""
     args = _parser().parse_args(argv)
-    return {"serve": _serve, "info": _info}[args.command](args)
+    commands = {"serve": _serve, "info": _info, "generate": _generate, "measure": _measure}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

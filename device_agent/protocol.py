@@ -13,13 +13,25 @@ Commands (``args`` -> ``result``):
     info      {}                            -> {arch, machine, cores, ram_total_mb, ram_available_mb,
                                                disk_free_mb, cpu_temp_c, throttled, python,
                                                onnxruntime, stages: {name: [versions]}, ...}
-    stage     {name, version, files: [{path, sha256, as}]}
-                                            -> {path, files: {as: {sha256, bytes}}, existing}
+    stage     {name, version, files: [{path, sha256, as}], budget_bytes?}
+                                            -> {path, files: {as: {sha256, bytes}}, existing,
+                                               storage: {pruned, stored_bytes, budget_bytes, over_budget}}
     load      {name?, version?, threads?, packed? = "weights.ebpk"}
-                                            -> {loaded, load_s, threads}   (no name: the active stage)
+                                            -> {loaded, load_s, threads, weights_sha256, format}
+                                               (no name: the active stage; a runtime directory
+                                               loads in onnxruntime-genai, format "runtime")
     time      {prompt_len?, decode_tokens?, warmup?, repeats?}
                                             -> raw samples {prefill_ms: [..],
                                                decode_ms_per_token: [..], peak_rss_mb, ...}
+    measure   {name?, version?, threads?, prompt_len?, decode_tokens?, warmup?, repeats?, timeout_s?}
+                                            -> time's samples measured in a fresh process, plus
+                                               {load_s, rss_before_load_mb, rss_loaded_mb,
+                                               peak_rss_mb, stage_rss_mb, stored_bytes,
+                                               weights_sha256, pid, stage}
+    generate  {input_ids, max_new_tokens?}  -> {tokens, generate_s}   (greedy, loaded model)
+    ops       {ops?: [names]}               -> {onnxruntime, onnxruntime_genai,
+                                               kernels: [{domain, op, types}]}   (CPU kernels)
+    prune     {budget_bytes?}               -> {pruned, stored_bytes, budget_bytes, over_budget}
     score     {requests: [{context: [ids], continuation: [ids]}], max_batch_tokens?}
                                             -> {results: [[logprob, is_greedy], ...], tokens, score_s}
     activate  {name, version}               -> {active, previous, changed}
@@ -38,7 +50,8 @@ unexpected exception inside a command. A line that cannot be parsed gets an erro
 The protocol version is ``"MAJOR.MINOR"``. The minor number grows when commands or optional
 arguments are added (1.1: ``score`` batches requests that share a context and takes
 ``max_batch_tokens``; ``hello`` lists ``commands``; ``load`` without a name loads the active
-stage); the major number changes only when an existing command changes meaning. Each side refuses
+stage; 1.2: runtime directories, ``measure``, ``generate``, ``ops``, ``prune``, ``stage``'s
+``budget_bytes``, ``load``'s ``weights_sha256``); the major number changes only when an existing command changes meaning. Each side refuses
 a peer of another major version; a host checks ``hello``'s ``commands`` before using a newer one.
 
 This module is shared by the agent and the host's client, and uses the standard library only.
@@ -48,7 +61,7 @@ from __future__ import annotations
 import json
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 PROTOCOL_VERSION = f"{PROTOCOL_MAJOR}.{PROTOCOL_MINOR}"
 AGENT_VERSION = "0.1.0"   # keep equal to the version in device_agent/pyproject.toml
 
@@ -105,6 +118,11 @@ def _builtin(obj):
 
 def _encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=_builtin).encode("utf-8") + b"\n"
+
+
+def encode_line(obj: dict) -> bytes:
+    """One JSON line (numpy values as plain numbers), as the agent writes them."""
+    return _encode(obj)
 
 
 def request(req_id: int, cmd: str, args: dict | None = None) -> bytes:

@@ -82,7 +82,18 @@ def _decode(packed_path) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this whole process so far, in MiB (0.0 where unknown)."""
+    """Peak resident memory of this process's own address space so far, in MiB (0.0 where unknown).
+
+    Linux: ``VmHWM`` of /proc/self/status. ``ru_maxrss`` is only the fallback: it survives
+    ``execve``, so a process started by a big parent would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:

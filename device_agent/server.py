@@ -9,8 +9,11 @@ State on the device lives under one root folder::
     <root>/target.json               the target key the host last introduced itself with
 
 Stages are built in a temporary folder beside their final place and renamed into it, so a
-failed ``stage`` leaves nothing behind. The runtime (numpy, onnxruntime) is imported only by
-``load``; every other command needs the standard library only.
+failed ``stage`` leaves nothing behind. A stage is either a runtime directory (``runtime.json``:
+a low-bit graph run by onnxruntime-genai) or an exported float graph with packed weights
+(``weights.ebpk``, run by onnxruntime). The runtimes (numpy, onnxruntime, onnxruntime-genai) are
+imported only by the commands that run a model (``load``, ``measure`` in its own process,
+``ops``); every other command needs the standard library only. ``storage`` decides what is kept.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgebuild.device_agent import protocol, sysinfo
+from edgebuild.device_agent import protocol, storage, sysinfo
 from edgebuild.device_agent.protocol import (
     AgentError, BadRequest, NothingToRollback, NotLoaded, ProtocolError, RuntimeMissing,
     StageError, UnknownCommand,
@@ -43,6 +46,7 @@ HISTORY_LIMIT = 16               # earlier active stages remembered for rollback
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TIME_ARGS = {"prompt_len": 1, "decode_tokens": 1, "warmup": 0, "repeats": 1}   # name: minimum
+_OPS_DOMAINS = ("com.microsoft", "")
 MIN_BATCH_TOKENS = 16
 _MISSING = object()
 
@@ -212,13 +216,36 @@ def list_stages(root: Path) -> dict:
 
 # ------------------------------------------------------------------------------------- agent
 
-def _runtime_class():
+def _runtime_module(name: str = "runtime"):
+    import importlib
+
     try:
-        from edgebuild.device_agent.runtime import Runtime
+        return importlib.import_module(f"edgebuild.device_agent.{name}")
     except ImportError as err:
         raise RuntimeMissing(f"cannot import the runtime ({err}); install edgebuild-agent[runtime] "
-                             f"(numpy and onnxruntime) on the device") from None
-    return Runtime
+                             f"(numpy, onnxruntime, onnxruntime-genai) on the device") from None
+
+
+def _load_runtime(stage_dir: Path, packed: str, threads):
+    """The runtime of a stage folder: its runtime directory, or its graph with the packed weights
+    file ``packed``."""
+    if (stage_dir / "runtime.json").is_file():
+        try:
+            return _runtime_module("isolated").load_stage(stage_dir, threads)
+        except _runtime_module().RuntimeLoadError as err:
+            raise StageError(str(err)) from None
+    path = stage_dir / safe_name(packed, "packed file")
+    if not path.is_file():
+        raise StageError(f"stage {stage_dir.parent.name}/{stage_dir.name} has no {path.name}")
+    return _runtime_module().Runtime.load(stage_dir, path, threads=threads)
+
+
+def _timing_args(args: dict) -> dict:
+    kwargs = {key: _arg(args, key, int) for key in _TIME_ARGS if key in args}
+    for key, value in kwargs.items():
+        if value < _TIME_ARGS[key]:
+            raise BadRequest(f"argument {key!r} must be >= {_TIME_ARGS[key]}, got {value}")
+    return kwargs
 
 
 def _token_ids(value, what: str) -> list:
@@ -253,7 +280,8 @@ class Agent:
         self.commands = {
             "hello": self.hello, "info": self.info, "stage": self.stage, "load": self.load,
             "time": self.time, "score": self.score, "activate": self.activate,
-            "rollback": self.rollback, "shutdown": self.shutdown,
+            "rollback": self.rollback, "shutdown": self.shutdown, "measure": self.measure,
+            "generate": self.generate, "ops": self.ops, "prune": self.prune,
         }
 
     def serve(self, stdin, stdout) -> None:
@@ -309,25 +337,77 @@ class Agent:
         return facts
 
     def stage(self, args: dict) -> dict:
-        """Install uploaded files as ``stages/<name>/<version>/`` after checking their sha256."""
-        return install_stage(self.root, _arg(args, "name", str), _arg(args, "version", str),
-                             _arg(args, "files", list))
+        """Install uploaded files as ``stages/<name>/<version>/`` after checking their sha256;
+        with ``budget_bytes``, prune to it (``storage``) and refuse a version that does not fit."""
+        budget = _arg(args, "budget_bytes", int, None)
+        result = install_stage(self.root, _arg(args, "name", str), _arg(args, "version", str),
+                               _arg(args, "files", list))
+        new = Path(result["path"])
+        needed = storage.required_bytes(self.root, new)
+        if budget is not None and needed > budget and not result["existing"]:
+            shutil.rmtree(new, ignore_errors=True)
+            raise StageError(f"stage {new.parent.name}/{new.name} does not fit the storage budget of "
+                             f"{budget} bytes: with the active and rollback versions it needs {needed}; "
+                             f"raise runtime.storage_budget_mb")
+        return dict(result, storage=storage.prune(self.root, budget))
 
     def load(self, args: dict) -> dict:
-        """Load a staged graph + packed weights (default: the active stage) and keep it loaded."""
+        """Load a stage (default: the active one) and keep it loaded: a runtime directory, or a
+        graph with packed weights (``packed``, default ``weights.ebpk``)."""
         named = "name" in args or "version" in args
         stage_dir = self._stage_dir(args if named else self._active_entry())
-        packed = stage_dir / safe_name(_arg(args, "packed", str, PACKED_FILE), "packed file")
-        if not packed.is_file():
-            raise StageError(f"stage {stage_dir.parent.name}/{stage_dir.name} has no {packed.name}")
+        packed = _arg(args, "packed", str, PACKED_FILE)
         threads = _arg(args, "threads", int, None)
-        runtime_class = _runtime_class()
         self.runtime, self.loaded = None, None   # free the previous model first
         start = time.perf_counter()
-        self.runtime = runtime_class.load(stage_dir, packed, threads=threads)
+        self.runtime = _load_runtime(stage_dir, packed, threads)
         self.loaded = {"name": stage_dir.parent.name, "version": stage_dir.name}
         return {"loaded": self.loaded, "load_s": round(time.perf_counter() - start, 3),
-                "threads": self.runtime.threads}
+                "threads": self.runtime.threads,
+                "weights_sha256": getattr(self.runtime, "weights_sha256", None),
+                "format": "runtime" if (stage_dir / "runtime.json").is_file() else "packed"}
+
+    def measure(self, args: dict) -> dict:
+        """Load and time a stage (default: the active one) in a fresh process of its own: memory
+        of that stage alone, load time, raw prefill/decode samples, bytes stored, weights sha256."""
+        named = "name" in args or "version" in args
+        stage_dir = self._stage_dir(args if named else self._active_entry())
+        timing = _timing_args({k: v for k, v in args.items() if k in _TIME_ARGS})
+        unknown = sorted(set(args) - set(_TIME_ARGS) - {"name", "version", "threads", "timeout_s"})
+        if unknown:
+            raise BadRequest(f"unknown measure argument(s) {unknown}")
+        isolated = _runtime_module("isolated")
+        try:
+            result = isolated.measure_isolated(stage_dir, _arg(args, "threads", int, None),
+                                               float(_arg(args, "timeout_s", (int, float), 1800)), **timing)
+        except _runtime_module().RuntimeLoadError as err:
+            raise StageError(str(err)) from None
+        return dict(result, stage={"name": stage_dir.parent.name, "version": stage_dir.name})
+
+    def generate(self, args: dict) -> dict:
+        """Greedy continuation of ``input_ids`` by the loaded model (``max_new_tokens``, default 32)."""
+        runtime = self._runtime()
+        ids = _token_ids(args.get("input_ids"), "input_ids")
+        count = _arg(args, "max_new_tokens", int, 32)
+        if count < 1:
+            raise BadRequest(f"argument 'max_new_tokens' must be >= 1, got {count}")
+        start = time.perf_counter()
+        tokens = runtime.generate(ids, count)
+        return {"tokens": tokens, "generate_s": round(time.perf_counter() - start, 4)}
+
+    def ops(self, args: dict) -> dict:
+        """This device's onnxruntime (and onnxruntime-genai) version and registered CPU kernels
+        (``ops``: only these operator names)."""
+        names = _arg(args, "ops", list, None)
+        operators = _runtime_module("operators")
+        kernels = [k for k in operators.registered_kernels(_OPS_DOMAINS)
+                   if names is None or k["op"] in names]
+        return {"onnxruntime": sysinfo.package_version("onnxruntime", "onnxruntime-gpu"),
+                "onnxruntime_genai": sysinfo.package_version("onnxruntime-genai"), "kernels": kernels}
+
+    def prune(self, args: dict) -> dict:
+        """Keep two versions per stage (plus the active and rollback ones), within ``budget_bytes``."""
+        return storage.prune(self.root, _arg(args, "budget_bytes", int, None))
 
     def time(self, args: dict) -> dict:
         """Time prefill and decode on the loaded model; raw samples come back."""
@@ -335,11 +415,7 @@ class Agent:
         unknown = sorted(set(args) - set(_TIME_ARGS))
         if unknown:
             raise BadRequest(f"unknown time argument(s) {unknown} (known: {sorted(_TIME_ARGS)})")
-        kwargs = {key: _arg(args, key, int) for key in args}
-        for key, value in kwargs.items():
-            if value < _TIME_ARGS[key]:
-                raise BadRequest(f"argument {key!r} must be >= {_TIME_ARGS[key]}, got {value}")
-        result = dict(runtime.time(**kwargs))
+        result = dict(runtime.time(**_timing_args(args)))
         result["stage"] = self.loaded
         return result
 

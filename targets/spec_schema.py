@@ -18,6 +18,7 @@ from edgebuild.core.schema import (
     NOT_LISTED, Bool, KeyProblem, NonNegativeInt, Port, PositiveFloat, PositiveInt, Str,
     names_from, schema, unknown_name,
 )
+from edgebuild.export.encodings import ACCURACY_LEVELS, BLOCK_SIZES, encodings
 from edgebuild.targets.transport import transports
 
 ARCHES = ("native", "aarch64", "armv7l", "x86_64", "riscv64")   # native: whatever the host is
@@ -38,6 +39,20 @@ class RuntimeSpec:
     providers: list[Str] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="onnxruntime execution providers, in order of preference", json_schema_extra=PROVIDERS)
     python_version: Version | None = Field(None, description="the device's Python (\"3.11\"), for its wheels")
     glibc: Version | None = Field(None, description="the device's glibc (\"2.36\"): the newest manylinux tag its wheels may carry")
+    encoding: Str = Field("int4", description="runtime encoding of the linear layers: what the device executes", json_schema_extra=names_from("encoding", encodings.names))
+    embedding_encoding: Str | None = Field(None, description="runtime encoding of the embedding and tied output head (not set: as encoding)", json_schema_extra=names_from("encoding", encodings.names))
+    block_size: Literal[BLOCK_SIZES] = Field(32, description="values per scale of the blockwise encodings")
+    accuracy_level: Literal[ACCURACY_LEVELS] = Field(4, description="MatMulNBits compute: 4 int8 activations (needs int8 dot products), 1 fp32")
+    symmetric: Bool = Field(True, description="blockwise encodings without zero points")
+    fallback_encoding: Str | None = Field(None, description="encoding used where the device's onnxruntime lacks an operator (not set: such a stage fails)", json_schema_extra=names_from("encoding", encodings.names))
+    storage_budget_mb: PositiveFloat | None = Field(None, description="the agent prunes old stage versions to stay within this (MB, 10^6 bytes)")
+
+    @field_validator("encoding", "embedding_encoding", "fallback_encoding")
+    @classmethod
+    def _encoding(cls, name: str | None) -> str | None:
+        if name is not None and name not in encodings:
+            raise unknown_name((), "encoding", name, encodings.names())
+        return name
 
     @field_validator("providers")
     @classmethod

@@ -78,14 +78,15 @@ def test_hello_refuses_another_protocol_major_and_keeps_serving(client):
     with pytest.raises(DeviceError, match=r"VersionMismatch: protocol version 'x.1' is not MAJOR"):
         client.call("hello", {"protocol": "x.1"})
     assert client.call("hello", {"protocol": "1.0"})["protocol"] == protocol.PROTOCOL_VERSION
-    assert client.call("hello", {"protocol": 1})["protocol"] == "1.1"
+    assert client.call("hello", {"protocol": 1})["protocol"] == "1.2"
     assert client.hello()["protocol"] == protocol.PROTOCOL_VERSION
 
 
 def test_hello_lists_the_commands_and_the_client_remembers_them(client):
     hello = client.hello()
     assert {"score", "activate", "rollback", "load", "time"} <= set(hello["commands"])
-    assert client.supports("score") and not client.supports("generate")
+    assert client.supports("score") and client.supports("measure")
+    assert not client.supports("train")
 
 
 def test_protocol_versions_parse_as_major_minor():

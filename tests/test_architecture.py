@@ -18,7 +18,7 @@ ALLOWED = {
     "compress": {"core", "device_agent"},
     "export": {"core", "device_agent"},
     "bench": {"core", "device_agent"},
-    "targets": {"core", "device_agent", "bench"},     # scoring on a device runs the benchmark tasks
+    "targets": {"core", "device_agent", "bench", "export"},  # a device runs benchmark tasks on exported stages
     "build": set(FOLDERS),
 }
 

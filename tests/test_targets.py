@@ -228,7 +228,7 @@ def test_pip_download_arguments_for_an_aarch64_board(tmp_path):
     assert args[:4] == ["download", "--only-binary=:all:", "-d", str(tmp_path)]
     assert "--platform manylinux_2_28_aarch64" in " ".join(args)
     assert " --python-version 3.11 --implementation cp " in " ".join(args)
-    assert [a.split(">=")[0] for a in args[-2:]] == ["numpy", "onnxruntime"]
+    assert [a.split(">=")[0] for a in args[-3:]] == ["numpy", "onnxruntime", "onnxruntime-genai"]
     local = download_args(load_target("local"), tmp_path)
     assert "--platform" not in local and "--python-version" not in local
     no_glibc = parse_target((SPECS_DIR / "rpi5.toml").read_text().replace('glibc = "2.36"\n', ""))

@@ -102,5 +102,39 @@ def device_cmd(out, target, json_out):
     device_speed.print_table(rows, f"stage artifacts in the agent ({target}) and in torch, same machine, fp32")
 
 
+@measure_group.command("runtime")
+@model_option
+@data_dir_option
+@click.option("--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A finished build (OUT/TARGET): also measure its compressed stages.")
+@target_option
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("out/bench-runtime"),
+              show_default=True, help="Where the runtime directories and GGUF files are kept (reused).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--llama/--no-llama", default=True, show_default=True,
+              help="Also measure llama.cpp on the model's GGUF (needs the bench extra).")
+@json_out_option
+def runtime_cmd(model, data_dir, build_dir, target, work, threads, prompt_len, decode_tokens, repeats,
+                llama, json_out):
+    """Each runtime encoding of the model in the device agent (fp32, int8, int4 at each block size),
+    the compressed stages of a build, and llama.cpp on the same model: bytes on disk, resident
+    memory, prefill and decode tokens/s, KL against the fp32 baseline, and the ratios to the fp32
+    baseline and to llama.cpp Q4_1; one fresh process per row, same threads and prompt."""
+    from edgebuild.build.measure import runtime_speed
+    from edgebuild.export.encodings import plan_from_spec
+    from edgebuild.targets import load_target
+
+    timing = runtime_speed.Timing(threads=threads, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                                  repeats=repeats)
+    result = runtime_speed.run(model, _data_dir(data_dir), work, build_dir=build_dir,
+                               stage_plan=plan_from_spec(load_target(target).runtime), timing=timing,
+                               llama=llama, on_row=_saver(json_out))
+    _saver(json_out)(result)
+    runtime_speed.print_table(result)
+
+
 def register(group) -> None:
     group.add_command(measure_group)
