@@ -157,7 +157,7 @@ def evaluate(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: i
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed) for spec in specs]
         samples = _simple_evaluate(lm, prepared, Path(task_dir))
     results = {p.bench.name: _task_result(p, samples) for p in prepared}
-    return DeviceRun(results, {p.bench.name: _responses(p, samples) for p in prepared})
+    return DeviceRun(results, {name: result.responses for name, result in results.items()})
 
 
 def _simple_evaluate(lm, prepared: list, task_dir: Path) -> dict:
@@ -174,16 +174,6 @@ def _simple_evaluate(lm, prepared: list, task_dir: Path) -> dict:
                              bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
                              torch_random_seed=None)
     return output["samples"]
-
-
-def _responses(prepared, samples: dict) -> dict:
-    """``{doc_id: [[logprob, is_greedy], ...]}`` of one benchmark, from lm-eval's sample log."""
-    out = {}
-    for part in prepared.parts:
-        for sample in samples[part.task_name]:
-            out[part.doc_ids[sample["doc_id"]]] = [[float(r[0]), bool(r[1])]
-                                                  for r in sample["filtered_resps"]]
-    return out
 
 
 # ---------------------------------------------------------------------------- agreement

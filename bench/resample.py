@@ -54,7 +54,7 @@ def _reference_items(ctx, reference, task: str):
 def extra_items(ctx, run, task: str, ids: list) -> list:
     """``[[doc_id, correct]]`` of ``run``'s model on the items ``ids`` of ``task`` (cached)."""
     cfg, ids = ctx.config, sorted(int(i) for i in ids)
-    key = digest("host-items", run.keys["pack"], task, ids, data_fingerprint(ctx.data_dir), cfg.seed,
+    key = digest("host-items", run.keys["pack"], run.keys.get("runtime"), task, ids, data_fingerprint(ctx.data_dir), cfg.seed,
                  code_version("bench"))
     entry = ctx.cache.get("hostitems", key)
     if entry is None:

@@ -47,6 +47,8 @@ class TaskResult:
     generation tasks: samples per item, answer length bound, the score of every lm-eval filter,
     and for code tasks the sandbox's status counts and network isolation; for a stratified
     benchmark (MMLU), ``strata`` holds each stratum's ``{"score", "n"}`` (the score is their mean).
+    ``responses`` (log-likelihood tasks) is ``{doc_id: [[logprob, is_greedy], ...]}``, one pair per
+    request of the item (one per answer choice): what the device's answers are compared with.
     """
 
     name: str
@@ -58,6 +60,7 @@ class TaskResult:
     items: list = field(default_factory=list)
     stderr: float | None = None
     details: dict = field(default_factory=dict)
+    responses: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (``from_dict`` reverses it)."""
@@ -310,7 +313,16 @@ def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
         n=len(items), chance=_mean_of_means(chance), items=items,
         stderr=_stderr([[c for _, c in items] for items in per_part]),
         details={**_details(prepared, samples), **_strata(prepared.parts, per_part)},
+        responses=_responses(prepared, samples),
     )
+
+
+def _responses(prepared: PreparedTask, samples: dict) -> dict:
+    """``{doc_id: [[logprob, is_greedy], ...]}`` of a log-likelihood benchmark (empty for generation)."""
+    if prepared.bench.generation is not None:
+        return {}
+    return {part.doc_ids[sample["doc_id"]]: [[float(r[0]), bool(r[1])] for r in sample["filtered_resps"]]
+            for part in prepared.parts for sample in samples[part.task_name] if sample["filter"] == "none"}
 
 
 def _strata(parts: list[TaskPart], per_part: list[list]) -> dict:

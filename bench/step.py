@@ -1,4 +1,5 @@
-"""The host steps, on the host's torch model of a stage: ``quality`` (KL divergence, top-1 agreement
+"""The host steps, on the host's torch model of a stage (the weights its runtime directory makes the
+device execute: ``StageModels.for_stage``): ``quality`` (KL divergence, top-1 agreement
 and perplexity ratio against the baseline: seconds, so it runs first and a broken stage stops
 there) and ``host`` (the benchmark suite and the eudaimonia scenarios, task by task, stopping as
 soon as the build's judge says the stage has failed whatever the remaining tasks give)."""
@@ -17,10 +18,10 @@ class QualityStep(Step):
     """Record: ``{"kl", "top1_agreement", "ppl_ratio"}`` against the baseline on the fixed texts."""
 
     name = "quality"
-    needs = ("pack",)
+    needs = ("pack", "runtime")
 
     def key(self, ctx: BuildContext, run: StageRun) -> str:
-        return digest("quality", run.keys["pack"], ctx.texts.fixed(), code_version("bench"))
+        return digest("quality", run.keys["pack"], run.keys.get("runtime"), ctx.texts.fixed(), code_version("bench"))
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
         model, tok = ctx.models.for_stage(run)
@@ -38,12 +39,12 @@ class HostStep(Step):
     sets one) may stop the stage: the tasks left are not run, and the record says why."""
 
     name = "host"
-    needs = ("pack",)
+    needs = ("pack", "runtime")
 
     def key(self, ctx: BuildContext, run: StageRun) -> str:
         cfg = ctx.config
         judge = ctx.judge.fingerprint(run) if ctx.judge else None
-        return digest("host", run.keys["pack"], cfg.tasks, cfg.profile, data_fingerprint(ctx.data_dir),
+        return digest("host", run.keys["pack"], run.keys.get("runtime"), cfg.tasks, cfg.profile, data_fingerprint(ctx.data_dir),
                       cfg.seed, scenarios_fingerprint(cfg), judge, code_version("bench"))
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:

@@ -26,6 +26,7 @@ from edgebuild.bench import edge, eudaimonia
 from edgebuild.bench.stats import (FAIL, INCONCLUSIVE, NOT_RUN, PASS, SKIPPED, UNINFORMATIVE, Retention,
                                    mean_interval, paired, retention, verdict)
 from edgebuild.build.config import GateConfig
+from edgebuild.build.ladder import deployed_bytes
 from edgebuild.core.steps import BuildContext, StageRun, Step
 from edgebuild.targets.spec import NOT_MEASURABLE, gate_applies
 
@@ -69,7 +70,7 @@ class StageEvidence:
     baseline: dict
     quality: dict | None = None      # {"kl", "top1_agreement", "ppl_ratio"} against the baseline
     device: dict | None = None       # {"status": "ok"|"unreachable"|..., "prefill_ms": [...], ...}
-    artifact_bytes: int | None = None
+    artifact_bytes: int | None = None  # what the device stores: the runtime directory when there is one
     budgets: dict | None = None      # the target's budgets
     edge_task: str | None = None     # host benchmark whose accuracy must lie in the edge band
     device_enabled: bool = True      # False: --no-device, every device check is skipped
@@ -90,6 +91,7 @@ def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
     if cfg.device_budgets:
         device += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {}, ev.not_measurable)
     device += agreement_checks(ev.device, cfg)
+    device += weights_checks(ev.device)
     if not ev.device_enabled:
         device = [Check(c.name, c.group, SKIPPED, threshold=c.threshold, detail="skipped: --no-device")
                   for c in device]
@@ -268,6 +270,18 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     return out
 
 
+def weights_checks(device: dict | None) -> list:
+    """The runtime weights the device loaded are the ones the host encoded and judged: their sha256
+    computed on the device against the host's (a device step that staged a runtime directory)."""
+    weights = (device or {}).get("weights")
+    if (device or {}).get("status") != "ok" or not weights:
+        return []
+    match = bool(weights.get("match"))
+    return [Check("device/weights_sha256", "device", PASS if match else FAIL,
+                  detail=f"runtime weights sha256 on the device {str(weights.get('device'))[:16]}... "
+                         f"{'matches' if match else 'differs from'} the host's {weights['host'][:16]}...")]
+
+
 def device_checks(device: dict | None, artifact_bytes, budgets: dict, not_measurable=()) -> list:
     """Budget checks on raw device samples; ``not_run`` when the device was not reached;
     ``skipped`` for a budget the device cannot judge (latency under emulation)."""
@@ -336,7 +350,7 @@ def stage_evidence(ctx: BuildContext, run: StageRun, host: dict | None = None) -
     """What the gate looks at for ``run`` (``host``: results so far, instead of ``run.host``)."""
     reference, baseline = _reference(ctx, run), ctx.passed.get("baseline", run)
     return StageEvidence(run.stage, run.host if host is None else host, reference.host, baseline.host,
-                         run.quality, run.device, run.pack.get("bytes"), ctx.target.budgets_dict(),
+                         run.quality, run.device, deployed_bytes(run), ctx.target.budgets_dict(),
                          edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device,
                          not_measurable=tuple(k for k in ctx.target.budgets_dict() if not gate_applies(ctx.target, k)))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgebuild.build.ladder import deployed_bytes
 from edgebuild.core import __version__
 from edgebuild.core.files import atomic_path, sha256_file, write_json_atomic
 
@@ -46,6 +47,8 @@ def latency(device: dict) -> dict:
             "decode_ms_per_token_p50": float(np.median(dec)),
             "decode_ms_per_token_p95": float(np.percentile(dec, 95)),
             "decode_tokens_per_s": float(1000.0 / np.median(dec)), "peak_rss_mb": device.get("peak_rss_mb"),
+            "stage_rss_mb": device.get("stage_rss_mb"), "load_s": device.get("load_s"),
+            "stored_bytes": device.get("stored_bytes"), "weights": device.get("weights"),
             "samples": {"prefill_ms": device["prefill_ms"], "decode_ms_per_token": device["decode_ms_per_token"]}}
 
 
@@ -77,6 +80,18 @@ def edge_of_chaos(run) -> dict:
             "detail": check.get("detail")}
 
 
+def runtime_summary(run) -> dict | None:
+    """What the device executes for ``run``: the runtime encodings, transport (packed) and runtime
+    bytes, the runtime weights' sha256, KL(stage || stage as deployed) beside the stage's own KL
+    against the baseline, and the runtime's agreement with torch; None without a runtime."""
+    runtime = run.pack.get("runtime")
+    if not runtime:
+        return None
+    keep = ("label", "encodings", "knobs", "bytes", "weights_bytes", "transport_bytes", "weights_sha256",
+            "deployment", "verify", "requirements")
+    return {k: runtime.get(k) for k in keep}
+
+
 def stage_summary(run, base) -> dict:
     stats = run.pack.get("stats", {})
     return {
@@ -84,6 +99,7 @@ def stage_summary(run, base) -> dict:
         "method": run.method, "knobs": run.knobs, "source": run.source,
         "reference_method": run.pack.get("reference_method", False),
         "bytes": run.pack.get("bytes"), "size_mb": (run.pack.get("bytes") or 0) / MB,
+        "deployed_bytes": deployed_bytes(run), "runtime": runtime_summary(run),
         "bits_per_weight": stats.get("bits_per_weight"), "bits_per_weight_all": stats.get("bits_per_weight_all"),
         "method_facts": run.pack.get("facts", {}),
         "scores": _scores(run), "retention_vs_baseline": _retention(run, base) if base else {},
@@ -104,6 +120,9 @@ def link_artifacts(result, runs: dict) -> dict:
             continue
         dest = result.out_dir / "stages" / name
         files = {"weights.ebpk": Path(run.pack["path"])}
+        if run.pack.get("runtime"):
+            from edgebuild.device_agent.runtime_dir import upload_files
+            files.update({f"runtime/{n}": p for n, p in upload_files(run.pack["runtime"]["path"]).items()})
         if "graph" in run.keys:
             graph = result.out_dir.parent / "cache" / "graph" / run.keys["graph"]
             files.update({"model.onnx": graph / "model.onnx", "graph.json": graph / "graph.json"})
@@ -140,6 +159,7 @@ def build_manifest(result) -> dict:
         "target": result.target.name,
         "compression_level": result.shipped,
         "size_mb": size / MB if size else None, "size_bytes": size,
+        "deployed_bytes": deployed_bytes(shipped), "runtime": runtime_summary(shipped),
         "original_size_mb": original / MB if original else None, "original_size_bytes": original,
         "compression_ratio": (original / size) if original and size else None,
         "bits_per_weight": shipped.pack.get("stats", {}).get("bits_per_weight"),
@@ -186,7 +206,8 @@ def search_summary(result) -> dict:
         out.setdefault(run.stage, []).append({
             "attempt": run.attempt + 1, "knobs": run.knobs,
             "fallback_layers": (run.trial or {}).get("fallback_layers"),
-            "bytes": run.pack.get("bytes"), "kl": (run.quality or {}).get("kl"), "status": run.status,
+            "bytes": run.pack.get("bytes"), "deployed_bytes": deployed_bytes(run),
+            "kl": (run.quality or {}).get("kl"), "status": run.status,
             "stopped": run.stopped, "reasons": (run.gate or {}).get("reasons", [])})
     return out
 

@@ -61,6 +61,7 @@ class Pipeline:
     def __init__(self, req: BuildRequest):
         from edgebuild.bench.quality import TextSets
         from edgebuild.compress.stage_models import StageModels
+        from edgebuild.export.deployed import deployed_model
         from edgebuild.targets import load_target
         from edgebuild.targets.session import DeviceSession
         self.req, self.cfg = req, req.config
@@ -70,7 +71,7 @@ class Pipeline:
         self.ctx = BuildContext(
             config=self.cfg, ref=ref, target=target, data_dir=req.data_dir, out=req.out,
             cache=StepCache(req.out / "cache", force=req.force), progress=req.progress,
-            models=StageModels(ref, req.progress), texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
+            models=StageModels(ref, req.progress, deploy=deployed_model), texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
             device=DeviceSession(target))
         wanted = [n for n in req.steps if n != "device" or self.cfg.device]
         self.steps: list[Step] = [steps.get(name)() for name in plan(wanted)]

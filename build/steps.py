@@ -10,6 +10,7 @@ from edgebuild.core.registry import Registry
 
 steps = Registry("build step", error=ConfigError)
 steps.register_lazy("pack", "edgebuild.compress.step:PackStep")
+steps.register_lazy("runtime", "edgebuild.export.step:RuntimeStep")
 steps.register_lazy("quality", "edgebuild.bench.step:QualityStep")
 steps.register_lazy("graph", "edgebuild.export.step:GraphStep")
 steps.register_lazy("verify", "edgebuild.export.step:VerifyStep")
@@ -17,16 +18,16 @@ steps.register_lazy("host", "edgebuild.bench.step:HostStep")
 steps.register_lazy("device", "edgebuild.targets.step:DeviceStep")
 steps.register_lazy("gate", "edgebuild.build.gates:GateStep")
 
-ORDER = ("pack", "quality", "graph", "verify", "host", "device", "gate")
+ORDER = ("pack", "runtime", "quality", "graph", "verify", "host", "device", "gate")
 
 # What each build command runs (the steps they need are added by ``plan``).
 COMMANDS = {
     "all": ORDER,
     "compress": ("pack",),
-    "export": ("pack", "graph", "verify"),
-    "deploy": ("pack", "graph", "verify", "device"),
+    "export": ("pack", "runtime", "graph", "verify"),
+    "deploy": ("pack", "runtime", "graph", "verify", "device"),
     "bench": ("pack", "host"),
-    "no-device": ("pack", "quality", "graph", "verify", "host", "gate"),
+    "no-device": ("pack", "runtime", "quality", "graph", "verify", "host", "gate"),
 }
 
 

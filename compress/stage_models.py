@@ -1,5 +1,6 @@
 """Torch models for a build's steps: the base model, loaded once, and each stage's model carrying
-the weights its packed records decode to (host and device see the same numpy-decoded weights)."""
+the weights its packed records decode to (``compressed``) or, once the stage has a runtime
+directory, the weights the device executes (``for_stage``: ``export.deployed.deployed_model``)."""
 from __future__ import annotations
 
 import copy
@@ -8,11 +9,14 @@ from edgebuild.core import models
 
 
 class StageModels:
-    """``base()`` loads the model on first use; ``for_stage(run)`` is the base model with the
-    stage's decoded weights (kept per stage run); ``source(run)`` a private copy to compress."""
+    """``base()`` loads the model on first use; ``compressed(run)`` is the base model with the
+    stage's decoded weights, ``for_stage(run)`` the model the stage is judged as (its deployed
+    weights when it has a runtime directory), both kept per stage run; ``source(run)`` the
+    compressed model, which the next stage of the ladder compresses."""
 
-    def __init__(self, ref, progress):
+    def __init__(self, ref, progress, deploy=None):
         self.ref, self.progress = ref, progress
+        self.deploy = deploy        # (torch model, runtime dir) -> the model carrying its deployed weights
         self._base = None
         self._stages: dict = {}
 
@@ -28,9 +32,21 @@ class StageModels:
         model, tok = self.base()
         if run is None or run.stage == "baseline":
             return copy.deepcopy(model), tok
-        return self.for_stage(run)
+        return self.compressed(run)
 
     def for_stage(self, run):
+        """The torch model the host judges ``run`` as: the weights its runtime directory makes the
+        device execute when it has one (``run.pack["runtime"]``), else its decoded weights."""
+        runtime = (run.pack or {}).get("runtime")
+        if not runtime or self.deploy is None:
+            return self.compressed(run)
+        key = (run.stage, run.attempt, run.keys.get("pack"), run.keys.get("runtime"))
+        if key not in self._stages:
+            model, tok = self.compressed(run)
+            self._stages[key] = (self.deploy(model, runtime["path"]), tok)
+        return self._stages[key]
+
+    def compressed(self, run):
         """The torch model carrying ``run``'s decoded weights (the base model for the baseline)."""
         key = (run.stage, run.attempt, run.keys.get("pack"))
         if key not in self._stages:

@@ -1,5 +1,7 @@
 """The export steps: the model's graph (once per model architecture) and each stage's check of
-that graph, loaded with the stage's weights, against the torch model carrying the same weights."""
+that graph, loaded with the stage's weights, against the torch model carrying the same weights;
+and the runtime step: each stage as the device executes it (a runtime directory in the target
+spec's runtime encodings), with what deploying it costs in bytes and in quality."""
 from __future__ import annotations
 
 import json
@@ -39,12 +41,78 @@ class VerifyStep(Step):
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
         from edgebuild.export import exporters
         state = ctx.models.decoded(run)
-        model, tok = ctx.models.for_stage(run)
+        model, tok = ctx.models.compressed(run)
         with ctx.progress.step(f"verify export {run.stage}"):
             return exporters.get(ctx.config.exporter)().verify(graph_dir(ctx, run), state, model, tok)
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.verify = record
+
+
+RUNTIME_DIR = "runtime"
+
+
+class RuntimeStep(Step):
+    """The stage encoded into a runtime directory (``export.runtime_build.encode_stage``) from its
+    own decoded weights: SeedLM, VPTQ and Hyper-Compression stages are thereby transcoded,
+    deterministically, into the target spec's ``[runtime]`` encodings; the baseline, the reference
+    every stage is judged against, is encoded in fp32. Record: transport (packed) and runtime bytes,
+    the encoding of each tensor class, the runtime weights' sha256, KL(stage || stage as deployed)
+    and the runtime's agreement with torch (``verify_runtime``)."""
+
+    name = "runtime"
+    needs = ("pack",)
+
+    def key(self, ctx: BuildContext, run: StageRun) -> str:
+        return digest("runtime", run.keys["pack"], ctx.ref.fingerprint, runtime_plan(ctx, run).to_dict(),
+                      ctx.texts.fixed(), code_version("export", "device_agent"))
+
+    def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
+        from edgebuild.export.runtime_build import encode_stage
+        plan, folder = runtime_plan(ctx, run), work / RUNTIME_DIR
+        base, tok = ctx.models.base()
+        with ctx.progress.step(f"encode runtime {run.stage} ({plan.label()})"):
+            manifest = encode_stage(base, tok, folder, plan, records=ctx.models.records(run),
+                                    meta={"stage": run.stage, "method": run.method, "knobs": run.knobs})
+        with ctx.progress.step(f"deployment KL {run.stage}"):
+            checks = _deployment_checks(ctx, run, folder)
+        return {"label": manifest["label"], "encodings": manifest["encodings"], "knobs": manifest["knobs"],
+                "bytes": manifest["runtime_bytes"], "weights_bytes": manifest["weights_bytes"],
+                "transport_bytes": run.pack["bytes"], "weights_sha256": manifest["weights_sha256"],
+                "requirements": manifest["requirements"], "encode_s": manifest["encode_s"], **checks}
+
+    def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
+        run.pack["runtime"] = dict(record, path=str(entry / RUNTIME_DIR))
+
+
+def runtime_plan(ctx: BuildContext, run: StageRun):
+    """The runtime plan of ``run``: the target spec's, fp32 for the baseline (the reference)."""
+    from dataclasses import replace
+
+    from edgebuild.export.encodings import plan_from_spec
+    plan = plan_from_spec(ctx.target.runtime)
+    return replace(plan, linear="fp32", embedding="fp32") if run.stage == "baseline" else plan
+
+
+def _deployment_checks(ctx: BuildContext, run: StageRun, folder: Path) -> dict:
+    """``{"deployment": KL, top-1 and perplexity ratio of the deployed weights against the stage
+    as compressed, "verify": the runtime against torch with the deployed weights}``; an
+    ``ExportError`` when the runtime does not compute what the deployed weights say."""
+    from edgebuild.export.deployed import deployed_model
+    from edgebuild.export.runtime_verify import deployment_kl, verify_runtime
+    stage, tok = ctx.models.compressed(run)
+    deployed = deployed_model(stage, folder)
+    kl = deployment_kl(stage, deployed, tok, ctx.texts.fixed())
+    verify = verify_runtime(folder, deployed, tok, threads=ctx.target.runtime.threads)
+    keep = ("max_abs_diff", "top1_agreement", "greedy_match", "int8_compute", "tolerances", "prompts", "steps")
+    return {"deployment": kl, "verify": {**{k: verify[k] for k in keep},
+                                         "weights_max_abs_diff": verify["weights"]["max_abs_diff"]}}
+
+
+def runtime_dir(run: StageRun) -> Path | None:
+    """The runtime directory of ``run`` (None when the build encoded none)."""
+    runtime = run.pack.get("runtime") or {}
+    return Path(runtime["path"]) if runtime.get("path") else None
 
 
 def graph_dir(ctx: BuildContext, run: StageRun) -> Path:

@@ -109,9 +109,13 @@ class AgentClient:
         """Device facts: arch, cores, RAM, free disk, temperature, throttling, versions, stages."""
         return self.call("info")
 
-    def stage(self, name: str, version: str, files: list[dict]) -> dict:
-        """Install uploaded files (``[{path, sha256, as}]``) as stage ``name/version``."""
-        return self.call("stage", {"name": name, "version": version, "files": files})
+    def stage(self, name: str, version: str, files: list[dict], budget_bytes: int | None = None) -> dict:
+        """Install uploaded files (``[{path, sha256, as}]``) as stage ``name/version``; with
+        ``budget_bytes``, the agent prunes older versions to it and refuses a version that cannot fit."""
+        args = {"name": name, "version": version, "files": files}
+        if budget_bytes is not None:
+            args["budget_bytes"] = int(budget_bytes)
+        return self.call("stage", args)
 
     def load(self, name: str | None = None, version: str | None = None, threads: int | None = None,
              packed: str | None = None, timeout_s: float | None = None) -> dict:
@@ -122,6 +126,14 @@ class AgentClient:
     def time(self, timeout_s: float | None = None, **kwargs) -> dict:
         """Time the loaded model (prompt_len, decode_tokens, warmup, repeats); raw samples."""
         return self.call("time", kwargs, timeout_s)
+
+    def measure(self, name: str, version: str, threads: int | None = None, timeout_s: float | None = None,
+                **timing) -> dict:
+        """Load and time stage ``name/version`` in a fresh process on the device: that stage's own
+        memory (``peak_rss_mb``, ``stage_rss_mb``), ``load_s``, raw prefill/decode samples,
+        ``stored_bytes`` and the ``weights_sha256`` computed there."""
+        args = {"name": name, "version": version, "threads": threads, **timing}
+        return self.call("measure", {k: v for k, v in args.items() if v is not None}, timeout_s)
 
     def score(self, requests, timeout_s: float | None = None, max_batch_tokens: int | None = None,
               progress=None) -> list[tuple[float, bool]]:
@@ -240,8 +252,9 @@ class AgentClient:
 
 
 def deploy_stage(client: AgentClient, transport, name: str, version: str,
-                 files: dict[str, Path]) -> dict:
-    """Upload ``{name in stage: local path}``, then have the agent verify and install them.
+                 files: dict[str, Path], budget_bytes: int | None = None) -> dict:
+    """Upload ``{name in stage: local path}``, then have the agent verify and install them
+    (within ``budget_bytes`` of stored stages, when given).
 
     Returns the agent's ``stage`` result (``path``, ``files`` with sha256 and bytes, ``existing``).
     """
@@ -252,7 +265,7 @@ def deploy_stage(client: AgentClient, transport, name: str, version: str,
                  name, version)
         remote = transport.upload(path, f"{name}.{version}.{as_name}")
         entries.append({"path": remote, "sha256": sha, "as": as_name})
-    return client.stage(name, version, entries)
+    return client.stage(name, version, entries, budget_bytes)
 
 
 def connect(target, transport=None) -> AgentClient:

@@ -1,5 +1,7 @@
-"""The device step: stage a build stage on the target's agent, time it there, and score the
-benchmark items the host scored, with the agreement between the two."""
+"""The device step: stage a build stage's runtime directory on the target's agent, measure it there
+in a fresh process (its own memory, load time, prefill and decode samples, the sha256 of the runtime
+weights computed on the device, compared with the host's), and score the benchmark items the host
+scored, with the agreement between the two (the same predictions, the largest |Δ log-likelihood|)."""
 from __future__ import annotations
 
 import json
@@ -12,15 +14,16 @@ from edgebuild.core.steps import BuildContext, StageRun, Step
 
 class DeviceStep(Step):
     """Record: ``{"status": "ok", "version", "info", "prefill_ms": [...], "decode_ms_per_token":
-    [...], ...}`` plus device scores, or ``{"status": "unreachable", ...}`` (never cached: the device
-    may be back next time)."""
+    [...], "peak_rss_mb", "stage_rss_mb", "load_s", "stored_bytes", "weights": {"host", "device",
+    "match"}, ...}`` plus device scores, or ``{"status": "unreachable", ...}`` (never cached: the
+    device may be back next time)."""
 
     name = "device"
-    needs = ("pack", "graph")
+    needs = ("pack", "runtime")
 
     def key(self, ctx: BuildContext, run: StageRun) -> str:
         tasks = device_tasks(ctx.config)
-        return digest("device", 2, run.keys["pack"], run.keys["graph"], ctx.target.digest(), tasks,
+        return digest("device", 3, run.keys["pack"], run.keys["runtime"], ctx.target.digest(), tasks,
                       device_profile(ctx.config), ctx.config.seed, code_version("device_agent", "targets"),
                       code_version("bench") if tasks else None)
 
@@ -29,8 +32,9 @@ class DeviceStep(Step):
         if client is None:
             return _unreachable(ctx, run)
         version = _stage_on_device(ctx, run, client)
-        result = {"status": "ok", "version": version, "info": ctx.device.info, **_time(ctx, run, client, version),
-                  "excluded_tasks": excluded_tasks(ctx.config)}
+        measured = _measure(ctx, run, client, version)
+        result = {"status": "ok", "version": version, "info": ctx.device.info, **measured,
+                  "weights": weights_check(run, measured), "excluded_tasks": excluded_tasks(ctx.config)}
         if device_tasks(ctx.config):
             result.update(_score(ctx, run, client))
         return result
@@ -43,27 +47,41 @@ class DeviceStep(Step):
 
 
 def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
+    """Upload ``run``'s runtime directory and install it (within ``runtime.storage_budget_mb``)."""
+    from edgebuild.device_agent.runtime_dir import upload_files
     from edgebuild.targets.client import deploy_stage
-    graph = ctx.cache.path("graph", run.keys["graph"])
-    files = {"model.onnx": graph / "model.onnx", "graph.json": graph / "graph.json",
-             "weights.ebpk": Path(run.pack["path"])}
-    version = digest(run.keys["pack"], run.keys["graph"])[:16]
+    files = upload_files(run.pack["runtime"]["path"])
+    version = digest(run.keys["pack"], run.keys["runtime"])[:16]
+    budget = ctx.target.runtime.storage_budget_mb
     transport = ctx.device.transport
     with ctx.progress.step(f"upload {run.stage}") as update:
         transport.progress = update
         try:
-            deploy_stage(client, transport, run.stage, version, files)
+            deploy_stage(client, transport, run.stage, version, files,
+                         budget_bytes=int(budget * 1e6) if budget else None)
         finally:
             transport.progress = None
     return version
 
 
-def _time(ctx: BuildContext, run: StageRun, client, version: str) -> dict:
+def _measure(ctx: BuildContext, run: StageRun, client, version: str) -> dict:
+    """The stage measured alone in a fresh process on the device (the agent's ``measure``), then
+    loaded in the agent for scoring; ``load_weights_sha256`` is the hash that load computed."""
     rt, t = ctx.target.runtime, ctx.target.timing
+    timing = {"prompt_len": t.prompt_len, "decode_tokens": t.decode_tokens, "warmup": t.warmup,
+              "repeats": t.repeats}
     with ctx.progress.step(f"device {run.stage}"):
-        client.load(run.stage, version, threads=rt.threads)
-        return client.time(prompt_len=t.prompt_len, decode_tokens=t.decode_tokens, warmup=t.warmup,
-                           repeats=t.repeats)
+        measured = client.measure(run.stage, version, threads=rt.threads, **timing)
+        loaded = client.load(run.stage, version, threads=rt.threads)
+    return dict(measured, load_weights_sha256=loaded.get("weights_sha256"))
+
+
+def weights_check(run: StageRun, measured: dict) -> dict:
+    """The sha256 of the runtime weights as encoded on the host against the one computed on the
+    device (by the measuring process and by the agent's load): ``match`` only when all agree."""
+    host = run.pack["runtime"]["weights_sha256"]
+    device = [measured.get("weights_sha256"), measured.get("load_weights_sha256")]
+    return {"host": host, "device": device[0], "match": all(d == host for d in device)}
 
 
 def _score(ctx: BuildContext, run: StageRun, client) -> dict:
@@ -84,7 +102,20 @@ def _score(ctx: BuildContext, run: StageRun, client) -> dict:
     host = {t: pick(run.host[t]["items"], t) for t in tasks}
     return {"scores": scores, "profile": profile,
             "host_scores": {t: sum(c for _, c in host[t]) / len(host[t]) for t in tasks if host[t]},
-            "agreement": agreement(host, {t: pick(scores[t]["items"], t) for t in tasks})}
+            "agreement": agreement(*_compared(run, dev, scores, tasks, both))}
+
+
+def _compared(run: StageRun, dev, scores: dict, tasks: list, both: dict) -> tuple:
+    """``(host, device)`` for ``agreement`` on the items both scored: each answer's log-likelihood
+    on both sides when the host recorded them for every task (``TaskResult.responses``), else
+    each item's correctness."""
+    responses = {t: run.host[t].get("responses") or {} for t in tasks}
+    if all({str(d) for d in both[t]} <= set(map(str, responses[t])) for t in tasks):
+        return ({t: {d: responses[t].get(str(d), responses[t].get(d)) for d in both[t]} for t in tasks},
+                {t: {d: dev.responses[t][d] for d in both[t]} for t in tasks})
+    pick = lambda items, t: [i for i in items if i[0] in both[t]]  # noqa: E731
+    return ({t: pick(run.host[t]["items"], t) for t in tasks},
+            {t: pick(scores[t]["items"], t) for t in tasks})
 
 
 def device_profile(cfg) -> str:

@@ -71,7 +71,7 @@ def test_every_registered_step_is_a_step_in_its_subjects_folder():
     from edgebuild.core.steps import Step
 
     assert sorted(ORDER) == steps.names()
-    homes = {"pack": "compress", "quality": "bench", "graph": "export", "verify": "export", "host": "bench",
+    homes = {"pack": "compress", "quality": "bench", "runtime": "export", "graph": "export", "verify": "export", "host": "bench",
              "device": "targets", "gate": "build"}
     for name in ORDER:
         cls = steps.get(name)
