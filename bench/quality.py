@@ -115,3 +115,41 @@ class TextSets:
         held_out = set(self.fixed())
         pool = quality_texts(self.data_dir, self.n_calibration + len(held_out), seed=self.seed + 1)
         return [t for t in pool if t not in held_out][: self.n_calibration]
+
+
+# --- what deploying a stage costs: the stage against its runtime directory -------------------
+
+def deployment_kl(stage, deployed, tokenizer, texts, max_tokens: int | None = None) -> dict:
+    """``{"kl", "top1_agreement", "ppl_ratio"}`` of the deployed model against the stage as compressed
+    (KL(stage || deployed), nats per position, on ``texts``; ``compare``'s semantics).
+    ``deployed`` may be a torch model or a ``RuntimeModel`` (the runtime's own logits)."""
+    kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
+    ref = reference_logprobs(stage, tokenizer, texts, **kwargs)
+    return compare(deployed, tokenizer, texts, ref, **kwargs)
+
+
+class RuntimeModel:
+    """A loaded runtime seen as a causal LM by ``bench.quality``: ``model(ids).logits``, batch of one."""
+
+    device = "cpu"
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def eval(self) -> "RuntimeModel":
+        return self
+
+    def __call__(self, input_ids):
+        import torch
+        from types import SimpleNamespace
+
+        logits = self.runtime.logits([int(t) for t in input_ids[0]])
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits))[None])
+
+
+def runtime_kl(stage, folder, tokenizer, texts, max_tokens: int | None = None, threads=None) -> dict:
+    """``deployment_kl`` with the runtime directory ``folder`` run in onnxruntime-genai."""
+    from edgebuild.device_agent.genai_runtime import GenaiRuntime
+
+    runtime = RuntimeModel(GenaiRuntime.load(folder, threads=threads))
+    return deployment_kl(stage, runtime, tokenizer, texts, max_tokens)

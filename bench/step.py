@@ -15,7 +15,9 @@ from edgebuild.core.steps import BuildContext, StageRun, Step
 
 
 class QualityStep(Step):
-    """Record: ``{"kl", "top1_agreement", "ppl_ratio"}`` against the baseline on the fixed texts."""
+    """Record: ``{"kl", "top1_agreement", "ppl_ratio"}`` of the stage as deployed against the
+    baseline on the fixed texts, and, for a stage with a runtime directory, ``deployment``: the same
+    three of the stage as deployed against the stage as compressed (what deploying costs)."""
 
     name = "quality"
     needs = ("pack", "runtime")
@@ -26,7 +28,12 @@ class QualityStep(Step):
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
         model, tok = ctx.models.for_stage(run)
         with ctx.progress.step(f"KL and top-1 {run.stage}"):
-            return _quality(ctx, model, tok)
+            record = _quality(ctx, model, tok)
+        if run.pack.get("runtime"):
+            from edgebuild.bench.quality import deployment_kl
+            with ctx.progress.step(f"deployment KL {run.stage}"):
+                record["deployment"] = deployment_kl(ctx.models.compressed(run)[0], model, tok, ctx.texts.fixed())
+        return record
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.quality = record

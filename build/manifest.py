@@ -88,8 +88,8 @@ def runtime_summary(run) -> dict | None:
     if not runtime:
         return None
     keep = ("label", "encodings", "knobs", "bytes", "weights_bytes", "transport_bytes", "weights_sha256",
-            "deployment", "verify", "requirements")
-    return {k: runtime.get(k) for k in keep}
+            "verify", "requirements")
+    return {**{k: runtime.get(k) for k in keep}, "deployment": (run.quality or {}).get("deployment")}
 
 
 def stage_summary(run, base) -> dict:

@@ -57,6 +57,25 @@ def latency(m: dict) -> dict:
     return {"rows": rows}
 
 
+def runtime(m: dict) -> dict:
+    """What the device executes for each stage: encodings, transport (packed) and runtime bytes,
+    KL(stage || stage as deployed) beside the stage's own KL, the runtime's agreement with torch,
+    the runtime weights' sha256 and whether the device computed the same."""
+    rows = []
+    for st in m.get("stages", []):
+        rt = st.get("runtime")
+        if not rt:
+            continue
+        lat, verify = st.get("latency") or {}, rt.get("verify") or {}
+        rows.append({"label": label(st), "rt": rt, "kl": (st.get("quality") or {}).get("kl"),
+                     "deployment_kl": (rt.get("deployment") or {}).get("kl"), "verify": verify,
+                     "transport_mb": (rt.get("transport_bytes") or 0) / 1e6, "runtime_mb": (rt.get("bytes") or 0) / 1e6,
+                     "weights_mb": (rt.get("weights_bytes") or 0) / 1e6, "sha": (rt.get("weights_sha256") or "")[:16],
+                     "device_match": (lat.get("weights") or {}).get("match") if lat.get("measured") else None,
+                     "stage_rss_mb": lat.get("stage_rss_mb"), "load_s": lat.get("load_s")})
+    return {"rows": rows}
+
+
 def device_scores(m: dict) -> dict:
     """Each stage's host and device scores side by side, with their agreement."""
     rows = []
@@ -121,6 +140,7 @@ SECTIONS = (
     Section("stage_runs", "Stages"),              # Markdown: the table printed at the end of a build
     Section("benchmarks", "Benchmarks", benchmarks),
     Section("stages", "Stages", stages),
+    Section("runtime", "What the device executes", runtime),
     Section("latency", "Device latency", latency),
     Section("device_scores", "Host and device scores", device_scores),
     Section("gates", "Gate verdicts", gates),

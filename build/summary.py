@@ -34,9 +34,10 @@ def row(run, base, tasks) -> dict:
         cells[t] = {"score": r["score"], "n": r["n"], "retention": (r["score"] / b) if b else None}
     return {"stage": run.stage, "attempt": run.attempt + 1, "method": run.method,
             "reference_method": run.pack.get("reference_method", False), "knobs": run.knobs,
-            "bytes": run.pack.get("bytes"), "bits_per_weight": bits_per_weight(stats),
+            "bytes": run.pack.get("bytes"), "runtime_bytes": (run.pack.get("runtime") or {}).get("bytes"),
+            "bits_per_weight": bits_per_weight(stats),
             "tasks": cells, "kl": (run.quality or {}).get("kl"),
-            "decode_ms_per_token_p50": lat.get("decode_ms_per_token_p50"),
+            "decode_ms_per_token_p50": lat.get("decode_ms_per_token_p50"), "stage_rss_mb": lat.get("stage_rss_mb"),
             "prefill_ms_p50": lat.get("prefill_ms_p50"), "device": (run.device or {}).get("status"),
             "status": run.status, "note": run.note, "reasons": (run.gate or {}).get("reasons", [])}
 
@@ -67,15 +68,17 @@ def print_table(result, manifest_path=None) -> None:
     data = as_dict(result, manifest_path)
     tasks = _tasks(result)
     table = Table(title=f"edgebuild: {result.model_ref.spec} → {result.target.name}")
-    for col in ["stage", "method", "MB", "bits/w", *tasks, "KL", "decode ms/tok", "prefill ms", "verdict"]:
+    for col in ["stage", "method", "MB", "runtime MB", "bits/w", *tasks, "KL", "decode ms/tok", "prefill ms",
+                "RSS MB", "verdict"]:
         table.add_column(col, justify="left" if col in ("stage", "method", "verdict") else "right")
     for r in data["stages"]:
         method = r["method"] + (" (reference)" if r["reference_method"] else "")
         cells = [_task_cell(r["tasks"].get(t)) for t in tasks]
+        runtime_mb = r["runtime_bytes"] / 1e6 if r["runtime_bytes"] else None
         table.add_row(f"{r['stage']}#{r['attempt']}", method, _fmt((r["bytes"] or 0) / 1e6, ".1f"),
-                      _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
+                      _fmt(runtime_mb, ".1f"), _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
                       _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
-                      _verdict(r))
+                      _fmt(r["stage_rss_mb"], ".0f"), _verdict(r))
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for r in data["stages"]:

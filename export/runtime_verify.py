@@ -11,9 +11,8 @@
   tokens; with ``accuracy_level`` 4 the activations are also rounded to int8 per block, so the
   check is on top-1 agreement and the largest logit difference, with the tolerances below.
 
-``deployment_kl`` measures KL(stage as compressed || stage as deployed) on text, with the same
-machinery as the build's quality gate (``edgebuild.bench.quality``); ``runtime_kl`` the same with
-the runtime's own logits (int8 activations included) in place of the deployed torch model.
+What deploying costs in quality (KL(stage as compressed || stage as deployed)) is measured with the
+build's quality machinery: ``edgebuild.bench.quality.deployment_kl`` and ``runtime_kl``.
 """
 from __future__ import annotations
 
@@ -144,41 +143,3 @@ def _judge(result: dict, label: str) -> None:
                           f"{result['top1_agreement']:.3f} (needs {tol['top1_agreement']:g})")
     log.info("runtime %s: max |logit diff| %.3g, top-1 %.3f, greedy match %s", label,
              result["max_abs_diff"], result["top1_agreement"], result["greedy_match"])
-
-
-def deployment_kl(stage, deployed, tokenizer, texts, max_tokens: int | None = None) -> dict:
-    """``{"kl", "top1_agreement", "ppl_ratio"}`` of the deployed model against the stage as compressed
-    (KL(stage || deployed), nats per position, on ``texts``; ``bench.quality`` semantics).
-    ``deployed`` may be a torch model or a ``RuntimeModel`` (the runtime's own logits)."""
-    from edgebuild.bench import quality
-
-    kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
-    ref = quality.reference_logprobs(stage, tokenizer, texts, **kwargs)
-    return quality.compare(deployed, tokenizer, texts, ref, **kwargs)
-
-
-class RuntimeModel:
-    """A loaded runtime seen as a causal LM by ``bench.quality``: ``model(ids).logits``, batch of one."""
-
-    device = "cpu"
-
-    def __init__(self, runtime):
-        self.runtime = runtime
-
-    def eval(self) -> "RuntimeModel":
-        return self
-
-    def __call__(self, input_ids):
-        import torch
-        from types import SimpleNamespace
-
-        logits = self.runtime.logits([int(t) for t in input_ids[0]])
-        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits))[None])
-
-
-def runtime_kl(stage, folder, tokenizer, texts, max_tokens: int | None = None, threads=None) -> dict:
-    """``deployment_kl`` with the runtime directory ``folder`` run in onnxruntime-genai."""
-    from edgebuild.device_agent.genai_runtime import GenaiRuntime
-
-    runtime = RuntimeModel(GenaiRuntime.load(folder, threads=threads))
-    return deployment_kl(stage, runtime, tokenizer, texts, max_tokens)

@@ -57,8 +57,10 @@ class RuntimeStep(Step):
     own decoded weights: SeedLM, VPTQ and Hyper-Compression stages are thereby transcoded,
     deterministically, into the target spec's ``[runtime]`` encodings; the baseline, the reference
     every stage is judged against, is encoded in fp32. Record: transport (packed) and runtime bytes,
-    the encoding of each tensor class, the runtime weights' sha256, KL(stage || stage as deployed)
-    and the runtime's agreement with torch (``verify_runtime``)."""
+    the encoding of each tensor class, the runtime weights' sha256 and the runtime's agreement with
+    torch carrying the deployed weights (``verify_runtime``; an ``ExportError`` when it does not
+    compute what they say). What deploying costs in quality is the quality step's
+    (``deployment``: KL(stage || stage as deployed))."""
 
     name = "runtime"
     needs = ("pack",)
@@ -74,12 +76,12 @@ class RuntimeStep(Step):
         with ctx.progress.step(f"encode runtime {run.stage} ({plan.label()})"):
             manifest = encode_stage(base, tok, folder, plan, records=ctx.models.records(run),
                                     meta={"stage": run.stage, "method": run.method, "knobs": run.knobs})
-        with ctx.progress.step(f"deployment KL {run.stage}"):
-            checks = _deployment_checks(ctx, run, folder)
+        with ctx.progress.step(f"verify runtime {run.stage}"):
+            verify = _verify(ctx, run, folder)
         return {"label": manifest["label"], "encodings": manifest["encodings"], "knobs": manifest["knobs"],
                 "bytes": manifest["runtime_bytes"], "weights_bytes": manifest["weights_bytes"],
                 "transport_bytes": run.pack["bytes"], "weights_sha256": manifest["weights_sha256"],
-                "requirements": manifest["requirements"], "encode_s": manifest["encode_s"], **checks}
+                "requirements": manifest["requirements"], "encode_s": manifest["encode_s"], "verify": verify}
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.pack["runtime"] = dict(record, path=str(entry / RUNTIME_DIR))
@@ -94,19 +96,14 @@ def runtime_plan(ctx: BuildContext, run: StageRun):
     return replace(plan, linear="fp32", embedding="fp32") if run.stage == "baseline" else plan
 
 
-def _deployment_checks(ctx: BuildContext, run: StageRun, folder: Path) -> dict:
-    """``{"deployment": KL, top-1 and perplexity ratio of the deployed weights against the stage
-    as compressed, "verify": the runtime against torch with the deployed weights}``; an
-    ``ExportError`` when the runtime does not compute what the deployed weights say."""
+def _verify(ctx: BuildContext, run: StageRun, folder: Path) -> dict:
+    """The runtime against torch carrying its deployed weights (``verify_runtime``), summarised."""
     from edgebuild.export.deployed import deployed_model
-    from edgebuild.export.runtime_verify import deployment_kl, verify_runtime
+    from edgebuild.export.runtime_verify import verify_runtime
     stage, tok = ctx.models.compressed(run)
-    deployed = deployed_model(stage, folder)
-    kl = deployment_kl(stage, deployed, tok, ctx.texts.fixed())
-    verify = verify_runtime(folder, deployed, tok, threads=ctx.target.runtime.threads)
+    result = verify_runtime(folder, deployed_model(stage, folder), tok, threads=ctx.target.runtime.threads)
     keep = ("max_abs_diff", "top1_agreement", "greedy_match", "int8_compute", "tolerances", "prompts", "steps")
-    return {"deployment": kl, "verify": {**{k: verify[k] for k in keep},
-                                         "weights_max_abs_diff": verify["weights"]["max_abs_diff"]}}
+    return {**{k: result[k] for k in keep}, "weights_max_abs_diff": result["weights"]["max_abs_diff"]}
 
 
 def runtime_dir(run: StageRun) -> Path | None:

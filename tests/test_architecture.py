@@ -78,5 +78,5 @@ def test_every_registered_step_is_a_step_in_its_subjects_folder():
         assert issubclass(cls, Step) and cls.name == name
         assert cls.__module__.split(".")[1] == homes[name]
         assert set(cls.needs) <= set(ORDER[:ORDER.index(name)])
-    assert plan(["device"]) == ("pack", "graph", "device")
-    assert plan(["gate", "host"]) == ("pack", "host", "gate")
+    assert plan(["device"]) == ("pack", "runtime", "device")
+    assert plan(["gate", "host"]) == ("pack", "runtime", "host", "gate")

@@ -20,7 +20,8 @@ from edgebuild.export import operators  # noqa: E402
 from edgebuild.export.deployed import deployed_model, deployed_state_dict, dequantize_blockwise  # noqa: E402
 from edgebuild.export.encodings import Knobs, RuntimePlan, encodings  # noqa: E402
 from edgebuild.export.runtime_build import encode_stage, stage_model  # noqa: E402
-from edgebuild.export.runtime_verify import runtime_kl, verify_runtime, deployment_kl  # noqa: E402
+from edgebuild.bench.quality import deployment_kl, runtime_kl  # noqa: E402
+from edgebuild.export.runtime_verify import verify_runtime  # noqa: E402
 from edgebuild.targets.spec import RuntimeSpec  # noqa: E402
 
 PLANS = {"fp32": RuntimePlan("fp32", "fp32"), "int8": RuntimePlan("int8", "int8"),

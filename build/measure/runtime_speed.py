@@ -155,7 +155,7 @@ def measure_speed(row: Row, timing: Timing) -> dict:
 
 def _quality_model(row: Row, threads: int):
     from edgebuild.device_agent.isolated import load_stage
-    from edgebuild.export.runtime_verify import RuntimeModel
+    from edgebuild.bench.quality import RuntimeModel
 
     if row.kind == "llama":
         from edgebuild.build.measure.llama_ref import LlamaModel
@@ -174,7 +174,7 @@ def deployment_cost(row: Row, model, tok, texts) -> dict:
     """KL(stage as compressed || stage as deployed) of a stage row (torch, deployed weights)."""
     from edgebuild.compress import apply_records
     from edgebuild.export.deployed import deployed_model
-    from edgebuild.export.runtime_verify import deployment_kl
+    from edgebuild.bench.quality import deployment_kl
     import copy
 
     stage = copy.deepcopy(model)
