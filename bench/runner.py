@@ -71,6 +71,8 @@ class TaskResult:
         """Rebuild a result from ``to_dict`` output (e.g. read back from a JSON cache)."""
         data = dict(data)
         data["items"] = [[int(doc_id), float(correct)] for doc_id, correct in data.get("items", [])]
+        data["responses"] = {int(doc_id): [[float(lp), bool(greedy)] for lp, greedy in pairs]
+                             for doc_id, pairs in data.get("responses", {}).items()}
         return cls(**data)
 
 

@@ -229,5 +229,5 @@ def test_plans_and_spec_keys_are_validated():
     text = ("name = 'x'\ndescription = 'x'\narch = 'native'\ncores = 1\nram_mb = 1\n"
             "storage_mb = 1\nmemory_bandwidth_gbps = 1.0\n[budgets]\ndecode_ms_per_token_p95 = 1.0\n"
             "prefill_ms = 1.0\npeak_rss_mb = 1.0\nartifact_mb = 1.0\n[runtime]\nencoding = 'int5'\n")
-    with pytest.raises(TargetError, match=r"key 'runtime.encoding' must be one of 'fp32', 'int4', 'int8'"):
+    with pytest.raises(TargetError, match=r"key 'runtime.encoding' must name an encoding \(fp32, int4, int8\), got 'int5'"):
         parse_target(text)

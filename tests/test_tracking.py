@@ -202,7 +202,7 @@ def test_the_cli_tracks_each_stage_as_the_pipeline_finishes_it(tmp_path, wandb_e
     monkeypatch.setattr(pipeline, "Pipeline", Pipeline)
     cfg = SimpleNamespace(profile="reduced", tasks=list(result.runs[0].host), stages=["baseline", "seedlm", "vptq",
                           "hyper"], experts=["general"], seed=0)
-    req = SimpleNamespace(model="m", data_dir=tmp_path, config=cfg, listeners=[])
+    req = SimpleNamespace(model="m", target="local", out=tmp_path / "out", data_dir=tmp_path, config=cfg, listeners=[])
     build_cmds._run(req, True)
     run = read_run(seen[0])
     assert len(run["steps"]) == 6 and "mmlu/anatomy" in run["steps"][-1] and run["exit_code"] == 0
