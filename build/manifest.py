@@ -88,7 +88,7 @@ def runtime_summary(run) -> dict | None:
     if not runtime:
         return None
     keep = ("label", "encodings", "knobs", "bytes", "weights_bytes", "transport_bytes", "weights_sha256",
-            "verify", "requirements")
+            "verify", "requirements", "fallback")
     return {**{k: runtime.get(k) for k in keep}, "deployment": (run.quality or {}).get("deployment")}
 
 

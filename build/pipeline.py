@@ -114,9 +114,13 @@ class Pipeline:
 
     def _preflight(self) -> None:
         """Reach the device before any stage work when its spec says an unreachable device fails
-        the build (``on_unreachable = "fail"``, the default for real boards)."""
-        if self.cfg.device and "device" in self.req.steps and self.ctx.target.on_unreachable == "fail":
+        the build (``on_unreachable = "fail"``, the default for real boards), and check that its
+        onnxruntime runs the target's runtime encodings (``device_runtime_plan``)."""
+        if not (self.cfg.device and "device" in self.req.steps):
+            return
+        if self.ctx.target.on_unreachable == "fail":
             self.ctx.device.connect()
+        self.ctx.runtime_plan = device_runtime_plan(self.ctx.target, self.ctx.device.operators())
 
     # -- the ladder --------------------------------------------------------------------------------
     def _redo(self, name: str) -> bool:
@@ -171,6 +175,18 @@ class Pipeline:
         """Run one step for ``run``, or reuse its cached record."""
         record, entry = execute(step, self.ctx, run, forced=self._forced)
         step.apply(self.ctx, run, record, entry)
+
+
+def device_runtime_plan(target, ops: dict | None) -> dict | None:
+    """``{"plan", "notes"}``: the target's runtime plan on a device whose agent reported ``ops``
+    (its onnxruntime version and kernels); a tensor class whose operator it lacks falls back to
+    ``runtime.fallback_encoding`` (a note says so), else a one-line ``TargetError`` naming the
+    operator and the onnxruntime it needs. None when the device did not say."""
+    if ops is None:
+        return None
+    from edgebuild.export.operators import plan_for_device
+    plan, notes = plan_for_device(target.runtime, ops.get("onnxruntime"), ops.get("kernels"))
+    return {"plan": plan, "notes": notes}
 
 
 def resolve_tasks(cfg: BuildConfig, data_dir) -> dict:

@@ -63,6 +63,7 @@ class BuildContext:
     device: Any = None
     judge: Any = None           # .failed(run, host results) -> reason | None; .fingerprint(run)
     passed: dict = field(default_factory=dict)
+    runtime_plan: Any = None    # {"plan", "notes"}: the target's runtime plan as its device runs it (None: the spec's)
 
     @property
     def data_cache(self) -> Path:

@@ -81,18 +81,20 @@ class RuntimeStep(Step):
         return {"label": manifest["label"], "encodings": manifest["encodings"], "knobs": manifest["knobs"],
                 "bytes": manifest["runtime_bytes"], "weights_bytes": manifest["weights_bytes"],
                 "transport_bytes": run.pack["bytes"], "weights_sha256": manifest["weights_sha256"],
-                "requirements": manifest["requirements"], "encode_s": manifest["encode_s"], "verify": verify}
+                "requirements": manifest["requirements"], "encode_s": manifest["encode_s"], "verify": verify,
+                "fallback": (ctx.runtime_plan or {}).get("notes", []) if run.stage != "baseline" else []}
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.pack["runtime"] = dict(record, path=str(entry / RUNTIME_DIR))
 
 
 def runtime_plan(ctx: BuildContext, run: StageRun):
-    """The runtime plan of ``run``: the target spec's, fp32 for the baseline (the reference)."""
+    """The runtime plan of ``run``: the target spec's (as the device runs it, when the build asked
+    the device: ``ctx.runtime_plan``), fp32 for the baseline (the reference)."""
     from dataclasses import replace
 
     from edgebuild.export.encodings import plan_from_spec
-    plan = plan_from_spec(ctx.target.runtime)
+    plan = ctx.runtime_plan["plan"] if ctx.runtime_plan else plan_from_spec(ctx.target.runtime)
     return replace(plan, linear="fp32", embedding="fp32") if run.stage == "baseline" else plan
 
 

@@ -38,6 +38,14 @@ class DeviceSession:
             log.warning("device unreachable, its gates are not run: %s", e.one_line())
         return self.client
 
+    def operators(self) -> dict | None:
+        """The device's onnxruntime version and CPU kernels (the agent's ``ops``), or None when the
+        device is unreachable or its agent predates the command."""
+        client = self.connect()
+        if client is None or not client.supports("ops"):
+            return None
+        return client.call("ops")
+
     def close(self) -> None:
         if self.client is not None:
             try:

@@ -50,8 +50,11 @@ def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
     """Upload ``run``'s runtime directory and install it (within ``runtime.storage_budget_mb``)."""
     from edgebuild.device_agent.runtime_dir import upload_files
     from edgebuild.targets.client import deploy_stage
+    from edgebuild.core.files import sha256_file
     files = upload_files(run.pack["runtime"]["path"])
-    version = digest(run.keys["pack"], run.keys["runtime"])[:16]
+    # runtime.json lists every file's sha256: the version names this content (a re-encoded stage
+    # records another encoding time, so it is a new version, never a changed one)
+    version = digest(run.keys["pack"], run.keys["runtime"], sha256_file(files["runtime.json"]))[:16]
     budget = ctx.target.runtime.storage_budget_mb
     transport = ctx.device.transport
     with ctx.progress.step(f"upload {run.stage}") as update:

@@ -26,8 +26,10 @@ def built(tmp_path_factory):
         pytest.skip(f"benchmark data not found at {DATA_DIR}")
     cfg = load_config(None, stages=["baseline", "rtn"], tasks=["arc_easy"], device_tasks=[])
     out = tmp_path_factory.mktemp("build")
-    pipe = Pipeline(BuildRequest("tiny-random", "local", cfg, out, data_dir=DATA_DIR, steps=STEPS))
-    result = pipe.run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEBUILD_HOME", str(out / "home"))              # the local agent's own root
+        pipe = Pipeline(BuildRequest("tiny-random", "local", cfg, out, data_dir=DATA_DIR, steps=STEPS))
+        result = pipe.run()
     return pipe, {r.stage: r for r in result.runs}
 
 
@@ -131,3 +133,25 @@ def test_the_device_agreement_compares_host_and_device_log_likelihoods():
     assert got["max_loglik_diff"] == pytest.approx(1.0) and got["same_prediction"] == 0.5
     del run.host["piqa"]["responses"]                                        # a host record without them
     assert agreement(*_compared(run, dev, scores, ["piqa"], {"piqa": {3, 5}}))["max_loglik_diff"] is None
+
+
+def test_the_build_asks_the_device_which_encodings_it_runs(built):
+    from edgebuild.export.encodings import plan_from_spec
+    pipe, runs = built
+    assert pipe.ctx.runtime_plan == {"plan": plan_from_spec(pipe.ctx.target.runtime), "notes": []}
+    assert runs["rtn"].pack["runtime"]["fallback"] == []
+
+
+def test_a_device_lacking_an_operator_falls_back_only_when_the_spec_says_so():
+    from types import SimpleNamespace
+
+    from edgebuild.build.pipeline import device_runtime_plan
+    from edgebuild.core.errors import TargetError
+    from edgebuild.targets.spec import RuntimeSpec
+    old = {"onnxruntime": "1.21.0", "kernels": None}          # GatherBlockQuantized with zero points: 1.23
+    with pytest.raises(TargetError, match="GatherBlockQuantized"):
+        device_runtime_plan(SimpleNamespace(runtime=RuntimeSpec(encoding="int4")), old)
+    chosen = device_runtime_plan(SimpleNamespace(runtime=RuntimeSpec(encoding="int4", fallback_encoding="fp32")), old)
+    assert (chosen["plan"].linear, chosen["plan"].embedding) == ("int4", "fp32")
+    assert chosen["notes"][0].startswith("embedding: int4 -> fp32")
+    assert device_runtime_plan(SimpleNamespace(runtime=RuntimeSpec()), None) is None

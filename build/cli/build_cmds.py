@@ -180,10 +180,12 @@ def _partial(name: str, steps: tuple, doc: str):
 
 compress_cmd = _partial("compress", COMMANDS["compress"], "Compress every configured stage and write its packed weights "
                         "(bytes and bits/weight are printed); no benchmarks.")
-export_cmd = _partial("export", COMMANDS["export"], "Compress and export every stage: ONNX graph + packed weights, "
-                      "checked against torch logits.")
-deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and export each stage and push it to "
-                      "the target's device agent, measuring latency and memory there; no gates.")
+export_cmd = _partial("export", COMMANDS["export"], "Compress and export every stage: its runtime directory "
+                      "(the target's runtime encodings) and the ONNX graph + packed weights, each checked "
+                      "against torch logits.")
+deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and encode each stage and push its runtime "
+                      "directory to the target's device agent, measuring it there in a fresh process "
+                      "(latency, memory, weights sha256); no gates.")
 
 
 @click.command("bench")
