@@ -76,7 +76,13 @@ def apply_plan(model, plan: RuntimePlan) -> None:
 
 
 def _save_graph(model, folder: Path) -> None:
+    import importlib.metadata
+
     import onnx
+
+    # the builder stamps its version with the git commit of the working directory: the same stage
+    # must give the same bytes wherever it is encoded
+    model.producer_version = importlib.metadata.version("onnxruntime-genai")
 
     for name in (runtime_dir.GRAPH, runtime_dir.WEIGHTS):
         (folder / name).unlink(missing_ok=True)

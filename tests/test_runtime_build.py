@@ -62,6 +62,10 @@ def test_transcoding_is_deterministic(built, tmp_path):
     again = encode_stage(model, tok, tmp_path / "again", RuntimePlan.from_dict(run.pack["runtime"]),
                          records=pipe.ctx.models.records(run))
     assert again["weights_sha256"] == run.pack["runtime"]["weights_sha256"]
+    import importlib.metadata
+    import onnx
+    graph = onnx.load(str(tmp_path / "again" / "model.onnx"), load_external_data=False)
+    assert graph.producer_version == importlib.metadata.version("onnxruntime-genai")   # no commit stamp
 
 
 def test_the_host_judges_the_deployed_weights(built):
