@@ -54,6 +54,7 @@ def device_scores(device: dict) -> dict | None:
     if not device or not device.get("scores"):
         return None
     return {"profile": device.get("profile"), "agreement": device.get("agreement"),
+            "excluded": device.get("excluded_tasks") or {},
             "tasks": {t: {"score": r["score"], "n": r["n"],
                           "host_score": (device.get("host_scores") or {}).get(t)}
                       for t, r in sorted(device["scores"].items())}}
