@@ -56,7 +56,7 @@ def _failure_text(check: dict) -> str:
     return "\n".join(f"{k}: {check.get(k)}" for k in keys if check.get(k) is not None)
 
 
-def stage_suite(st: dict, target: str) -> ET.Element:
+def stage_suite(st: dict, target: str, measurement: str | None = None) -> ET.Element:
     """The ``<testsuite>`` of one stage attempt."""
     gate = st.get("gate") or {}
     classname = f"edgebuild.{target}.{st['stage']}"
@@ -65,6 +65,8 @@ def stage_suite(st: dict, target: str) -> ET.Element:
     for key in ("method", "status", "source", "bytes", "bits_per_weight"):
         if st.get(key) is not None:
             ET.SubElement(props, "property", name=key, value=str(st[key]))
+    if measurement:
+        ET.SubElement(props, "property", name="device_measurement", value=measurement)
     checks = gate.get("checks", [])
     for check in checks:
         suite.append(check_case(classname, check, gate.get("reasons", [])))
@@ -110,7 +112,7 @@ def junit_tree(manifest: dict, final_only: bool = False) -> ET.Element:
         stages = list({st["stage"]: st for st in stages}.values())
     root = ET.Element("testsuites", name=f"edgebuild {manifest.get('model')} → {manifest.get('target')}")
     for st in stages:
-        root.append(stage_suite(st, str(manifest.get("target"))))
+        root.append(stage_suite(st, str(manifest.get("target")), manifest.get("device_measurement")))
     root.append(build_suite(manifest))
     for key in ("tests", "failures", "errors", "skipped"):
         root.set(key, str(sum(int(s.get(key)) for s in root.findall("testsuite"))))
