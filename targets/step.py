@@ -8,12 +8,15 @@ from pathlib import Path
 from edgebuild.core.cache import code_version, digest
 from edgebuild.core.errors import EdgebuildError
 from edgebuild.core.steps import BuildContext, StageRun, Step
+from edgebuild.targets.client import ConnectionLost
 
 
 class DeviceStep(Step):
     """Record: ``{"status": "ok", "version", "info", "prefill_ms": [...], "decode_ms_per_token":
-    [...], ...}`` plus device scores, or ``{"status": "unreachable", ...}`` (never cached: the device
-    may be back next time)."""
+    [...], ...}`` plus device scores (and ``reconnects`` when faults were survived), or
+    ``{"status": "unreachable", ...}``, or ``{"status": "lost", "error", "after": "upload" | "load" |
+    "time" | "score", "partial": {what was measured before}}`` when the device went away mid-step
+    and stayed away (never cached, either: the device may be back next time)."""
 
     name = "device"
     needs = ("pack", "graph")
@@ -25,14 +28,22 @@ class DeviceStep(Step):
                       code_version("bench") if tasks else None)
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
-        client = ctx.device.connect()
-        if client is None:
+        session = ctx.device
+        if session.connect() is None:
             return _unreachable(ctx, run)
-        version = _stage_on_device(ctx, run, client)
-        result = {"status": "ok", "version": version, "info": ctx.device.info, **_time(ctx, run, client, version),
-                  "excluded_tasks": excluded_tasks(ctx.config)}
-        if device_tasks(ctx.config):
-            result.update(_score(ctx, run, client))
+        before = session.reconnects
+        result = {"status": "ok", "info": session.info, "excluded_tasks": excluded_tasks(ctx.config)}
+        scored = {}
+        try:
+            result["version"] = session.attempt("upload", lambda c: _stage_on_device(ctx, run, c))
+            session.attempt("load", lambda c: _load(ctx, run, c, result["version"]))
+            result.update(session.attempt("time", lambda c: _time(ctx, run, c)))
+            if device_tasks(ctx.config):
+                result.update(session.attempt("score", lambda c: _score(ctx, run, c, scored)))
+        except ConnectionLost as err:
+            return _lost(ctx, result, err, scored)
+        if session.reconnects > before:
+            result["reconnects"] = session.reconnects - before
         return result
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
@@ -58,17 +69,32 @@ def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
     return version
 
 
-def _time(ctx: BuildContext, run: StageRun, client, version: str) -> dict:
-    rt, t = ctx.target.runtime, ctx.target.timing
+def _load(ctx: BuildContext, run: StageRun, client, version: str) -> None:
+    with ctx.progress.step(f"device load {run.stage}"):
+        client.load(run.stage, version, threads=ctx.target.runtime.threads)
+
+
+def _time(ctx: BuildContext, run: StageRun, client) -> dict:
+    t = ctx.target.timing
     with ctx.progress.step(f"device {run.stage}"):
-        client.load(run.stage, version, threads=rt.threads)
         return client.time(prompt_len=t.prompt_len, decode_tokens=t.decode_tokens, warmup=t.warmup,
                            repeats=t.repeats)
 
 
-def _score(ctx: BuildContext, run: StageRun, client) -> dict:
+def _lost(ctx: BuildContext, result: dict, err: ConnectionLost, scored: dict) -> dict:
+    """The record of a device lost mid-step: why, in which phase, and what it had measured."""
+    lost = ctx.device.lost or {"after": "upload", "error": err.one_line()}
+    partial = {k: v for k, v in result.items() if k not in ("status", "info", "excluded_tasks")}
+    if scored:
+        partial["scored_requests"] = dict(scored)
+    return {"status": "lost", "error": lost["error"], "after": lost["after"], "target": ctx.target.name,
+            "reconnect_attempts": lost.get("retries"), "partial": partial}
+
+
+def _score(ctx: BuildContext, run: StageRun, client, scored: dict) -> dict:
     """The device's own benchmark scores (same items and prompts as the host's, fewer of them with
-    a smaller device profile) and their agreement with the host's."""
+    a smaller device profile) and their agreement with the host's; ``scored`` follows how many
+    requests were answered (``{"done", "total"}``)."""
     from edgebuild.bench.devicelm import agreement, run_device
     model, tok = ctx.models.base()
     tasks = [t for t in device_tasks(ctx.config) if t in run.host and run.host[t].get("items")]
@@ -76,8 +102,11 @@ def _score(ctx: BuildContext, run: StageRun, client) -> dict:
         return {}
     profile = device_profile(ctx.config)
     with ctx.progress.step(f"device benchmarks {run.stage}") as update:
+        def progress(done, total):
+            scored.update(done=done, total=total)
+            update(done, total)
         dev = run_device(client, tok, tasks, profile, ctx.data_dir, ctx.data_cache, seed=ctx.config.seed,
-                         progress=update, max_length=getattr(model.config, "max_position_embeddings", 2048))
+                         progress=progress, max_length=getattr(model.config, "max_position_embeddings", 2048))
     scores = {t: r.to_dict() for t, r in dev.results.items()}
     both = {t: {i[0] for i in run.host[t]["items"]} & {i[0] for i in scores[t]["items"]} for t in tasks}
     pick = lambda items, t: [i for i in items if i[0] in both[t]]  # noqa: E731
