@@ -272,6 +272,10 @@ class AgentClient:
 
     def _abort(self) -> None:
         self._closed = True
+        try:      # closed now, while its buffers exist: a file left to the garbage collector after a
+            self._stdin.close()    # dropped link prints a library traceback (paramiko) when collected
+        except Exception as err:  # noqa: BLE001 - whatever a dead stream raises, it is gone
+            log.debug("closing the agent's input: %s", err)
         try:
             self.transport.close()
         except DeviceError as err:           # closing what is already gone

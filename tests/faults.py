@@ -465,10 +465,15 @@ def corrupt_cache_entry(h, row):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    row.changed_ok = (victim.parent.relative_to(h.out).as_posix() + "/_",)    # its record: a new time
+    entry = victim.parent.relative_to(h.out).as_posix()
+    record = json.loads((victim.parent / "record.json").read_text())
+    row.changed_ok = (f"{entry}/_done.json", f"{entry}/record.json")    # the rebuild's own records
     done = h.build("ref")
     again = hashlib.sha256(victim.read_bytes()).hexdigest() if victim.is_file() else None
-    return done, [f"{victim.relative_to(h.out)} flipped; rebuilt {'identical' if again == before else 'DIFFERENT'}"]
+    new = json.loads((victim.parent / "record.json").read_text())
+    differ = sorted(k for k in set(record) | set(new) if record.get(k) != new.get(k))
+    return done, [f"{victim.relative_to(h.out)} flipped; rebuilt {'identical' if again == before else 'DIFFERENT'}",
+                  f"its record differs only in {differ or 'nothing'}"]
 
 
 def ctrl_c(h, row):
