@@ -10,10 +10,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil bench-compress bench-device bench-host bench-runtime report-screenshot clean help
+.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil faults bench-compress bench-device bench-host bench-runtime report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | bench-compress | bench-device | bench-host | bench-runtime | report-screenshot | docs | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | faults | bench-compress | bench-device | bench-host | bench-runtime | report-screenshot | docs | setup | model | clean"
 
 # A quiet install: pyproject.toml declares the package data exactly (no data folder is taken
 # for a package), and the filter drops only setuptools' notice that an install is editable.
@@ -89,6 +89,14 @@ hil: setup emulator
 	    lap "build finished"; \
 	    if [ $$rc -eq 10 ] || [ $$rc -eq 11 ]; then echo "hil: exit code $$rc (see $(OUT)/hil/$(HIL_BOARD)-emu/report.md)"; rc=0; fi; \
 	    exit $$rc; }
+
+# Fault injection: tiny-model builds against a real sshd on 127.0.0.1 behind a relay that cuts or
+# stalls the link, the agent killed or held mid-upload, -load, -timing and -scoring, a reboot, a
+# device lost for good, bad model, config, target and data, a corrupt package and cache entry, a
+# concurrent build, Ctrl-C. Prints one row per scenario (exit code, its one-line message, whether
+# earlier outputs survived by their hashes) and writes the table to $(OUT)/faults/faults.md.
+faults: setup
+	$(BIN)/python tests/faults.py --work $(OUT)/faults
 
 # Exit codes 10 (a less compressed stage shipped) and 11 (the baseline shipped) are results, not errors.
 demo: setup model

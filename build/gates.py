@@ -251,7 +251,7 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     limits = (cfg.device_agreement, cfg.device_loglik_tolerance)
     device = device or {}
     if device.get("status") != "ok":
-        why = f"device {device.get('status', 'not run')}"
+        why = f"device {_not_run_why(device)}"
         return [Check(n, "device", NOT_RUN, threshold=t, detail=why) for n, t in zip(names, limits)]
     agree = device.get("agreement")
     if not agree:
@@ -282,6 +282,12 @@ def weights_checks(device: dict | None) -> list:
                          f"{'matches' if match else 'differs from'} the host's {weights['host'][:16]}...")]
 
 
+def _not_run_why(device: dict | None) -> str:
+    """Why a device check did not run: ``not run``, ``unreachable`` or ``lost during PHASE``."""
+    status = (device or {}).get("status", "not run")
+    return f"lost during {device.get('after')}" if status == "lost" else status
+
+
 def device_checks(device: dict | None, artifact_bytes, budgets: dict, not_measurable=()) -> list:
     """Budget checks on raw device samples; ``not_run`` when the device was not reached;
     ``skipped`` for a budget the device cannot judge (latency under emulation)."""
@@ -298,7 +304,7 @@ def device_checks(device: dict | None, artifact_bytes, budgets: dict, not_measur
                              detail=f"skipped: {NOT_MEASURABLE}"))
             continue
         if not device or device.get("status") != "ok" or device.get(sample_key) is None:
-            why = (device or {}).get("status", "not run")
+            why = _not_run_why(device)
             out.append(Check(f"device/{budget_key}", "device", NOT_RUN, threshold=limit, detail=f"device {why}"))
             continue
         value = stat(device[sample_key])

@@ -38,12 +38,17 @@ def _retention(run, base) -> dict:
 
 
 def latency(device: dict) -> dict:
+    """The device's latency summary; for a device lost mid-step, the phase it was lost in and what
+    it had measured before (``partial``: raw samples, never gated)."""
     if not device or device.get("status") != "ok":
-        return {"measured": False, "status": (device or {}).get("status", "not run"),
-                "error": (device or {}).get("error")}
+        out = {"measured": False, "status": (device or {}).get("status", "not run"),
+               "error": (device or {}).get("error")}
+        if out["status"] == "lost":
+            out.update(after=device.get("after"), partial=device.get("partial") or {})
+        return out
     dec = np.asarray(device["decode_ms_per_token"], dtype=float)
     pre = np.asarray(device["prefill_ms"], dtype=float)
-    return {"measured": True, "prefill_ms_p50": float(np.median(pre)),
+    return {"measured": True, "reconnects": device.get("reconnects", 0), "prefill_ms_p50": float(np.median(pre)),
             "decode_ms_per_token_p50": float(np.median(dec)),
             "decode_ms_per_token_p95": float(np.percentile(dec, 95)),
             "decode_tokens_per_s": float(1000.0 / np.median(dec)), "peak_rss_mb": device.get("peak_rss_mb"),
@@ -223,7 +228,12 @@ def _device_checks_state(result, shipped) -> str:
     """``measured``, ``skipped`` (``--no-device`` or a partial build) or ``not run``."""
     if not getattr(result.config, "device", True):
         return "skipped: --no-device"
-    return "measured" if _device_ok(shipped) else "not run: the shipped stage is not validated on its target"
+    if _device_ok(shipped):
+        return "measured"
+    device = shipped.device or {}
+    why = {"lost": f"device lost during {device.get('after')}: {device.get('error')}",
+           "unreachable": f"device unreachable: {device.get('error')}"}.get(device.get("status"))
+    return "not run: the shipped stage is not validated on its target" + (f" ({why})" if why else "")
 
 
 def _device_ok(run) -> bool:

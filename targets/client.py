@@ -11,7 +11,11 @@
 
 Every failure raises ``DeviceError`` with a one-line message: the agent died (with its last
 stderr lines), no reply in time (the agent is then stopped), a protocol error, or an error the
-agent reported (its type and message).
+agent reported (its type and message). The first two are ``ConnectionLost``: the agent or the link
+to it went away, and a reconnect may bring it back. With ``on_lost`` set (the build's
+``DeviceSession`` does), a request that lost its connection is sent again once the hook has
+reconnected the client (``reopen``: a new agent through a new transport, greeted, with the stage
+that was loaded loaded again); a score request's answered batches are kept.
 
 ``connect(target)`` starts a target's agent and checks the protocol; when the device cannot be
 reached, ``unreachable_result(target, err)`` either re-raises (``on_unreachable = "fail"``) or
@@ -33,6 +37,12 @@ from edgebuild.device_agent import protocol
 log = logging.getLogger(__name__)
 
 SCORE_BATCH = 64          # score requests sent per protocol request (a context group stays whole)
+RESENDABLE = frozenset({"info", "load", "time", "score"})   # requests that may be sent again after a reconnect
+
+
+class ConnectionLost(DeviceError):
+    """The agent or the link to it went away (it died, the link dropped, or no reply came in
+    time); unlike an error the agent reports, a reconnect may bring it back."""
 
 
 def _read_lines(stream, sink: queue.Queue) -> None:
@@ -71,17 +81,36 @@ def context_batches(pairs: list, size: int) -> list[list[int]]:
 class AgentClient:
     """Starts the agent through ``transport`` and sends it requests."""
 
+    on_lost = None      # callable(cmd, ConnectionLost) -> bool: reconnected (``reopen``), send it again
+
     def __init__(self, transport, timeout_s: float = 60.0):
         self.transport = transport
         self.timeout_s = timeout_s
         self._next_id = 0
-        self._closed = False
+        self.replies = 0                  # requests answered, over every connection of this client
         self.agent_hello: dict | None = None
-        self._stdin, stdout = transport.open()
+        self._target: str | None = None
+        self._loaded: tuple | None = None  # (args, timeout_s) of the last successful load
+        self._start()
+
+    def _start(self) -> None:
+        """Open the transport (starting the agent) and read its replies on a thread."""
+        self._closed = False
+        self._stdin, stdout = self.transport.open()
         self._lines: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=_read_lines, args=(stdout, self._lines),
                                         name="agent-stdout", daemon=True)
         self._reader.start()
+
+    def reopen(self, transport) -> None:
+        """Start over through ``transport`` after the connection was lost: a new agent, greeted
+        as before, with the stage that was loaded loaded again. Raises ``DeviceError``."""
+        self._abort()
+        self.transport = transport
+        self._start()
+        self.hello(self._target)
+        if self._loaded is not None:
+            self._exchange("load", *self._loaded)
 
     def __enter__(self) -> "AgentClient":
         return self
@@ -93,6 +122,7 @@ class AgentClient:
 
     def hello(self, target: str | None = None) -> dict:
         """Introduce the host (protocol version, target key); return the agent's versions."""
+        self._target = target
         result = self.call("hello", {"protocol": protocol.PROTOCOL_VERSION, "target": target})
         try:
             protocol.check_version(result.get("protocol"), side="agent")
@@ -121,7 +151,10 @@ class AgentClient:
              packed: str | None = None, timeout_s: float | None = None) -> dict:
         """Load a staged model (default: the active stage) into the agent's runtime."""
         args = {"name": name, "version": version, "threads": threads, "packed": packed}
-        return self.call("load", {k: v for k, v in args.items() if v is not None}, timeout_s)
+        args = {k: v for k, v in args.items() if v is not None}
+        result = self.call("load", args, timeout_s)
+        self._loaded = (args, timeout_s)
+        return result
 
     def time(self, timeout_s: float | None = None, **kwargs) -> dict:
         """Time the loaded model (prompt_len, decode_tokens, warmup, repeats); raw samples."""
@@ -183,12 +216,23 @@ class AgentClient:
     # --- the exchange -------------------------------------------------------------------
 
     def call(self, cmd: str, args: dict | None = None, timeout_s: float | None = None) -> dict:
-        """Send one request and return its result; raise ``DeviceError`` on any failure."""
+        """Send one request and return its result; raise ``DeviceError`` on any failure. A request
+        in ``RESENDABLE`` whose connection was lost is sent again when ``on_lost`` reconnects."""
+        while True:
+            try:
+                return self._exchange(cmd, args, timeout_s)
+            except ConnectionLost as err:
+                if self.on_lost is None or cmd not in RESENDABLE or not self.on_lost(cmd, err):
+                    raise
+
+    def _exchange(self, cmd: str, args: dict | None, timeout_s: float | None) -> dict:
+        """One request and its reply, on the current connection."""
         if self._closed:
-            raise DeviceError(f"cannot send {cmd!r}: the connection to the agent is closed")
+            raise ConnectionLost(f"cannot send {cmd!r}: the connection to the agent is closed")
         self._next_id += 1
         self._send(protocol.request(self._next_id, cmd, args), cmd)
         reply = self._receive(self._next_id, cmd, timeout_s or self.timeout_s)
+        self.replies += 1
         if not reply["ok"]:
             err = reply["error"]
             exc = DeviceError(f"agent refused {cmd!r}: {err['type']}: {err['message']}")
@@ -210,8 +254,8 @@ class AgentClient:
                 line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
                 self._abort()
-                raise DeviceError(f"no reply to {cmd!r} within {timeout_s:g} s; the agent was "
-                                  f"stopped (raise the timeout for a slow device)") from None
+                raise ConnectionLost(f"no reply to {cmd!r} within {timeout_s:g} s; the agent was "
+                                     f"stopped (raise the timeout for a slow device)") from None
             if line is None:
                 raise self._died(cmd)
             reply = self._parse(line, cmd)
@@ -240,15 +284,22 @@ class AgentClient:
 
     def _abort(self) -> None:
         self._closed = True
-        self.transport.close()
+        try:      # closed now, while its buffers exist: a file left to the garbage collector after a
+            self._stdin.close()    # dropped link prints a library traceback (paramiko) when collected
+        except Exception as err:  # noqa: BLE001 - whatever a dead stream raises, it is gone
+            log.debug("closing the agent's input: %s", err)
+        try:
+            self.transport.close()
+        except DeviceError as err:           # closing what is already gone
+            log.debug("closing the transport: %s", err.one_line())
 
-    def _died(self, cmd: str) -> DeviceError:
+    def _died(self, cmd: str) -> ConnectionLost:
         self._abort()
         status = self.transport.exit_status()
         tail = " | ".join(line.strip() for line in self.transport.stderr_tail(5) if line.strip())
         where = f" (exit status {status})" if status is not None else ""
-        return DeviceError(f"the agent stopped before replying to {cmd!r}{where}; "
-                           f"last stderr: {tail or '(empty)'}")
+        return ConnectionLost(f"the agent stopped before replying to {cmd!r}{where}; "
+                              f"last stderr: {tail or '(empty)'}")
 
 
 def deploy_stage(client: AgentClient, transport, name: str, version: str,

@@ -19,6 +19,7 @@ import paramiko
 
 from edgebuild.core.errors import DeviceError
 from edgebuild.core.files import sha256_file
+from edgebuild.targets.client import ConnectionLost
 from edgebuild.targets.ssh import NETWORK_ERRORS
 
 CHUNK_BYTES = 1 << 20     # bytes read from the local file per SFTP write
@@ -57,12 +58,11 @@ class SftpUpload:
         try:
             self._rename(tmp, final)
         except NETWORK_ERRORS as err:
-            raise DeviceError(f"cannot rename {tmp} to {final} on {self.t.where}: {err}") from None
+            raise ConnectionLost(f"cannot rename {tmp} to {final} on {self.t.where}: {err}") from None
         return final
 
     def _transfer(self, local_path, incoming: str, tmp: str, size: int) -> None:
         """Send the file to ``tmp``, reconnecting and resuming after network errors."""
-        delay = self.t.backoff_s
         for attempt in range(1, self.t.retries + 2):
             try:
                 sftp = self.t._file_session()
@@ -73,15 +73,14 @@ class SftpUpload:
                 return
             except NETWORK_ERRORS as err:
                 self.t._drop_files()
+                why = str(err) or type(err).__name__
                 if attempt > self.t.retries:
-                    raise DeviceError(
+                    raise ConnectionLost(
                         f"upload of {local_path} to {self.t.where} failed after {attempt} attempt(s): "
-                        f"{str(err) or type(err).__name__}; the partial file {tmp} is kept and the "
-                        f"next upload resumes from it") from None
-                log.warning("upload to %s broke off (%s); resuming in %.1f s", self.t.where,
-                            str(err) or type(err).__name__, delay)
+                        f"{why}; the partial file {tmp} is kept and the next upload resumes from it") from None
+                delay = self.t.policy.delay(attempt - 1)
+                log.warning("upload to %s broke off (%s); resuming in %.1f s", self.t.where, why, delay)
                 time.sleep(delay)
-                delay *= 2
 
     def _send(self, sftp, local_path, tmp: str, size: int) -> None:
         """Append to ``tmp`` what it lacks of the local file (all of it when nothing is usable)."""

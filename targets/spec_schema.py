@@ -97,8 +97,10 @@ class Connection:
     agent_python: Str | None = Field(None, description="the device's interpreter for the agent (not set: this one for local, python3 for ssh)")
     root: Str = Field("~/.cache/edgebuild/agent", description="the agent's folder on the device")
     connect_timeout_s: PositiveFloat = Field(10.0, description="seconds to wait for a connection")
-    retries: NonNegativeInt = Field(3, description="connection retries, with exponential backoff")
-    timeout_s: PositiveFloat = Field(300.0, description="longest wait for one agent reply (load, time), seconds")
+    retries: NonNegativeInt = Field(3, description="reconnect attempts after a failed connection or a fault mid-build (the agent died, the link dropped or stopped answering), each after an exponential backoff; then the device counts as lost")
+    backoff_s: PositiveFloat = Field(1.0, description="seconds before the first reconnect attempt; doubled for each next one")
+    backoff_max_s: PositiveFloat = Field(30.0, description="longest wait between two reconnect attempts, seconds")
+    timeout_s: PositiveFloat = Field(300.0, description="longest wait for one agent reply (load, time, a score batch), seconds; no reply by then counts as a lost connection")
     env_prefix: Str | None = Field(None, description="read <prefix>PORT, <prefix>USER, ... from the environment")
 
     @field_validator("transport")

@@ -26,12 +26,30 @@ from pathlib import Path
 import paramiko
 
 from edgebuild.core.errors import DeviceError
+from edgebuild.targets.client import ConnectionLost
 from edgebuild.targets.local import STDERR_LINES, drain_lines
+from edgebuild.targets.session import RetryPolicy
 from edgebuild.targets.transport import Transport
 
 log = logging.getLogger(__name__)
 
 NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException)
+
+
+class _IntoOurLog(logging.Handler):
+    """paramiko's own records (it logs a dropped link at ERROR, with a traceback) as one debug
+    line each in this module's log: a dropped link is reported once, by us, in one line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("paramiko: %s", record.getMessage())
+
+
+def quiet_paramiko() -> None:
+    """Route paramiko's log into ours at debug level (idempotent; called when connecting)."""
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, _IntoOurLog) for h in logger.handlers):
+        logger.addHandler(_IntoOurLog())
+        logger.propagate = False
 
 
 def _host_entry(host: str, port: int) -> str:
@@ -79,7 +97,7 @@ class SSHTransport(Transport):
                  known_hosts="~/.ssh/known_hosts", trust_on_first_use: bool = False,
                  agent_python: str | None = None, root: str = "~/.cache/edgebuild/agent",
                  connect_timeout_s: float = 10.0, retries: int = 3, backoff_s: float = 1.0,
-                 stop_timeout_s: float = 5.0, io_timeout_s: float = 60.0):
+                 stop_timeout_s: float = 5.0, io_timeout_s: float = 60.0, backoff_max_s: float = 30.0):
         self.host, self.port, self.user = host, port, user or getpass.getuser()
         self.key = str(Path(key).expanduser()) if key else None
         self.known_hosts = Path(known_hosts).expanduser()
@@ -87,6 +105,7 @@ class SSHTransport(Transport):
         self.agent_python = agent_python or "python3"
         self.root = root
         self.connect_timeout_s, self.retries, self.backoff_s = connect_timeout_s, retries, backoff_s
+        self.backoff_max_s = backoff_max_s
         self.stop_timeout_s = stop_timeout_s
         self.io_timeout_s = io_timeout_s
         self._client = self._channel = self._drain = None      # the agent's session
@@ -111,7 +130,13 @@ class SSHTransport(Transport):
         client.set_missing_host_key_policy(policy)
         return client
 
+    @property
+    def policy(self) -> RetryPolicy:
+        """Retries and backoff of this transport's connections and transfers."""
+        return RetryPolicy(self.retries, self.backoff_s, self.backoff_max_s)
+
     def _connect_once(self) -> paramiko.SSHClient:
+        quiet_paramiko()
         client = self._new_client()
         try:
             client.connect(self.host, port=self.port, username=self.user, key_filename=self.key,
@@ -127,7 +152,7 @@ class SSHTransport(Transport):
         """Log in, retrying network failures with exponential backoff; return the client."""
         if self.key and not Path(self.key).is_file():
             raise DeviceError(f"SSH key file {self.key} not found; fix connection.key in the target spec")
-        delay, last = self.backoff_s, None
+        last = None
         for attempt in range(1, self.retries + 2):
             try:
                 return self._connect_once()
@@ -142,11 +167,11 @@ class SSHTransport(Transport):
             except NETWORK_ERRORS as err:
                 last = err
             if attempt <= self.retries:
+                delay = self.policy.delay(attempt - 1)
                 log.warning("cannot reach %s (%s); retrying in %.1f s", self.where, last, delay)
                 time.sleep(delay)
-                delay *= 2
-        raise DeviceError(f"cannot reach {self.where} after {self.retries + 1} attempt(s): "
-                          f"{str(last) or type(last).__name__}")
+        raise ConnectionLost(f"cannot reach {self.where} after {self.retries + 1} attempt(s): "
+                             f"{str(last) or type(last).__name__}")
 
     def _remote_root(self, sftp) -> str:
         """``root`` as an absolute path on the device: ``~`` and relative paths start at home."""
@@ -200,7 +225,7 @@ class SSHTransport(Transport):
             self._channel.exec_command(command)
         except NETWORK_ERRORS as err:
             self.close()
-            raise DeviceError(f"cannot start the agent on {self.where}: {err}") from None
+            raise ConnectionLost(f"cannot start the agent on {self.where}: {err}") from None
         self._drain = drain_lines(self._channel.makefile_stderr("rb"), self._stderr)
         return self._channel.makefile_stdin("wb"), self._channel.makefile("rb")
 
@@ -233,8 +258,8 @@ class SSHTransport(Transport):
             return status, text
         except NETWORK_ERRORS as err:
             self._drop_files()
-            raise DeviceError(f"running {argv[0]} on {self.where} failed: "
-                              f"{str(err) or type(err).__name__}") from None
+            raise ConnectionLost(f"running {argv[0]} on {self.where} failed: "
+                                 f"{str(err) or type(err).__name__}") from None
 
     def close(self) -> None:
         """End the agent's input, wait briefly for it to exit, and close the connections."""
@@ -281,4 +306,5 @@ def from_target(target) -> SSHTransport:
     return SSHTransport(c.host, c.user, c.port, key=target.path_of(c.key) if c.key else None,
                         known_hosts=target.path_of(c.known_hosts),
                         trust_on_first_use=c.trust_on_first_use, agent_python=c.agent_python,
-                        root=c.root, connect_timeout_s=c.connect_timeout_s, retries=c.retries)
+                        root=c.root, connect_timeout_s=c.connect_timeout_s, retries=c.retries,
+                        backoff_s=c.backoff_s, backoff_max_s=c.backoff_max_s, io_timeout_s=c.timeout_s)

@@ -10,13 +10,16 @@ from pathlib import Path
 from edgebuild.core.cache import code_version, digest
 from edgebuild.core.errors import EdgebuildError
 from edgebuild.core.steps import BuildContext, StageRun, Step
+from edgebuild.targets.client import ConnectionLost
 
 
 class DeviceStep(Step):
     """Record: ``{"status": "ok", "version", "info", "prefill_ms": [...], "decode_ms_per_token":
     [...], "peak_rss_mb", "stage_rss_mb", "load_s", "stored_bytes", "weights": {"host", "device",
-    "match"}, ...}`` plus device scores, or ``{"status": "unreachable", ...}`` (never cached: the
-    device may be back next time)."""
+    "match"}, ...}`` plus device scores (and ``reconnects`` when faults were survived), or
+    ``{"status": "unreachable", ...}``, or ``{"status": "lost", "error", "after": "upload" | "measure" |
+    "load" | "score", "partial": {what was measured before}}`` when the device went away mid-step
+    and stayed away (never cached, either: the device may be back next time)."""
 
     name = "device"
     needs = ("pack", "runtime")
@@ -28,15 +31,24 @@ class DeviceStep(Step):
                       code_version("bench") if tasks else None)
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
-        client = ctx.device.connect()
-        if client is None:
+        session = ctx.device
+        if session.connect() is None:
             return _unreachable(ctx, run)
-        version = _stage_on_device(ctx, run, client)
-        measured = _measure(ctx, run, client, version)
-        result = {"status": "ok", "version": version, "info": ctx.device.info, **measured,
-                  "weights": weights_check(run, measured), "excluded_tasks": excluded_tasks(ctx.config)}
-        if device_tasks(ctx.config):
-            result.update(_score(ctx, run, client))
+        before = session.reconnects
+        result = {"status": "ok", "info": session.info, "excluded_tasks": excluded_tasks(ctx.config)}
+        scored = {}
+        try:
+            result["version"] = session.attempt("upload", lambda c: _stage_on_device(ctx, run, c))
+            measured = session.attempt("measure", lambda c: _measure(ctx, run, c, result["version"]))
+            loaded = session.attempt("load", lambda c: _load(ctx, run, c, result["version"]))
+            measured["load_weights_sha256"] = loaded.get("weights_sha256")
+            result.update(measured, weights=weights_check(run, measured))
+            if device_tasks(ctx.config):
+                result.update(session.attempt("score", lambda c: _score(ctx, run, c, scored)))
+        except ConnectionLost as err:
+            return _lost(ctx, result, err, scored)
+        if session.reconnects > before:
+            result["reconnects"] = session.reconnects - before
         return result
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
@@ -68,15 +80,18 @@ def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
 
 
 def _measure(ctx: BuildContext, run: StageRun, client, version: str) -> dict:
-    """The stage measured alone in a fresh process on the device (the agent's ``measure``), then
-    loaded in the agent for scoring; ``load_weights_sha256`` is the hash that load computed."""
-    rt, t = ctx.target.runtime, ctx.target.timing
-    timing = {"prompt_len": t.prompt_len, "decode_tokens": t.decode_tokens, "warmup": t.warmup,
-              "repeats": t.repeats}
+    """The stage measured alone in a fresh process on the device (the agent's ``measure``)."""
+    t = ctx.target.timing
     with ctx.progress.step(f"device {run.stage}"):
-        measured = client.measure(run.stage, version, threads=rt.threads, **timing)
-        loaded = client.load(run.stage, version, threads=rt.threads)
-    return dict(measured, load_weights_sha256=loaded.get("weights_sha256"))
+        return client.measure(run.stage, version, threads=ctx.target.runtime.threads,
+                              prompt_len=t.prompt_len, decode_tokens=t.decode_tokens,
+                              warmup=t.warmup, repeats=t.repeats)
+
+
+def _load(ctx: BuildContext, run: StageRun, client, version: str) -> dict:
+    """The stage loaded in the agent for scoring; its ``weights_sha256`` is the hash that load computed."""
+    with ctx.progress.step(f"device load {run.stage}"):
+        return client.load(run.stage, version, threads=ctx.target.runtime.threads)
 
 
 def weights_check(run: StageRun, measured: dict) -> dict:
@@ -87,9 +102,20 @@ def weights_check(run: StageRun, measured: dict) -> dict:
     return {"host": host, "device": device[0], "match": all(d == host for d in device)}
 
 
-def _score(ctx: BuildContext, run: StageRun, client) -> dict:
+def _lost(ctx: BuildContext, result: dict, err: ConnectionLost, scored: dict) -> dict:
+    """The record of a device lost mid-step: why, in which phase, and what it had measured."""
+    lost = ctx.device.lost or {"after": "upload", "error": err.one_line()}
+    partial = {k: v for k, v in result.items() if k not in ("status", "info", "excluded_tasks")}
+    if scored:
+        partial["scored_requests"] = dict(scored)
+    return {"status": "lost", "error": lost["error"], "after": lost["after"], "target": ctx.target.name,
+            "reconnect_attempts": lost.get("retries"), "partial": partial}
+
+
+def _score(ctx: BuildContext, run: StageRun, client, scored: dict) -> dict:
     """The device's own benchmark scores (same items and prompts as the host's, fewer of them with
-    a smaller device profile) and their agreement with the host's."""
+    a smaller device profile) and their agreement with the host's; ``scored`` follows how many
+    requests were answered (``{"done", "total"}``)."""
     from edgebuild.bench.devicelm import agreement, run_device
     model, tok = ctx.models.base()
     tasks = [t for t in device_tasks(ctx.config) if t in run.host and run.host[t].get("items")]
@@ -97,8 +123,11 @@ def _score(ctx: BuildContext, run: StageRun, client) -> dict:
         return {}
     profile = device_profile(ctx.config)
     with ctx.progress.step(f"device benchmarks {run.stage}") as update:
+        def progress(done, total):
+            scored.update(done=done, total=total)
+            update(done, total)
         dev = run_device(client, tok, tasks, profile, ctx.data_dir, ctx.data_cache, seed=ctx.config.seed,
-                         progress=update, max_length=getattr(model.config, "max_position_embeddings", 2048))
+                         progress=progress, max_length=getattr(model.config, "max_position_embeddings", 2048))
     scores = {t: r.to_dict() for t, r in dev.results.items()}
     both = {t: {i[0] for i in run.host[t]["items"]} & {i[0] for i in scores[t]["items"]} for t in tasks}
     pick = lambda items, t: [i for i in items if i[0] in both[t]]  # noqa: E731

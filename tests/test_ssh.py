@@ -220,6 +220,28 @@ def test_an_upload_cut_mid_way_resumes_and_verifies(sshd, tmp_path):
     assert [p.name for p in Path(final).parent.iterdir()] == ["weights.ebpk"]
 
 
+def test_a_build_session_resumes_an_upload_cut_after_first_contact(sshd, tmp_path, monkeypatch):
+    from edgebuild.targets import load_target, transports
+    from edgebuild.targets.session import DeviceSession, RetryPolicy
+    made = []
+
+    def factory(target):       # the first connection's upload is cut once, later ones are not
+        made.append(_cutting(sshd, tmp_path, 1_234_567, cuts=0 if made else 1, retries=3))
+        return made[-1]
+    monkeypatch.setitem(transports._entries, "ssh", factory)
+    session = DeviceSession(load_target("local-ssh"), policy=RetryPolicy(retries=2, backoff_s=0.01))
+    src = _big_file(tmp_path)
+    try:
+        assert session.connect() is not None
+        final = session.attempt("upload", lambda c: session.transport.upload(src, "weights.ebpk"))
+    finally:
+        session.close()
+    assert Path(final).read_bytes() == src.read_bytes()
+    assert session.reconnects == 1 and len(made) == 2 and made[0].retries == 0, \
+        "after first contact the session alone retries, through a new connection"
+    assert made[0].offsets == [0] and made[1].offsets == [1_234_567], "the new connection resumes the partial file"
+
+
 def test_a_partial_upload_is_kept_and_a_later_upload_resumes_it(sshd, tmp_path):
     src = _big_file(tmp_path)
     first = _cutting(sshd, tmp_path, 2_000_000, cuts=1, retries=0)

@@ -72,8 +72,9 @@ def main(argv=None) -> int:
             raise
         click.echo(f"error: {e.one_line()}", err=True)
         return int(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as e:    # click turns Ctrl-C into Abort
+        interrupted = isinstance(e.__cause__, KeyboardInterrupt)
+        click.echo("interrupted; finished steps are kept in the cache" if interrupted else "aborted", err=True)
         return int(ExitCode.INTERRUPTED)
     except click.UsageError as e:
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
