@@ -50,7 +50,7 @@ class HostStep(Step):
         model, tok = ctx.models.for_stage(run)
         results, stopped, tasks = {}, None, ctx.config.tasks
         for done, task in enumerate(tasks, start=1):
-            with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)") as update:
+            with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
                 results[task] = _task(ctx, model, tok, task, update)
             reason = ctx.judge.failed(run, results) if ctx.judge else None
             if reason and done < len(tasks):
@@ -76,7 +76,7 @@ def _task(ctx: BuildContext, model, tok, task: str, progress) -> dict:
 
 def _eudaimonia(ctx: BuildContext, run: StageRun, model, tok) -> dict:
     from edgebuild.bench import eudaimonia
-    with ctx.progress.step(f"eudaimonia {run.stage}") as update:
+    with ctx.progress.step(f"eudaimonia {run.stage}", unit="requests") as update:
         res = eudaimonia.run(model, tok, ctx.config.eudaimonia_scenarios or None, progress=update)
     return {eudaimonia.TASK_NAME: res.to_dict()}
 

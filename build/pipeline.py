@@ -38,7 +38,7 @@ class BuildRequest:
     force: bool = False
     from_stage: str | None = None
     steps: tuple = STEPS             # which steps to run (partial commands run fewer)
-    progress: Progress = field(default_factory=lambda: Progress(False))
+    progress: Progress = field(default_factory=lambda: Progress("quiet"))
     listeners: list = field(default_factory=list)   # each gets .stage_finished(run, ctx) after every attempt
 
 

@@ -63,7 +63,7 @@ def _compress(ctx: BuildContext, run: StageRun, source) -> tuple[list, dict]:
         return raw_records(model), {}
     cctx = CompressContext(model=model, tokenizer=tok, calibration_texts=ctx.texts.calibration(),
                            device=compute_device(), seed=ctx.config.seed)
-    with ctx.progress.step(f"compress {run.stage} ({sc.method})") as update:
+    with ctx.progress.step(f"compress {run.stage} ({sc.method})", unit="tensors") as update:
         cctx.progress = update
         if sc.scope == "leftovers":
             records = pack_leftovers(ctx.models.records(source), sc.method, sc.knobs, cctx)

@@ -49,7 +49,7 @@ def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
              "weights.ebpk": Path(run.pack["path"])}
     version = digest(run.keys["pack"], run.keys["graph"])[:16]
     transport = ctx.device.transport
-    with ctx.progress.step(f"upload {run.stage}") as update:
+    with ctx.progress.step(f"upload {run.stage}", unit="bytes") as update:
         transport.progress = update
         try:
             deploy_stage(client, transport, run.stage, version, files)
@@ -75,7 +75,7 @@ def _score(ctx: BuildContext, run: StageRun, client) -> dict:
     if not tasks:
         return {}
     profile = device_profile(ctx.config)
-    with ctx.progress.step(f"device benchmarks {run.stage}") as update:
+    with ctx.progress.step(f"device benchmarks {run.stage}", unit="items") as update:
         dev = run_device(client, tok, tasks, profile, ctx.data_dir, ctx.data_cache, seed=ctx.config.seed,
                          progress=update, max_length=getattr(model.config, "max_position_embeddings", 2048))
     scores = {t: r.to_dict() for t, r in dev.results.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgebuild.build.cli.options import build_options, unsandboxed_option
+from edgebuild.build.cli.output import chatter_to_stderr, progress
 from edgebuild.build.steps import COMMANDS
 from edgebuild.core.errors import ExitCode
 
@@ -17,7 +18,6 @@ def _request(model, target, config_path, profile, data_dir, out, *, force=False,
     from edgebuild.bench import sandbox
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
-    from edgebuild.core.progress import Progress
     cfg = load_config(config_path, profile=profile, stages=stages,
                       allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}))
     sandbox.allow_unsandboxed(cfg.allow_unsandboxed_code)
@@ -26,7 +26,7 @@ def _request(model, target, config_path, profile, data_dir, out, *, force=False,
         _require_code_sandbox(cfg.tasks)
     check_out_dir(out)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
-                        from_stage=from_stage, steps=steps, progress=Progress())
+                        from_stage=from_stage, steps=steps, progress=progress())
 
 
 def check_out_dir(out: Path) -> None:
@@ -66,7 +66,7 @@ def output_lock(req, no_wait: bool):
 def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None, no_wait=False):
     from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
-    with output_lock(req, no_wait):
+    with output_lock(req, no_wait), chatter_to_stderr():
         pipeline = Pipeline(req)
         tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
         try:
@@ -204,11 +204,12 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow
     suite = _suite(tasks, req)
     _require_code_sandbox(suite.tasks)
     req.config.tasks = suite.tasks
-    with output_lock(req, no_wait):
+    with output_lock(req, no_wait), chatter_to_stderr():
         result = Pipeline(req).run()
     if as_json:
-        click.echo(json.dumps({**summary.as_dict(result), "unavailable": suite.unavailable},
-                              indent=2, default=str))
+        rows = summary.benchmark_rows(result, req.config.gates.confidence)
+        click.echo(json.dumps({**summary.as_dict(result), "benchmarks": rows,
+                               "unavailable": suite.unavailable}, indent=2, default=str))
     else:
         summary.print_benchmarks(result, req.config.gates.confidence, suite.unavailable)
     return 0
