@@ -166,7 +166,16 @@ def build_manifest(result) -> dict:
         "fallback_path": [f"{r.stage}#{r.attempt + 1}:{r.status}" for r in result.runs],
         "artifacts": artifacts,
         "profile": result.config.profile, "tasks": result.config.tasks,
+        "torch_device": torch_device(result),
     }
+
+
+def torch_device(result) -> str:
+    """Where torch compressed and scored on the host this run: ``cpu``, ``cuda (GPU name)``, or
+    that every step came from the cache."""
+    from edgebuild.core.accel import describe
+    used = getattr(result, "torch_device", None)
+    return describe(used) if used else "none (every step was cached)"
 
 
 def _experts(expert: dict, shipped, base) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgebuild.build.cli.options import build_options, unsandboxed_option
+from edgebuild.build.cli.options import build_options, compute_options, compute_settings, unsandboxed_option
 from edgebuild.build.cli.output import chatter_to_stderr, progress
 from edgebuild.build.steps import COMMANDS
 from edgebuild.core.errors import ExitCode
@@ -19,7 +19,8 @@ def _request(model, target, config_path, profile, data_dir, out, *, force=False,
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
     cfg = load_config(config_path, profile=profile, stages=stages,
-                      allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}))
+                      allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}),
+                      **compute_settings())
     sandbox.allow_unsandboxed(cfg.allow_unsandboxed_code)
     steps = steps or STEPS
     if check_tasks and "host" in steps and cfg.tasks is not None:   # the default suite drops what cannot run
@@ -150,6 +151,7 @@ def record_options(f):
 
 @click.command("all")
 @build_options
+@compute_options
 @record_options
 @search_options
 @unsandboxed_option
@@ -169,6 +171,7 @@ def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, 
 def _partial(name: str, steps: tuple, doc: str):
     @click.command(name, help=doc)
     @build_options
+    @compute_options
     @no_wait_option
     @click.option("--force", is_flag=True, help="Redo the steps, ignoring the cache.")
     def cmd(model, target, config_path, profile, data_dir, out, as_json, no_wait, force):
@@ -188,6 +191,7 @@ deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and export each st
 
 @click.command("bench")
 @build_options
+@compute_options
 @unsandboxed_option
 @no_wait_option
 @click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every registered "
@@ -241,6 +245,7 @@ def _suite(value, req):
 
 @click.command("gate")
 @build_options
+@compute_options
 @record_options
 @search_options
 @no_wait_option
