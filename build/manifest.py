@@ -171,11 +171,9 @@ def build_manifest(result) -> dict:
 
 
 def torch_device(result) -> str:
-    """Where torch compressed and scored on the host this run: ``cpu``, ``cuda (GPU name)``, or
-    that every step came from the cache."""
+    """Where torch compresses and scores on the host in this build: ``cpu`` or ``cuda (GPU name)``."""
     from edgebuild.core.accel import describe
-    used = getattr(result, "torch_device", None)
-    return describe(used) if used else "none (every step was cached)"
+    return describe(getattr(result, "torch_device", "cpu"))
 
 
 def _experts(expert: dict, shipped, base) -> dict:

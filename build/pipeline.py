@@ -55,7 +55,7 @@ class BuildResult:
     out_dir: Path
     partial: bool = False          # not every step ran (compress, export, deploy, bench)
     not_evaluated: dict = field(default_factory=dict)   # benchmark -> why it gated no stage
-    torch_device: str | None = None   # where torch compressed and scored (None: every step was cached)
+    torch_device: str = "cpu"      # where torch compresses and scores in this build ("cpu", "cuda")
 
 
 class Pipeline:
@@ -115,7 +115,7 @@ class Pipeline:
         return BuildResult(runs, shipped, ladder.exit_code(self.cfg.stages, runs, shipped, incomplete),
                            len(cache.hits), len(cache.misses), self.ctx.target, self.ctx.ref, self.cfg,
                            self.out_dir, partial="gate" not in self.req.steps, not_evaluated=self.not_evaluated,
-                           torch_device=self.ctx.torch_device.resolved)
+                           torch_device=self.ctx.torch_device.name)
 
     def _device_incomplete(self, shipped: str) -> bool:
         """The device was asked for but did not measure the shipped stage."""

@@ -82,6 +82,10 @@ class Progress:
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else heartbeat_interval()
         self._display = {"bars": _Bars, "lines": _Lines}.get(mode, _Silent)(self)
 
+    def __reduce__(self):
+        """Sent to another process (a Ray task), a display shows nothing: it has no terminal there."""
+        return Progress, ("quiet",)
+
     @property
     def enabled(self) -> bool:
         return self.mode != "quiet"

@@ -12,7 +12,7 @@ from edgebuild.core.errors import ConfigError, ExitCode, HostError
 from edgebuild.core.executors import LocalExecutor, make
 
 from conftest import DATA_DIR  # noqa: E402
-from test_golden import normalise  # noqa: E402
+from test_golden import assert_same, normalise  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -82,6 +82,31 @@ def test_ray_shards_give_the_local_manifest(tmp_path, local_ray, capsys):
     ray_s = time.monotonic() - started - local_s
     err = capsys.readouterr().err
     assert "2 benchmarks as shards" in err          # the host step ran as Ray tasks
-    assert normalise(remote) == normalise(local)
+    assert_same(normalise(remote), normalise(local))
     assert remote["stages"][0]["scores"] and remote["torch_device"] == "cpu"
     print(f"local {local_s:.1f}s, ray {ray_s:.1f}s")
+
+
+def _targets_build(tmp_path, name, *extra):
+    config = tmp_path / "b.toml"
+    config.write_text("[build]\nstages = ['baseline']\ntasks = ['piqa']\neudaimonia = false\n")
+    out = tmp_path / name
+    code = main(["all", "--model", "tiny-random", "--target", "local,rpi5", "--profile", "smoke", "--config",
+                 str(config), "--no-device", "--wandb", "disabled", "--data-dir", str(DATA_DIR), "--out", str(out),
+                 *extra])
+    assert code in (ExitCode.OK, ExitCode.BASELINE_ONLY)
+    return {t: json.loads((out / t / "manifest.json").read_text()) for t in ("local", "rpi5")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+def test_builds_of_several_targets_as_ray_tasks(tmp_path, local_ray, capsys):
+    started = time.monotonic()
+    local = _targets_build(tmp_path, "local")
+    local_s = time.monotonic() - started
+    remote = _targets_build(tmp_path, "ray", "--executor", "ray")
+    ray_s = time.monotonic() - started - local_s
+    assert "[start] build 2 targets" in capsys.readouterr().err
+    assert_same(normalise(remote), normalise(local))
+    assert remote["rpi5"]["target"] == "rpi5" and remote["local"]["target"] == "local"
+    print(f"two targets: local {local_s:.1f}s, ray {ray_s:.1f}s")
