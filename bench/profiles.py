@@ -8,6 +8,8 @@ For a stratified benchmark (MMLU subjects) the sample is spread evenly over the 
 profile    items per task
 =========  ================================================================================
 smoke      8 (MMLU: 8 subjects, one item each); generation tasks 2
+quick      50 (MMLU: 114, i.e. 2 in each of the 57 subjects); generation tasks: GSM8K 10,
+           HumanEval 5, HumanEval pass@10 2 (x 10 samples), MBPP 5, MATH 5
 reduced    200 (MMLU: 570, i.e. 10 in each of the 57 subjects); generation tasks: GSM8K 50,
            HumanEval 20, HumanEval pass@10 10 (x 10 samples), MBPP 30, MATH 30 (from MATH-500)
 full       all
@@ -44,11 +46,13 @@ class Profile:
 
 
 GENERATION_SMOKE = {"gsm8k": 2, "humaneval": 2, "humaneval_pass10": 2, "mbpp": 2, "math": 2}
+GENERATION_QUICK = {"gsm8k": 10, "humaneval": 5, "humaneval_pass10": 2, "mbpp": 5, "math": 5}
 GENERATION_REDUCED = {"gsm8k": 50, "humaneval": 20, "humaneval_pass10": 10, "mbpp": 30,
                       "math": 30}
 
 PROFILES = {
     "smoke": Profile("smoke", 8, GENERATION_SMOKE),
+    "quick": Profile("quick", 50, {"mmlu": 114, **GENERATION_QUICK}),
     "reduced": Profile("reduced", 200, {"mmlu": 570, **GENERATION_REDUCED}),
     "full": Profile("full", None),
 }

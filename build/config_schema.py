@@ -18,12 +18,12 @@ from edgebuild.core.schema import (
     names_from, schema, unknown_name,
 )
 
-PROFILES = ("smoke", "reduced", "full")      # smallest first (as edgebuild.bench.profiles)
+PROFILES = ("smoke", "quick", "reduced", "full")      # smallest first (as edgebuild.bench.profiles)
 LADDER = ("baseline", "seedlm", "vptq", "hyper")
 RETENTION_KINDS = ("raw", "chance_normalised")
 SOURCES = ("previous", "baseline")
 SCOPES = ("weights", "leftovers")
-Profile = Literal["smoke", "reduced", "full"]
+Profile = Literal["smoke", "quick", "reduced", "full"]
 Confidence = Annotated[float, Strict(), Field(gt=0, lt=1)]
 
 
@@ -140,7 +140,7 @@ class BuildConfig:
     """``[build]`` (and the ``stage``/``gates`` tables): what a build runs and gates on."""
 
     stages: list[Str] = Field(default_factory=lambda: list(LADDER), description="the stage ladder, `baseline` first; each other stage is a default stage (seedlm, vptq, hyper), a compression method's name, or has a `[stage.NAME]` table")
-    profile: Profile = Field("reduced", description="benchmark size: smoke (a few items), reduced (a fixed seeded sample), full")
+    profile: Profile = Field("reduced", description="benchmark size: smoke (a few items), quick (50 per task), reduced (200 per task, the default), full")
     tasks: list[Str] | None = Field(None, description="benchmarks every stage is gated on (not set: the core suite and the expert benchmarks of `experts` that can run; a narrower list is named in the manifest's gates_not_evaluated)", json_schema_extra=BENCHMARKS)
     experts: list[Str] = Field(default_factory=lambda: ["general"], description="the model's expert domains; `edgebuild bench` runs their expert benchmarks (general: every domain)", json_schema_extra=DOMAINS)
     device_tasks: list[Str] | None = Field(None, description="benchmarks the device scores too, a subset of `tasks` (not set: all of them; []: none)", json_schema_extra=BENCHMARKS)

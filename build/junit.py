@@ -4,7 +4,8 @@ One ``<testsuite>`` per stage attempt (``seedlm#1``), one ``<testcase>`` per gat
 that fails the stage (``fail``, or ``inconclusive`` when the gates count it as a failure) is a
 ``<failure>`` carrying the check's detail; ``not_run`` and ``uninformative`` checks are
 ``<skipped>``; a skipped stage is one skipped test case. A final ``build`` suite has one case,
-``shipped the most compressed stage``, that fails on a fallback or a baseline-only build.
+``every stage passed and a compressed stage shipped``, that fails on a fallback, a baseline-only
+build or a shipped stage whose device checks did not run.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _failure_text(check: dict) -> str:
     return "\n".join(f"{k}: {check.get(k)}" for k in keys if check.get(k) is not None)
 
 
-def stage_suite(st: dict, target: str) -> ET.Element:
+def stage_suite(st: dict, target: str, measurement: str | None = None) -> ET.Element:
     """The ``<testsuite>`` of one stage attempt."""
     gate = st.get("gate") or {}
     classname = f"edgebuild.{target}.{st['stage']}"
@@ -64,6 +65,8 @@ def stage_suite(st: dict, target: str) -> ET.Element:
     for key in ("method", "status", "source", "bytes", "bits_per_weight"):
         if st.get(key) is not None:
             ET.SubElement(props, "property", name=key, value=str(st[key]))
+    if measurement:
+        ET.SubElement(props, "property", name="device_measurement", value=measurement)
     checks = gate.get("checks", [])
     for check in checks:
         suite.append(check_case(classname, check, gate.get("reasons", [])))
@@ -74,10 +77,10 @@ def stage_suite(st: dict, target: str) -> ET.Element:
 
 
 def build_suite(manifest: dict) -> ET.Element:
-    """The one-case suite that fails when a less compressed stage (or the baseline) shipped."""
+    """The one-case suite that fails unless every stage passed and a compressed stage shipped."""
     suite = ET.Element("testsuite", name="build")
     case = ET.SubElement(suite, "testcase", classname=f"edgebuild.{manifest.get('target')}",
-                         name="shipped the most compressed stage", time="0")
+                         name="every stage passed and a compressed stage shipped", time="0")
     code = manifest.get("exit_code")
     text = f"shipped {manifest.get('compression_level')}; exit code {code}"
     if code not in (None, 0):
@@ -109,7 +112,7 @@ def junit_tree(manifest: dict, final_only: bool = False) -> ET.Element:
         stages = list({st["stage"]: st for st in stages}.values())
     root = ET.Element("testsuites", name=f"edgebuild {manifest.get('model')} → {manifest.get('target')}")
     for st in stages:
-        root.append(stage_suite(st, str(manifest.get("target"))))
+        root.append(stage_suite(st, str(manifest.get("target")), manifest.get("device_measurement")))
     root.append(build_suite(manifest))
     for key in ("tests", "failures", "errors", "skipped"):
         root.set(key, str(sum(int(s.get(key)) for s in root.findall("testsuite"))))

@@ -54,6 +54,7 @@ def device_scores(device: dict) -> dict | None:
     if not device or not device.get("scores"):
         return None
     return {"profile": device.get("profile"), "agreement": device.get("agreement"),
+            "excluded": device.get("excluded_tasks") or {},
             "tasks": {t: {"score": r["score"], "n": r["n"],
                           "host_score": (device.get("host_scores") or {}).get(t)}
                       for t, r in sorted(device["scores"].items())}}
@@ -121,6 +122,11 @@ def _place(src: Path, dst: Path, root: Path) -> dict:
     return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha}
 
 
+def _measurement(target) -> str:
+    """``emulated`` (an emulated CPU: its timings gate nothing) or ``measured``."""
+    return "emulated" if getattr(target, "emulated", False) else "measured"
+
+
 def build_manifest(result) -> dict:
     from edgebuild.bench.suite import NOT_RUNNABLE, check_domains, expert_benchmarks
 
@@ -138,6 +144,7 @@ def build_manifest(result) -> dict:
         "model": result.model_ref.spec,
         "model_fingerprint": result.model_ref.fingerprint,
         "target": result.target.name,
+        "device_measurement": _measurement(result.target),
         "compression_level": result.shipped,
         "size_mb": size / MB if size else None, "size_bytes": size,
         "original_size_mb": original / MB if original else None, "original_size_bytes": original,

@@ -91,9 +91,23 @@ def facts_line(facts) -> str:
     return json.dumps(flat, sort_keys=True)
 
 
-def retries(m: dict) -> dict:
-    return {"retries": (m.get("quality_gates") or {}).get("retries", 0),
-            "rows": [{"label": label(st), "st": st} for st in m.get("stages", []) if st["stage"] != "baseline"]}
+def search(m: dict) -> dict:
+    """Every trial of every compressed stage (``manifest["search"]``), with where it compressed from."""
+    notes = {}
+    for st in m.get("stages", []):
+        notes.setdefault(st["stage"], st.get("note") or "")
+    trials = m.get("search") or {}
+    return {"stages": [{"stage": stage, "note": notes[stage], "trials": trials[stage]}
+                       for stage in notes if stage in trials],
+            "trials": sum(len(t) for t in (m.get("search") or {}).values())}
+
+
+def not_evaluated(m: dict) -> dict:
+    """The gates no stage was judged on, and the benchmarks the device did not score, with why."""
+    device = {}
+    for st in m.get("stages", []):
+        device.update((st.get("device_scores") or {}).get("excluded") or {})
+    return {"host": sorted((m.get("gates_not_evaluated") or {}).items()), "device": sorted(device.items())}
 
 
 def extras(m: dict) -> dict:
@@ -124,7 +138,8 @@ SECTIONS = (
     Section("latency", "Device latency", latency),
     Section("device_scores", "Host and device scores", device_scores),
     Section("gates", "Gate verdicts", gates),
-    Section("retries", "Retries and knobs", retries),
+    Section("search", "Search: every trial", search),
+    Section("not_evaluated", "Not evaluated", not_evaluated),
     Section("path", "Path taken"),
     Section("extras", "Edge of chaos and eudaimonia", extras),
     Section("plots", "Plots"),

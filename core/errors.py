@@ -12,7 +12,7 @@ import enum
 class ExitCode(enum.IntEnum):
     """Process exit codes. Documented in the README; CI systems act on them."""
 
-    OK = 0                 # the most compressed stage passed and shipped
+    OK = 0                 # every stage passed; a compressed stage shipped
     INTERNAL = 1           # a bug: please report it with the traceback (--debug)
     USAGE = 2              # bad command line (click's own code)
     CONFIG = 3             # build config file or option values are invalid

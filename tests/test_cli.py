@@ -221,6 +221,12 @@ def test_config_and_target_checks(capsys, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     code, out, _ = run(capsys, "config", "check", str(repo / "configs" / "demo.toml"))
     assert code == 0 and out.startswith("ok: ") and "baseline -> seedlm -> vptq -> hyper" in out
+    assert "tasks the core suite and expert benchmarks" in out     # the demo gates by default
+    readme = (repo / "README.md").read_text()
+    example = tmp_path / "readme.toml"
+    example.write_text(readme.split("```toml\n", 1)[1].split("```", 1)[0])
+    code, out, _ = run(capsys, "config", "check", str(example))
+    assert code == 0 and "[stage] tables: seedlm" in out
     bad = tmp_path / "b.toml"
     bad.write_text("[gates]\ncumulative = 1.5\n")
     code, out, err = run(capsys, "config", "check", str(bad))

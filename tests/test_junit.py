@@ -93,3 +93,16 @@ def test_skipped_stage_and_final_only(tmp_path):
                                                                  "extra#1", "build"]
     skipped = _suite(root, "extra#1").find("testcase/skipped")
     assert skipped.get("message") == "its source stage did not pass"
+
+
+def test_emulated_timings_are_labelled_in_manifest_junit_and_report(tmp_path):
+    from edgebuild.build import report_html
+    build_dir, manifest = make_build(tmp_path)
+    assert manifest["device_measurement"] == "measured"
+    manifest["device_measurement"] = "emulated"
+    root = ET.fromstring(junit_xml(manifest))
+    props = {p.get("name"): p.get("value") for p in _suite(root, "seedlm#1").find("properties")}
+    assert props["device_measurement"] == "emulated"
+    page = report_html.render(manifest)
+    assert "latency budgets are not measurable under emulation and gate nothing" in page
+    assert "Measured on target" not in page

@@ -47,7 +47,8 @@ def test_markdown_keeps_every_section_in_order(built):
     assert text.startswith(f"# edgebuild report: {NASTY_MODEL} → local\n")
     assert "Shipped stage: **vptq** (exit code 10" in text
     headings = [line for line in text.splitlines() if line.startswith("## ")]
-    assert headings == ["## Benchmarks", "## Host and device scores", "## Gate verdicts", "## Path taken"]
+    assert headings == ["## Benchmarks", "## Host and device scores", "## Gate verdicts", "## Search: every trial",
+                        "## Not evaluated", "## Path taken"]
     assert text.rstrip().endswith(" → ".join(manifest["fallback_path"]))
 
 

@@ -252,10 +252,10 @@ def test_latency_retries_and_path(built):
     assert rows["hyper#1"]["status"] == "unreachable" and "connection refused" in rows["hyper#1"]["error"]
     p50 = manifest["stages"][1]["latency"]["decode_ms_per_token_p50"]
     assert rows["seedlm#1"]["decode ms/token p50"] == f"{p50:.3f}"
-    knobs = table_with(page, "knobs")
-    assert ['{"vector_len": 4}', '{"vector_len": 2}'] == [r[2] for r in knobs[1:] if r[1] == "vptq"]
+    trials = [[r[1] for r in t[1:]] for t in page.tables if t and "8-bit layers" in t[0]]
+    assert trials == [['{"C": 8, "P": 3}'], ['{"vector_len": 4}', '{"vector_len": 2}'], ['{"bits": 2}']]
     text = "".join(page.text)
-    assert " → ".join(manifest["fallback_path"]) in text and "Retries: 1" in text
+    assert " → ".join(manifest["fallback_path"]) in text and "4 trial(s)" in text
 
 
 def test_report_without_plots_still_renders(tmp_path):
@@ -269,7 +269,7 @@ def test_every_section_has_its_heading_in_page_order(built):
     _, path, page = built
     raw = path.read_text()
     titles = ["Benchmarks", "Stages", "Device latency", "Host and device scores", "Gate verdicts",
-              "Retries and knobs", "Path taken", "Edge of chaos and eudaimonia", "Plots", "Artifacts", "Method facts"]
+              "Search: every trial", "Not evaluated", "Path taken", "Edge of chaos and eudaimonia", "Plots", "Artifacts", "Method facts"]
     positions = [raw.index(f"<h2>{t}</h2>") for t in titles]
     assert positions == sorted(positions)
     assert raw.index('class="banner warn"') < positions[0] and "exit code 10" in "".join(page.text)

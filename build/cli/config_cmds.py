@@ -18,8 +18,9 @@ def check_cmd(file):
     from edgebuild.build.config import load_config
     cfg = load_config(file)
     tables = f"; [stage] tables: {', '.join(cfg.stage)}" if cfg.stage else ""
+    tasks = ", ".join(cfg.tasks) if cfg.tasks is not None else "the core suite and expert benchmarks"
     click.echo(f"ok: {file}: stages {' -> '.join(cfg.stages)}; profile {cfg.profile}; "
-               f"tasks {', '.join(cfg.tasks)}{tables}")
+               f"tasks {tasks}{tables}")
 
 
 @config_group.command("docs")

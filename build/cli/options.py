@@ -28,7 +28,7 @@ def config_option(f):
 
 def profile_option(f):
     return click.option("--profile", type=click.Choice(PROFILES), default=None,
-                        help="Benchmark size: smoke (a few items), reduced (fixed seeded sample), full.")(f)
+                        help="Benchmark size: smoke (a few items), quick (50 per task), reduced (200 per task), full.")(f)
 
 
 def data_dir_option(f):
