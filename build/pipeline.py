@@ -167,7 +167,8 @@ class Pipeline:
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc,
                        trial=dict(setting or {}))
         fallback = f", {setting['fallback_layers']} layers at 8 bits" if (setting or {}).get("fallback_layers") else ""
-        self.ctx.progress.note(f"[{name}] {sc.method} {sc.knobs or ''}{fallback} attempt {attempt + 1}")
+        knobs = f" {sc.knobs}" if sc.knobs else ""
+        self.ctx.progress.note(f"[{name}] {sc.method}{knobs}{fallback} attempt {attempt + 1}")
         for step in self.steps:
             if run.stopped and step.name != "gate":
                 continue
