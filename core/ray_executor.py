@@ -67,7 +67,13 @@ class RayExecutor(Executor):
             _, pending = self.ray.wait(pending, num_returns=1)
             if progress is not None:
                 progress(len(refs) - len(pending), len(refs))
-        return self.ray.get(refs)
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as err:      # the task's own error, as raised locally
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
 
     def close(self) -> None:
         if self._started:

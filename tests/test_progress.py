@@ -97,3 +97,9 @@ def test_bench_json_outside_a_terminal(tmp_path):
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert json.loads(quiet.stdout)["benchmarks"] == result["benchmarks"]
     assert "[start]" not in quiet.stderr and "[...]" not in quiet.stderr
+
+
+def test_quiet_and_verbose_together_is_a_usage_error(capsys):
+    from edgebuild.build.cli import main
+    assert main(["--quiet", "-v", "targets", "list"]) == 2
+    assert "--quiet and --verbose" in capsys.readouterr().err

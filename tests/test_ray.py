@@ -62,6 +62,19 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
+def test_a_task_error_is_the_error_the_local_run_raises(local_ray, tmp_path):
+    from edgebuild.core.data import check_data_dir
+    from edgebuild.core.errors import DataError
+    calls = [(tmp_path / "missing",)]
+    with pytest.raises(DataError) as local:
+        make("local").map(check_data_dir, calls)
+    with pytest.raises(DataError) as remote:
+        make("ray").map(check_data_dir, calls)
+    assert remote.value.one_line() == local.value.one_line()
+    assert remote.value.exit_code == ExitCode.DATA
+
+
 def _build(tmp_path, name, *extra):
     config = tmp_path / "c.toml"
     config.write_text("[build]\nstages = ['baseline', 'rtn']\ntasks = ['arc_easy', 'piqa']\neudaimonia = false\n")
