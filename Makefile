@@ -20,7 +20,7 @@ help:
 $(BIN)/.installed: pyproject.toml device_agent/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test,lab]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -c constraints.txt -e "./device_agent[runtime]" -e ".[test,lab,ray]"
 	touch $@
 
 setup: $(BIN)/.installed sshd bwrap

@@ -43,7 +43,9 @@ class HostStep(Step):
     """Record: ``{"results": {task: result}, "stopped": None | {"after": task, "reason": str}}``.
 
     Tasks run one at a time in ``config.tasks`` order; after each, ``ctx.judge`` (when the build
-    sets one) may stop the stage: the tasks left are not run, and the record says why."""
+    sets one) may stop the stage: the tasks left are not run, and the record says why. With an
+    executor that runs elsewhere (Ray), every task is a shard run at once, and the same judge then
+    reads their results in the same order: the record is the one the local run makes."""
 
     name = "host"
     needs = ("pack", "runtime")
@@ -56,12 +58,14 @@ class HostStep(Step):
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
         model, tok = ctx.models.for_stage(run)
-        results, stopped, tasks = {}, None, ctx.config.tasks
-        for done, task in enumerate(tasks, start=1):
-            with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)") as update:
-                results[task] = _task(ctx, model, tok, task, update)
+        executor = ctx.executor
+        tasks = _local_tasks(ctx, run, model, tok) if executor is None or executor.local \
+            else _shards(ctx, run, model, tok)
+        results, stopped = {}, None
+        for done, (task, result) in enumerate(tasks, start=1):
+            results[task] = result
             reason = ctx.judge.failed(run, results) if ctx.judge else None
-            if reason and done < len(tasks):
+            if reason and done < len(ctx.config.tasks):
                 stopped = {"after": task, "reason": reason}
                 break
         if ctx.config.eudaimonia and stopped is None:
@@ -74,17 +78,39 @@ class HostStep(Step):
             run.stopped = record["stopped"]
 
 
-def _task(ctx: BuildContext, model, tok, task: str, progress) -> dict:
-    from edgebuild.bench.runner import run_host
+def _local_tasks(ctx: BuildContext, run: StageRun, model, tok):
+    """``(task, result)`` one task at a time, each computed only when asked for."""
+    tasks = ctx.config.tasks
+    for done, task in enumerate(tasks, start=1):
+        with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
+            result = score_task(model, tok, task, *_shard_settings(ctx), progress=update)
+        yield task, result
+
+
+def _shards(ctx: BuildContext, run: StageRun, model, tok) -> list:
+    """``(task, result)`` of every task, each a shard on the build's executor."""
+    tasks, shared = ctx.config.tasks, ctx.executor.share(model)
+    calls = [(shared, tok, task, *_shard_settings(ctx)) for task in tasks]
+    with ctx.progress.step(f"{run.stage}: {len(tasks)} benchmarks as shards", total=len(tasks),
+                           unit="benchmarks") as update:
+        return list(zip(tasks, ctx.executor.map(score_task, calls, progress=update)))
+
+
+def _shard_settings(ctx: BuildContext) -> tuple:
     cfg = ctx.config
-    result = run_host(model, tok, [task], cfg.profile, ctx.data_dir, ctx.data_cache, seed=cfg.seed,
-                      progress=progress)
+    return cfg.profile, ctx.data_dir, ctx.data_cache, cfg.seed
+
+
+def score_task(model, tok, task: str, profile: str, data_dir, data_cache, seed: int, progress=None) -> dict:
+    """One benchmark on ``model``: the task's result record (a shard of a stage's host step)."""
+    from edgebuild.bench.runner import run_host
+    result = run_host(model, tok, [task], profile, data_dir, data_cache, seed=seed, progress=progress)
     return result[task].to_dict()
 
 
 def _eudaimonia(ctx: BuildContext, run: StageRun, model, tok) -> dict:
     from edgebuild.bench import eudaimonia
-    with ctx.progress.step(f"eudaimonia {run.stage}") as update:
+    with ctx.progress.step(f"eudaimonia {run.stage}", unit="requests") as update:
         res = eudaimonia.run(model, tok, ctx.config.eudaimonia_scenarios or None, progress=update)
     return {eudaimonia.TASK_NAME: res.to_dict()}
 

@@ -42,6 +42,11 @@ def _exporters() -> list[str]:
     return exporters.names()
 
 
+def _executors() -> list[str]:
+    from edgebuild.core.executors import executors
+    return executors.names()
+
+
 def _domains() -> list[str]:
     from edgebuild.bench.suite import EXPERT_DOMAINS, GENERAL
     return [GENERAL, *EXPERT_DOMAINS]
@@ -51,6 +56,7 @@ BENCHMARK = names_from("benchmark", _benchmarks)
 BENCHMARKS = names_from("benchmark", _benchmarks, many=True)
 METHOD = names_from("compression method", _methods)
 EXPORTER = names_from("exporter", _exporters)
+EXECUTOR = names_from("executor", _executors)
 DOMAINS = names_from("expert domain", _domains, many=True)
 
 
@@ -148,6 +154,9 @@ class BuildConfig:
     device: Bool = Field(True, description="run the device steps (false, or `--no-device`: the device checks are skipped and no stage is validated on the target)")
     max_trials: PositiveInt = Field(4, description="the search's attempts per stage at most (`--max-trials`)")
     time_budget_s: PositiveFloat | None = Field(None, description="seconds of the build after which no stage starts another attempt (`--time-budget`; not set: no limit)")
+    torch_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where torch compresses and scores on the host (`--device`; auto: cuda when torch sees a GPU, else cpu; cuda without one is an error)")
+    executor: Str = Field("local", description="where independent work (the benchmark shards of a stage, the builds of several targets of `all --target a,b`) runs (`--executor`): local, or ray (`pip install edgebuild[ray]`)", json_schema_extra=EXECUTOR)
+    ray_address: Str = Field("", description="the Ray cluster of `executor = \"ray\"` (`--ray-address`; empty: $RAY_ADDRESS, else a Ray instance started on this machine)")
     allow_unsandboxed_code: Bool = Field(False, description="run generated code (HumanEval, MBPP) without isolation when no sandbox (bubblewrap) works here; same as `--allow-unsandboxed-code`")
     stage: dict[Str, StageConfig] = Field(default_factory=dict, description="`[stage.NAME]` tables", json_schema_extra=NOT_LISTED)
     gates: GateConfig = Field(default_factory=GateConfig, description="the `[gates]` table", json_schema_extra=NOT_LISTED)

@@ -198,7 +198,14 @@ def build_manifest(result) -> dict:
         "fallback_path": [f"{r.stage}#{r.attempt + 1}:{r.status}" for r in result.runs],
         "artifacts": artifacts,
         "profile": result.config.profile, "tasks": result.config.tasks,
+        "torch_device": torch_device(result),
     }
+
+
+def torch_device(result) -> str:
+    """Where torch compresses and scores on the host in this build: ``cpu`` or ``cuda (GPU name)``."""
+    from edgebuild.core.accel import describe
+    return describe(getattr(result, "torch_device", "cpu"))
 
 
 def _experts(expert: dict, shipped, base) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from edgebuild.build.config import BuildConfig, StageConfig
 from edgebuild.build import gates, ladder
 from edgebuild.build.steps import ORDER, plan, steps
-from edgebuild.core import models
+from edgebuild.core import accel, executors, models
 from edgebuild.core.cache import StepCache
 from edgebuild.core.data import check_data_dir
 from edgebuild.core.errors import ConfigError, ExitCode
@@ -38,7 +38,7 @@ class BuildRequest:
     force: bool = False
     from_stage: str | None = None
     steps: tuple = STEPS             # which steps to run (partial commands run fewer)
-    progress: Progress = field(default_factory=lambda: Progress(False))
+    progress: Progress = field(default_factory=lambda: Progress("quiet"))
     listeners: list = field(default_factory=list)   # each gets .stage_finished(run, ctx) after every attempt
 
 
@@ -55,6 +55,7 @@ class BuildResult:
     out_dir: Path
     partial: bool = False          # not every step ran (compress, export, deploy, bench)
     not_evaluated: dict = field(default_factory=dict)   # benchmark -> why it gated no stage
+    torch_device: str = "cpu"      # where torch compresses and scores in this build ("cpu", "cuda")
 
 
 class Pipeline:
@@ -68,10 +69,12 @@ class Pipeline:
         if req.from_stage and req.from_stage not in self.cfg.stages:
             raise ConfigError(f"--from {req.from_stage!r} is not a stage of this build ({', '.join(self.cfg.stages)})")
         ref, target = models.resolve(req.model), load_target(req.target)
+        torch_device = accel.TorchDevice(self.cfg.torch_device)
         self.ctx = BuildContext(
             config=self.cfg, ref=ref, target=target, data_dir=req.data_dir, out=req.out,
             cache=StepCache(req.out / "cache", force=req.force), progress=req.progress,
-            models=StageModels(ref, req.progress, deploy=deployed_model), texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
+            torch_device=torch_device, models=StageModels(ref, req.progress, torch_device, deploy=deployed_model),
+            texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
             device=DeviceSession(target))
         wanted = [n for n in req.steps if n != "device" or self.cfg.device]
         self.steps: list[Step] = [steps.get(name)() for name in plan(wanted)]
@@ -84,6 +87,7 @@ class Pipeline:
         self.not_evaluated = resolve_tasks(self.cfg, self.req.data_dir)
         self.started = time.monotonic()
         runs = []
+        self.ctx.executor = self._executor()
         try:
             self._preflight()
             for name in self.cfg.stages:
@@ -96,7 +100,15 @@ class Pipeline:
                         listener.stage_finished(run, self.ctx)
         finally:
             self.ctx.device.close()
+            self.ctx.executor.close()
         return self._result(runs)
+
+    def _executor(self):
+        """The build's executor; a Ray task asks for a GPU when the build scores on CUDA."""
+        name = self.cfg.executor
+        remote = not executors.executors.get(name).local
+        gpus = 1 if remote and self.ctx.torch_device.name == "cuda" else 0
+        return executors.make(name, self.cfg.ray_address, gpus_per_call=gpus)
 
     def _result(self, runs: list) -> BuildResult:
         shipped = ladder.choose(self.cfg.stages, self.ctx.passed, self.cfg.gates.min_shrink)
@@ -104,7 +116,8 @@ class Pipeline:
         cache = self.ctx.cache
         return BuildResult(runs, shipped, ladder.exit_code(self.cfg.stages, runs, shipped, incomplete),
                            len(cache.hits), len(cache.misses), self.ctx.target, self.ctx.ref, self.cfg,
-                           self.out_dir, partial="gate" not in self.req.steps, not_evaluated=self.not_evaluated)
+                           self.out_dir, partial="gate" not in self.req.steps, not_evaluated=self.not_evaluated,
+                           torch_device=self.ctx.torch_device.name)
 
     def _device_incomplete(self, shipped: str) -> bool:
         """The device was asked for but did not measure the shipped stage."""
@@ -160,7 +173,8 @@ class Pipeline:
         run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc,
                        trial=dict(setting or {}))
         fallback = f", {setting['fallback_layers']} layers at 8 bits" if (setting or {}).get("fallback_layers") else ""
-        self.ctx.progress.note(f"[{name}] {sc.method} {sc.knobs or ''}{fallback} attempt {attempt + 1}")
+        knobs = f" {sc.knobs}" if sc.knobs else ""
+        self.ctx.progress.note(f"[{name}] {sc.method}{knobs}{fallback} attempt {attempt + 1}")
         for step in self.steps:
             if run.stopped and step.name != "gate":
                 continue

@@ -110,25 +110,40 @@ def _verdict(r) -> str:
     return f"{r['status']}{dev}"
 
 
+def benchmark_rows(result, confidence: float = 0.95) -> list[dict]:
+    """The baseline's benchmarks, core first: name, kind, metric, score, n, the ``confidence``
+    bootstrap interval of the mean (``[lo, hi]``; None for fewer than two items) and chance."""
+    from edgebuild.bench.stats import mean_interval
+    base = _baseline(result)
+    order = {"core": 0, "expert": 1}
+    rows = sorted((base.host if base else {}).items(), key=lambda kv: (order.get(kv[1].get("kind"), 2), kv[0]))
+    out = []
+    for task, r in rows:
+        values = [c for _, c in r.get("items", [])]
+        lo, hi = mean_interval(values, confidence) if len(values) > 1 else (None, None)
+        out.append({"benchmark": task, "kind": r.get("kind"), "metric": r.get("metric"), "score": r.get("score"),
+                    "n": r.get("n", len(values)), "interval": [_num(lo), _num(hi)], "confidence": confidence,
+                    "chance": r.get("chance")})
+    return out
+
+
+def _num(v):
+    return None if v is None else float(v)
+
+
 def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None = None) -> None:
     """One row per benchmark of the baseline: kind, metric, score, n, bootstrap interval, chance;
     then one row per benchmark that could not run (``unavailable``: name -> reason)."""
     from rich.console import Console
     from rich.table import Table
 
-    from edgebuild.bench.stats import mean_interval
-    base = _baseline(result)
     table = Table(title=f"benchmarks: {result.model_ref.spec} (profile {result.config.profile})")
     for col in ("benchmark", "kind", "metric", "score", "n", f"{confidence:.0%} interval", "chance"):
         table.add_column(col, justify="left" if col in ("benchmark", "kind", "metric") else "right")
-    order = {"core": 0, "expert": 1}
-    rows = sorted((base.host if base else {}).items(), key=lambda kv: (order.get(kv[1].get("kind"), 2), kv[0]))
-    for task, r in rows:
-        values = [c for _, c in r.get("items", [])]
-        lo, hi = mean_interval(values, confidence) if len(values) > 1 else (None, None)
-        table.add_row(task, str(r.get("kind", "")), str(r.get("metric", "")), _fmt(r.get("score"), ".4f"),
-                      str(r.get("n", len(values))), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]",
-                      _fmt(r.get("chance"), ".3f"))
+    for r in benchmark_rows(result, confidence):
+        lo, hi = r["interval"]
+        table.add_row(r["benchmark"], str(r["kind"] or ""), str(r["metric"] or ""), _fmt(r["score"], ".4f"),
+                      str(r["n"]), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]", _fmt(r["chance"], ".3f"))
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     for name, reason in (unavailable or {}).items():

@@ -9,13 +9,13 @@ from edgebuild.core import models
 
 
 class StageModels:
-    """``base()`` loads the model on first use; ``compressed(run)`` is the base model with the
-    stage's decoded weights, ``for_stage(run)`` the model the stage is judged as (its deployed
-    weights when it has a runtime directory), both kept per stage run; ``source(run)`` the
+    """``base()`` loads the model on first use, on ``device``; ``compressed(run)`` is the base model
+    with the stage's decoded weights, ``for_stage(run)`` the model the stage is judged as (its
+    deployed weights when it has a runtime directory), both kept per stage run; ``source(run)`` the
     compressed model, which the next stage of the ladder compresses."""
 
-    def __init__(self, ref, progress, deploy=None):
-        self.ref, self.progress = ref, progress
+    def __init__(self, ref, progress, device: str = "cpu", deploy=None):
+        self.ref, self.progress, self.device = ref, progress, device
         self.deploy = deploy        # (torch model, runtime dir) -> the model carrying its deployed weights
         self._base = None
         self._stages: dict = {}
@@ -24,8 +24,13 @@ class StageModels:
         """``(model, tokenizer)`` of the uncompressed model."""
         if self._base is None:
             with self.progress.step(f"load model {self.ref.spec}"):
-                self._base = models.load(self.ref)
+                model, tok = models.load(self.ref)
+                self._base = (model.to(str(self.device)), tok)
         return self._base
+
+    def on_cpu(self, model):
+        """``model`` itself when torch runs on the CPU, else a CPU copy (exporters trace on the CPU)."""
+        return model if str(self.device) == "cpu" else copy.deepcopy(model).to("cpu")
 
     def source(self, run):
         """A private copy of ``run``'s model (the base model when ``run`` is None or the baseline)."""

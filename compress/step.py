@@ -62,8 +62,8 @@ def _compress(ctx: BuildContext, run: StageRun, source) -> tuple[list, dict]:
     if sc.method == "raw":
         return raw_records(model), {}
     cctx = CompressContext(model=model, tokenizer=tok, calibration_texts=ctx.texts.calibration(),
-                           device=compute_device(), seed=ctx.config.seed)
-    with ctx.progress.step(f"compress {run.stage} ({sc.method})") as update:
+                           device=str(ctx.torch_device), seed=ctx.config.seed)
+    with ctx.progress.step(f"compress {run.stage} ({sc.method})", unit="tensors") as update:
         cctx.progress = update
         if sc.scope == "leftovers":
             records = pack_leftovers(ctx.models.records(source), sc.method, sc.knobs, cctx)
@@ -108,8 +108,3 @@ def raw_records(model) -> list:
         out.append(Record(name, tuple(arr.shape), "raw", {"dtype": "float32"}, {"data": arr}))
     return out
 
-
-def compute_device() -> str:
-    """Where compression runs: ``cuda`` when a GPU is present, else ``cpu``."""
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -48,7 +48,8 @@ class BuildContext:
     models (the base model, a stage's model), ``texts`` the fixed and calibration text sets,
     ``device`` the connection to the target's agent (opened on first use); ``judge`` says when a
     stage has failed whatever its remaining benchmarks give; ``passed`` maps each stage that passed
-    so far to its ``StageRun``.
+    so far to its ``StageRun``; ``torch_device`` is where torch runs, ``executor`` where
+    independent pieces of work (benchmark shards) run.
     """
 
     config: Any
@@ -62,6 +63,8 @@ class BuildContext:
     texts: Any = None
     device: Any = None
     judge: Any = None           # .failed(run, host results) -> reason | None; .fingerprint(run)
+    torch_device: Any = "cpu"   # where torch compresses and scores: edgebuild.core.accel.TorchDevice (str() "cpu"/"cuda")
+    executor: Any = None        # where independent work runs (edgebuild.core.executors; None: here)
     passed: dict = field(default_factory=dict)
     runtime_plan: Any = None    # {"plan", "notes"}: the target's runtime plan as its device runs it (None: the spec's)
 

@@ -23,7 +23,7 @@ class GraphStep(Step):
         from edgebuild.export import exporters
         model, tok = ctx.models.base()
         with ctx.progress.step("export graph"):
-            return exporters.get(ctx.config.exporter)().export(model, tok, work)
+            return exporters.get(ctx.config.exporter)().export(ctx.models.on_cpu(model), tok, work)
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         """Nothing to record per stage: the device step and the manifest read the graph's files."""
@@ -43,7 +43,8 @@ class VerifyStep(Step):
         state = ctx.models.decoded(run)
         model, tok = ctx.models.compressed(run)
         with ctx.progress.step(f"verify export {run.stage}"):
-            return exporters.get(ctx.config.exporter)().verify(graph_dir(ctx, run), state, model, tok)
+            return exporters.get(ctx.config.exporter)().verify(graph_dir(ctx, run), state,
+                                                               ctx.models.on_cpu(model), tok)
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.verify = record

@@ -69,7 +69,7 @@ def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
     version = digest(run.keys["pack"], run.keys["runtime"], sha256_file(files["runtime.json"]))[:16]
     budget = ctx.target.runtime.storage_budget_mb
     transport = ctx.device.transport
-    with ctx.progress.step(f"upload {run.stage}") as update:
+    with ctx.progress.step(f"upload {run.stage}", unit="bytes") as update:
         transport.progress = update
         try:
             deploy_stage(client, transport, run.stage, version, files,
@@ -122,7 +122,7 @@ def _score(ctx: BuildContext, run: StageRun, client, scored: dict) -> dict:
     if not tasks:
         return {}
     profile = device_profile(ctx.config)
-    with ctx.progress.step(f"device benchmarks {run.stage}") as update:
+    with ctx.progress.step(f"device benchmarks {run.stage}", unit="items") as update:
         def progress(done, total):
             scored.update(done=done, total=total)
             update(done, total)

@@ -24,21 +24,29 @@ def exit_code_table() -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="edgebuild")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output: only results, warnings and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
-def cli(ctx, verbose, debug):
+def cli(ctx, verbose, quiet, debug):
     """Compress a language model in stages, validate each stage on an edge device, ship the best.
 
     \b
     Quick start:
       edgebuild model fetch smollm2-135m
       edgebuild all --model smollm2-135m --target local --data-dir DATA
+
+    \b
+    Progress goes to stderr: bars on a terminal; elsewhere (CI, a pipe) a line when each step
+    starts and ends and a heartbeat line every 30 s ($EDGEBUILD_HEARTBEAT_S) during long steps.
+    Results (tables, --json) go to stdout, and only they do.
     """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose cannot be used together")
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose:
         _quiet_libraries()
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "progress": "quiet" if quiet else "auto"}
 
 
 def _quiet_libraries() -> None:

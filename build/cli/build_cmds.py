@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from edgebuild.build.cli.options import build_options, unsandboxed_option
+from edgebuild.build.cli.options import build_options, compute_options, compute_settings, unsandboxed_option
+from edgebuild.build.cli.output import chatter_to_stderr, progress
 from edgebuild.build.steps import COMMANDS
 from edgebuild.core.errors import ExitCode
 
@@ -17,16 +18,16 @@ def _request(model, target, config_path, profile, data_dir, out, *, force=False,
     from edgebuild.bench import sandbox
     from edgebuild.build.config import load_config
     from edgebuild.build.pipeline import STEPS, BuildRequest
-    from edgebuild.core.progress import Progress
     cfg = load_config(config_path, profile=profile, stages=stages,
-                      allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}))
+                      allow_unsandboxed_code=True if allow_unsandboxed else None, **(search or {}),
+                      **compute_settings())
     sandbox.allow_unsandboxed(cfg.allow_unsandboxed_code)
     steps = steps or STEPS
     if check_tasks and "host" in steps and cfg.tasks is not None:   # the default suite drops what cannot run
         _require_code_sandbox(cfg.tasks)
     check_out_dir(out)
     return BuildRequest(model=model, target=target, config=cfg, out=out, data_dir=data_dir, force=force,
-                        from_stage=from_stage, steps=steps, progress=Progress())
+                        from_stage=from_stage, steps=steps, progress=progress())
 
 
 def check_out_dir(out: Path) -> None:
@@ -64,22 +65,70 @@ def output_lock(req, no_wait: bool):
 
 
 def _run(req, as_json: bool, *, manifest: bool = True, junit=None, wandb_mode=None, no_wait=False):
-    from edgebuild.build.pipeline import Pipeline
     from edgebuild.build import summary
-    with output_lock(req, no_wait):
-        pipeline = Pipeline(req)
-        tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
-        try:
-            result = pipeline.run()
-            path = _record(result, junit, tracker) if manifest else None
-        finally:
-            if tracker is not None:
-                tracker.abort()          # still open only when the build stopped with an error
+    with output_lock(req, no_wait), chatter_to_stderr():
+        result, path = build_one(req, junit, wandb_mode, manifest)
     if as_json:
         click.echo(json.dumps(summary.as_dict(result, path), indent=2, default=str))
     else:
         summary.print_table(result, path)
     return result
+
+
+def build_one(req, junit=None, wandb_mode=None, manifest: bool = True):
+    """``(result, manifest path)`` of one target's build, its records written (``manifest``).
+    The caller holds the output lock; an executor may run this elsewhere (one target each)."""
+    from edgebuild.build.pipeline import Pipeline
+    pipeline = Pipeline(req)
+    tracker = _tracker(req, pipeline.out_dir, wandb_mode) if manifest else None
+    try:
+        result = pipeline.run()
+        return result, (_record(result, junit, tracker) if manifest else None)
+    finally:
+        if tracker is not None:
+            tracker.abort()          # still open only when the build stopped with an error
+
+
+def _run_targets(reqs: list, as_json: bool, junit, wandb_mode, no_wait) -> int:
+    """Builds of several targets, each a call on the build's executor (Ray: a task each; their
+    benchmark shards then run inside it); records per target as one build of it would write.
+    Exit code: the first non-zero one, in --target order."""
+    from edgebuild.build import summary
+    from edgebuild.core.executors import make
+    cfg = reqs[0].config
+    executor = make(cfg.executor, cfg.ray_address)
+    try:
+        calls = [(_portable(req, executor), _per_target(junit, req.target), wandb_mode) for req in reqs]
+        with output_lock(reqs[0], no_wait), chatter_to_stderr(), \
+                reqs[0].progress.step(f"build {len(reqs)} targets", total=len(reqs), unit="targets") as update:
+            built = executor.map(build_one, calls, progress=update)
+    finally:
+        executor.close()
+    for result, path in built:
+        if not as_json:
+            summary.print_table(result, path)
+    if as_json:
+        click.echo(json.dumps({"targets": {req.target: summary.as_dict(r, p) for req, (r, p) in zip(reqs, built)}},
+                              indent=2, default=str))
+    return next((int(r.exit_code) for r, _ in built if int(r.exit_code)), 0)
+
+
+def _portable(req, executor):
+    """``req`` as a call elsewhere gets it: no progress display (it has no terminal), benchmark
+    shards run where the target's build runs."""
+    import copy
+    import dataclasses
+    from edgebuild.core.progress import Progress
+    if executor.local:
+        return req
+    config = copy.copy(req.config)
+    config.executor, config.ray_address = "local", ""
+    return dataclasses.replace(req, config=config, progress=Progress("quiet"))
+
+
+def _per_target(junit, target: str):
+    """The JUnit path of one target's build: ``NAME.TARGET.xml`` beside the one asked for."""
+    return None if junit is None else junit.with_name(f"{junit.stem}.{target}{junit.suffix}")
 
 
 def _tracker(req, build_dir: Path, wandb_mode):
@@ -150,6 +199,7 @@ def record_options(f):
 
 @click.command("all")
 @build_options
+@compute_options
 @record_options
 @search_options
 @unsandboxed_option
@@ -160,15 +210,29 @@ def all_cmd(model, target, config_path, profile, data_dir, out, as_json, junit, 
             max_trials, time_budget, allow_unsandboxed, no_wait, force, from_stage):
     """Run the whole build: baseline, each compression stage (searching its settings), export,
     host and device benchmarks, gates; write the manifest and reports; exit with a code CI can
-    act on."""
-    req = _request(model, target, config_path, profile, data_dir, out, force=force, from_stage=from_stage,
-                   allow_unsandboxed=allow_unsandboxed, search=_search(no_device, max_trials, time_budget))
-    return int(_run(req, as_json, junit=junit, wandb_mode=wandb_mode, no_wait=no_wait).exit_code)
+    act on. Several targets (--target a,b): one build each, on the executor (--executor ray: in
+    parallel), each writing <out>/<target>/ as its own build would."""
+    reqs = [_request(model, name, config_path, profile, data_dir, out, force=force, from_stage=from_stage,
+                     allow_unsandboxed=allow_unsandboxed, search=_search(no_device, max_trials, time_budget))
+            for name in _targets(target)]
+    if len(reqs) > 1:
+        return _run_targets(reqs, as_json, junit, wandb_mode, no_wait)
+    return int(_run(reqs[0], as_json, junit=junit, wandb_mode=wandb_mode, no_wait=no_wait).exit_code)
+
+
+def _targets(value: str) -> list:
+    """The targets of ``--target`` (comma-separated), each once."""
+    names = list(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    if not names:
+        from edgebuild.core.errors import UsageError
+        raise UsageError("--target names no target", hint="pass a target name, or several separated by commas")
+    return names
 
 
 def _partial(name: str, steps: tuple, doc: str):
     @click.command(name, help=doc)
     @build_options
+    @compute_options
     @no_wait_option
     @click.option("--force", is_flag=True, help="Redo the steps, ignoring the cache.")
     def cmd(model, target, config_path, profile, data_dir, out, as_json, no_wait, force):
@@ -190,6 +254,7 @@ deploy_cmd = _partial("deploy", COMMANDS["deploy"], "Compress and encode each st
 
 @click.command("bench")
 @build_options
+@compute_options
 @unsandboxed_option
 @no_wait_option
 @click.option("--tasks", default=None, help="Comma-separated benchmarks, or 'all' (every registered "
@@ -206,11 +271,12 @@ def bench_cmd(model, target, config_path, profile, data_dir, out, as_json, allow
     suite = _suite(tasks, req)
     _require_code_sandbox(suite.tasks)
     req.config.tasks = suite.tasks
-    with output_lock(req, no_wait):
+    with output_lock(req, no_wait), chatter_to_stderr():
         result = Pipeline(req).run()
     if as_json:
-        click.echo(json.dumps({**summary.as_dict(result), "unavailable": suite.unavailable},
-                              indent=2, default=str))
+        rows = summary.benchmark_rows(result, req.config.gates.confidence)
+        click.echo(json.dumps({**summary.as_dict(result), "benchmarks": rows,
+                               "unavailable": suite.unavailable}, indent=2, default=str))
     else:
         summary.print_benchmarks(result, req.config.gates.confidence, suite.unavailable)
     return 0
@@ -242,6 +308,7 @@ def _suite(value, req):
 
 @click.command("gate")
 @build_options
+@compute_options
 @record_options
 @search_options
 @no_wait_option

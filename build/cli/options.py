@@ -57,3 +57,34 @@ def unsandboxed_option(f):
                         help="Run generated code (HumanEval, MBPP) without isolation when no code "
                              "sandbox (bubblewrap) works here; without it such benchmarks are "
                              "unavailable (config: build.allow_unsandboxed_code).")(f)
+
+
+def _remember(ctx, param, value):
+    """Keep a compute option for ``compute_settings`` (the build commands' signatures stay as they are)."""
+    ctx.meta[f"edgebuild.{param.name}"] = value
+    return value
+
+
+def compute_options(f):
+    """``--device``, ``--executor`` and ``--ray-address``: where the host's work runs."""
+    from edgebuild.core.accel import CHOICES
+    from edgebuild.core.executors import executors
+    f = click.option("--ray-address", "ray_address", default=None, expose_value=False, callback=_remember,
+                     help="Ray cluster of --executor ray (host:port or ray://host:port; default: "
+                          "$RAY_ADDRESS, else a Ray instance started on this machine).")(f)
+    f = click.option("--executor", "executor", type=click.Choice(executors.names()), default=None,
+                     expose_value=False, callback=_remember,
+                     help="Where independent work (benchmark shards of a stage, builds of several "
+                          "targets) runs: local, or ray "
+                          "(pip install 'edgebuild[ray]'); results are the same (config: build.executor).")(f)
+    return click.option("--device", "torch_device", type=click.Choice(CHOICES), default=None,
+                        expose_value=False, callback=_remember,
+                        help="Where torch compresses and scores on the host: auto (cuda when a GPU is "
+                             "present), cpu or cuda (config: build.torch_device).")(f)
+
+
+def compute_settings() -> dict:
+    """The compute options of the running command (None: not given), as config overrides."""
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    return {key: meta.get(f"edgebuild.{key}") for key in ("torch_device", "executor", "ray_address")}
