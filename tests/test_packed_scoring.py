@@ -294,3 +294,27 @@ def test_cache_keyword_follows_the_installed_transformers(model):
     out = lm(torch.tensor([[5, 6, 7]]), use_cache=True)
     assert returned_cache(out).get_seq_length() == 3
     assert cache_arg(lm) in ("cache", "past_key_values")
+
+
+@pytest.mark.slow
+def test_generate_matches_transformers_on_the_default_model():
+    """On SmolLM2-135M, few-shot prompts through the shared-prefix, refilled batch give the tokens
+    of transformers' greedy generate(), prompt by prompt."""
+    from edgebuild.bench.decode import generate
+    from edgebuild.core import models
+    from edgebuild.core.errors import ModelError
+
+    try:
+        lm_model, tokenizer = models.load(models.resolve("smollm2-135m"))
+    except ModelError:
+        pytest.skip("smollm2-135m is not fetched (make model)")
+    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in
+                    ((3, 4), (12, 30), (7, 8), (100, 23), (45, 55), (9, 9)))
+    questions = ["What is 2 plus 2?", "What is 31 plus 11?", "Tom has 3 apples and buys 5. How many?",
+                 "What is 1000 plus 1?", "What is 2 plus 2?"]
+    prompts = [tokenizer(shots + f"Question: {q}\nAnswer:").input_ids for q in questions]
+    with torch.inference_mode():
+        want = [reference_greedy(lm_model, p, 16) for p in prompts]
+    got = generate(lm_model, prompts, max_new_tokens=16, finished=lambda rows: [False] * len(rows),
+                   eos=set(), max_rows=3)
+    assert got == want
