@@ -10,10 +10,10 @@ OUT      ?= out
 TARGET   ?= local
 export EDGEBUILD_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil faults bench-compress bench-device bench-host bench-runtime report-screenshot clean help
+.PHONY: setup sshd bwrap emulator model docs test test-slow test-gpu test-emulated demo smoke hil faults bench-compress bench-device bench-host bench-suite bench-runtime report-screenshot clean help
 
 help:
-	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | faults | bench-compress | bench-device | bench-host | bench-runtime | report-screenshot | docs | setup | model | clean"
+	@echo "make demo | test | test-slow | test-gpu | test-emulated | smoke | hil | faults | bench-compress | bench-device | bench-host | bench-suite | bench-runtime | report-screenshot | docs | setup | model | clean"
 
 # A quiet install: pyproject.toml declares the package data exactly (no data folder is taken
 # for a package), and the filter drops only setuptools' notice that an install is editable.
@@ -119,6 +119,14 @@ BENCH_DTYPE ?= float32
 BENCH_FEWSHOT ?=
 bench-host: setup model
 	$(BIN)/edgebuild measure host --model smollm2-135m --data-dir $(DATA_DIR) --profile $(PROFILE) --tasks $(BENCH_TASKS) --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_FEWSHOT),--num-fewshot $(BENCH_FEWSHOT)) --json $(OUT)/bench-host.json
+
+# Host benchmarks through edgebuild next to the lm_eval command run as its own process (lm_eval --model hf
+# on the model's folder), same items and few-shot examples, in one run: items/s of each and the two
+# scores side by side (they must agree within 1 point). SUITE_PROFILE / SUITE_TASKS pick the items.
+SUITE_PROFILE ?= quick
+SUITE_TASKS ?= arc_easy,piqa,hellaswag,gsm8k
+bench-suite: setup model
+	$(BIN)/edgebuild measure suite --model smollm2-135m --data-dir $(DATA_DIR) --profile $(SUITE_PROFILE) --tasks $(SUITE_TASKS) --json $(OUT)/bench-suite.json
 
 # Each stage artifact of the demo build in the device agent and in torch, side by side (run `make demo` first).
 bench-device: setup

@@ -1,24 +1,34 @@
-"""Batched decoding that drops finished rows.
+"""Batched generation that keeps the batch full and computes shared work once.
 
-``transformers``' ``generate`` keeps every row of a batch in every decoding step until the last
-row has finished: with stop strings that rows reach at very different lengths (a short GSM8K
-answer next to one that runs to the token limit), most of the batch's steps are spent on rows
-whose answers are complete. ``decode`` takes finished rows out of the batch (and out of the
-key/value cache) after every step, so each step costs what the unfinished rows need.
+``generate`` answers a list of prompts that share generation settings (one lm-eval task's
+requests):
 
-Greedy decoding gives the tokens ``generate`` gives (up to float rounding in the batch). Sampling
-uses transformers' own temperature / top-k / top-p warpers and ``torch.multinomial``; its draws
-differ from ``generate``'s (fewer rows draw per step) but are fixed by the torch seed.
+- **Shared prefix.** The prompts' common leading tokens (a task's few-shot block) run once; every
+  row attends to their keys and values in place (``edgebuild.bench.shared_attention``), never to
+  a per-row copy.
+- **Continuous batching.** Up to ``max_rows`` rows decode together. A row leaves the batch as soon
+  as it has produced a stop string, an end-of-sequence token or ``max_new_tokens`` tokens, and
+  waiting prompts take the free places, so a batch does not run on for one long answer while
+  the others are done.
+- **Identical prompts run once.** Samples of the same prompt (pass@k) share its computation and
+  start from copies of its keys and values.
+
+Greedy rows give the tokens ``transformers``' ``generate`` gives (up to float rounding in the
+batch). Sampled rows use transformers' temperature / top-k / top-p warpers and draw from their
+own ``torch.Generator``, seeded per row (``seeds``): a row's sample does not depend on which rows
+share its batch, so results are reproducible whatever the batch size.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from edgebuild.core.models import cache_arg
+from edgebuild.bench.shared_attention import RowCache, Span, use
 
 SUPPORTED = {"do_sample", "temperature", "top_p", "top_k"}
+MIN_PREFIX = 32
 
 
 def warpers(do_sample: bool, temperature=None, top_p=None, top_k=None) -> list:
@@ -37,57 +47,193 @@ def warpers(do_sample: bool, temperature=None, top_p=None, top_k=None) -> list:
     return out
 
 
-def _next_tokens(logits: torch.Tensor, ids: torch.Tensor, chain: list, do_sample: bool) -> torch.Tensor:
-    """Greedy or sampled next token of every row from its last-position logits."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    for warp in chain:
-        logits = warp(ids, logits)
-    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)[:, 0]
+def shared_prefix_len(prompts: list[list[int]], min_prefix: int = MIN_PREFIX) -> int:
+    """Length of the prompts' common leading part, leaving every prompt at least one token of
+    its own; 0 when shorter than ``min_prefix``."""
+    first = prompts[0]
+    shared = min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        shared = min(shared, next((i for i, (a, b) in enumerate(zip(first, prompt)) if a != b), shared))
+    return shared if shared >= min_prefix else 0
+
+
+@dataclass
+class Row:
+    """One answer being generated: its request, its own prompt tokens and its new tokens."""
+
+    index: int
+    rest: list[int]
+    new: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens stored in the row's cache slot (the last new token is not stored yet)."""
+        return len(self.rest) + max(len(self.new) - 1, 0)
+
+
+@dataclass
+class Settings:
+    """What every row of one ``generate`` call shares."""
+
+    max_new_tokens: int
+    finished: Callable[[list[list[int]]], list[bool]]
+    eos: set
+    do_sample: bool = False
+    chain: list = field(default_factory=list)
+
+
+class Decoder:
+    """The running batch of one ``generate`` call (see the module doc)."""
+
+    def __init__(self, model, prefix: list[int], max_rows: int, settings: Settings,
+                 max_tokens: int = 4096):
+        from edgebuild.bench.prefix_scoring import prefix_cache
+
+        self.model, self.decoder, self.head = model, model.get_decoder(), model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.settings, self.max_tokens = settings, max_tokens
+        layers = prefix_cache(self.decoder, prefix, self.device) if prefix else None
+        self.cache = RowCache(max_rows, layers)
+        self.rows: list[Row] = []            # row i lives in cache slot i
+
+    def admit(self, waiting: list[Row]) -> None:
+        """Move waiting rows into the free slots; their prompts run once per distinct prompt, in
+        blocks of at most ``max_tokens`` padded tokens."""
+        free = self.cache.capacity - len(self.rows)
+        taken, waiting[:] = waiting[:free], waiting[free:]
+        first: dict[tuple, Row] = {}
+        for row in taken:
+            first.setdefault(tuple(row.rest), row)
+        distinct = list(first.values())                  # slots start, start + 1, ...
+        copies = [row for row in taken if first[tuple(row.rest)] is not row]
+        start, logits = len(self.rows), []
+        for a, b in _chunks([len(row.rest) for row in distinct], self.max_tokens):
+            logits.append(self._prefill([row.rest for row in distinct[a:b]], start + a))
+        logits = torch.cat(logits)
+        place = {id(row): i for i, row in enumerate(distinct)}
+        for offset, row in enumerate(copies, start=len(distinct)):
+            self.cache.move(start + place[id(first[tuple(row.rest)])], start + offset)
+        self.rows += distinct + copies
+        sources = [place[id(first[tuple(row.rest)])] for row in distinct + copies]
+        self._append(start, logits[torch.tensor(sources, device=logits.device)])
+
+    def _prefill(self, rests: list[list[int]], start: int) -> torch.Tensor:
+        """Run distinct prompts into slots ``start...``; the logits after each prompt."""
+        width = max(len(rest) for rest in rests)
+        ids = torch.zeros(len(rests), width, dtype=torch.long)
+        for i, rest in enumerate(rests):
+            ids[i, :len(rest)] = torch.tensor(rest)
+        lengths = torch.tensor([len(rest) for rest in rests])
+        keys = torch.arange(width)
+        allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
+        allowed |= torch.eye(width, dtype=torch.bool)
+        positions = self.cache.prefix_len + keys.expand(len(rests), width)
+        self.cache.span, self.cache.width = Span(start, start + len(rests)), width
+        hidden = self._forward(ids, positions, allowed)
+        return self._logits(hidden[torch.arange(len(rests)), lengths - 1])
+
+    def step(self) -> None:
+        """One new token for every row in the batch."""
+        count = len(self.rows)
+        at = torch.tensor([row.length for row in self.rows])
+        ids = torch.tensor([[row.new[-1]] for row in self.rows])
+        self.cache.span, self.cache.width = Span(0, count, at.to(self.device)), int(at.max()) + 1
+        allowed = (torch.arange(self.cache.width)[None, :] <= at[:, None])[:, None]
+        hidden = self._forward(ids, self.cache.prefix_len + at[:, None], allowed)
+        self._append(0, self._logits(hidden[:, -1]))
+
+    def _forward(self, ids, positions, allowed) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=self.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return self.decoder(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                            attention_mask=mask[:, None].to(self.device), rows=self.cache,
+                            use_cache=False).last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _append(self, start: int, logits: torch.Tensor) -> None:
+        """Choose the next token of rows ``start...`` from their logits."""
+        rows = self.rows[start:]
+        if not self.settings.do_sample:
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            for warp in self.settings.chain:
+                logits = warp(None, logits)
+            probs = torch.softmax(logits, dim=-1)
+            tokens = [int(torch.multinomial(p, 1, generator=row.generator)) for p, row in zip(probs, rows)]
+        for row, token in zip(rows, tokens):
+            row.new.append(int(token))
+
+    def retire(self) -> list[Row]:
+        """Take finished rows out of the batch (the last slot fills each hole)."""
+        s = self.settings
+        if not self.rows:
+            return []
+        stopped = s.finished([row.new for row in self.rows])
+        done = [i for i, (row, stop) in enumerate(zip(self.rows, stopped))
+                if stop or row.new[-1] in s.eos or len(row.new) >= s.max_new_tokens]
+        out = []
+        for i in reversed(done):
+            out.append(self.rows[i])
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.move(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        return out
 
 
 @torch.inference_mode()
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_length: int,
-           finished: Callable[[torch.Tensor], list[bool]], eos: set, pad_token_id: int,
-           cache=None, do_sample: bool = False, **sampling) -> torch.Tensor:
-    """``[batch, width]`` tokens: each row's prompt, its new tokens, then padding up to the
-    longest row (at most ``max_length``), as ``generate`` returns them.
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
+             finished: Callable[[list[list[int]]], list[bool]], eos: set, max_rows: int = 32,
+             do_sample: bool = False, seeds: list[int] | None = None, **sampling) -> list[list[int]]:
+    """The new tokens of every prompt (up to and including the token that ended it).
 
-    ``finished(new_tokens)`` says, for the unfinished rows' new tokens so far (a tensor with one
-    row each), which have reached a stop; a row also ends at a token in ``eos`` or at
-    ``max_length``. ``cache`` may hold keys/values for a leading part of
-    the prompt (a shared prefix)."""
-    from transformers import DynamicCache
+    ``finished(new tokens of each row)`` says which rows have reached a stop string; a row also
+    ends at a token in ``eos`` or after ``max_new_tokens`` tokens. Sampling (``do_sample``,
+    ``temperature``, ``top_p``, ``top_k``) draws row ``i`` from a generator seeded ``seeds[i]``."""
+    if not prompts:
+        return []
+    if do_sample and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampled generation needs one seed per prompt")
+    prefix = shared_prefix_len(prompts)
+    settings = Settings(max_new_tokens, finished, eos, do_sample, warpers(do_sample, **sampling))
+    decoder = Decoder(model, prompts[0][:prefix], max_rows, settings)
+    waiting = [Row(i, p[prefix:], generator=_generator(seeds[i]) if do_sample else None)
+               for i, p in enumerate(prompts)]
+    waiting.sort(key=lambda row: -len(row.rest))        # prompt blocks with little padding
+    out: dict[int, list[int]] = {}
+    refill = max(1, max_rows // 4)        # admit new rows once this many places are free
+    with use(model):
+        while waiting or decoder.rows:
+            done = decoder.retire()
+            room = max_rows - len(decoder.rows)
+            if waiting and (not decoder.rows or room >= min(refill, len(waiting))):
+                decoder.admit(waiting)
+                done += decoder.retire()
+            out.update((row.index, row.new) for row in done)
+            if decoder.rows:
+                decoder.step()
+    return [out[i] for i in range(len(prompts))]
 
-    batch, width = input_ids.shape
-    out = torch.full((batch, max_length), pad_token_id, dtype=torch.long, device=input_ids.device)
-    out[:, :width] = input_ids
-    chain = warpers(do_sample, **sampling)
-    cache = cache if cache is not None else DynamicCache()
-    done = cache.get_seq_length()
-    mask = attention_mask.clone()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cached = {cache_arg(model): cache}
-    logits = model(input_ids=input_ids[:, done:], attention_mask=mask,
-                   position_ids=positions[:, done:], logits_to_keep=1, **cached).logits[:, -1]
-    active = torch.arange(batch, device=input_ids.device)
-    next_pos = positions[:, -1] + 1
-    step = width
-    for step in range(width, max_length):
-        token = _next_tokens(logits, out[active, :step], chain, do_sample)
-        out[active, step] = token
-        stop = torch.tensor(finished(out[active, width:step + 1]), dtype=torch.bool,
-                            device=active.device)
-        stop |= torch.tensor([int(t) in eos for t in token.tolist()], dtype=torch.bool,
-                             device=active.device)
-        keep = (~stop).nonzero()[:, 0]
-        if len(keep) == 0 or step + 1 == max_length:
-            break
-        if len(keep) < len(active):
-            cache.batch_select_indices(keep)
-            active, mask, next_pos, token = active[keep], mask[keep], next_pos[keep], token[keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       **cached).logits[:, -1]
-        next_pos = next_pos + 1
-    return out[:, :step + 1]
+
+def _chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """``[(first, last)]`` runs of prompts (longest first) whose padded block stays within
+    ``max_tokens`` tokens (a longer prompt runs alone)."""
+    out, first = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or (i - first + 1) * max(lengths[first:i + 1]) > max_tokens:
+            out.append((first, i))
+            first = i
+    return out
+
+
+def _generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator

@@ -1,11 +1,12 @@
-"""lm-eval's ``HFLM`` with shared-work log-likelihoods, token-bounded batches and progress reports.
+"""lm-eval's ``HFLM`` with shared-work log-likelihoods and generation, token-bounded batches and progress reports.
 
 Log-likelihood requests go to ``edgebuild.bench.prefix_scoring.PackedScorer`` (one row per context with
 all its continuations, one computation per shared few-shot prefix) when the model supports it
 (``packed=True``, the default); otherwise to lm-eval's own code, batched as below. Generation
-moves a batch's common prompt prefix into a precomputed cache and decodes with
-``edgebuild.bench.decode`` (finished rows leave the batch); other generation settings than
-greedy/temperature/top-k/top-p go to ``transformers``' ``generate``.
+requests go to ``edgebuild.bench.decode.generate`` (the task's shared prompt prefix computed once,
+the batch refilled as rows finish, identical prompts run once, sampled rows seeded per row);
+other generation settings than greedy/temperature/top-k/top-p go to ``transformers``' ``generate``
+through lm-eval's own loop.
 
 Imported only when benchmarks run (it imports lm-eval and torch). lm-eval pads each batch to its
 longest request and takes a float32 log-softmax over the whole vocabulary, so a fixed batch of
@@ -16,16 +17,18 @@ variable batch sizes (``_batch_scheduler``, used when the batch size is "auto").
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sys
 from typing import Callable
 
 import torch
 import transformers
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from edgebuild.bench import decode
-from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, common_prefix, expanded_cache,
-                                    prefix_cache, supports)
-from edgebuild.core.models import cache_arg
+from edgebuild.bench.prefix_scoring import PackedScorer, supports
 
 
 class StopStrings(transformers.StoppingCriteria):
@@ -34,18 +37,20 @@ class StopStrings(transformers.StoppingCriteria):
     (lm-eval's criterion ends a batch only when one and the same stop string has appeared in every
     row, so a batch whose rows stop on different strings runs to the token limit.)"""
 
-    def __init__(self, tokenizer, stops, prompt_len: int):
+    def __init__(self, tokenizer, stops, prompt_len: int = 0):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
         self.lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stops),
                             default=0) + 2
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = self.finished(input_ids[:, self.prompt_len:])
+        done = self.finished(input_ids[:, self.prompt_len:].tolist())
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def finished(self, new_tokens) -> list[bool]:
-        """For each row of newly generated tokens, whether a stop string has appeared."""
-        texts = self.tokenizer.batch_decode(new_tokens[:, -self.lookback:])
+    def finished(self, new_tokens: list[list[int]]) -> list[bool]:
+        """For each row's newly generated tokens, whether a stop string has appeared."""
+        if not self.stops:
+            return [False] * len(new_tokens)
+        texts = self.tokenizer.batch_decode([row[-self.lookback:] for row in new_tokens])
         return [any(stop in text for stop in self.stops) for text in texts]
 
 
@@ -58,10 +63,12 @@ class HostLM(HFLM):
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int, max_batch_tokens: int,
-                 progress: Callable[[int, int], None] | None = None, packed: bool = True):
+                 progress: Callable[[int, int], None] | None = None, packed: bool = True,
+                 gen_batch_size: int = 32):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size="auto")
         self.packed = packed and supports(model)
         self.max_batch = batch_size
+        self.max_gen_rows = gen_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.progress = progress
         self._chunk_end = 0
@@ -78,29 +85,55 @@ class HostLM(HFLM):
             self._chunk_end = pos + self._chunk_size
         return self._chunk_size
 
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Packed: each group of requests with the same generation settings through
+        ``decode.generate`` (see the module doc), answers cut at the first stop string as
+        lm-eval does; lm-eval's own loop otherwise (its batch-size notice goes to stderr)."""
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        out: list = [None] * len(requests)
+        for indices in groups.values():
+            chosen = [requests[i] for i in indices]
+            for i, text in zip(indices, self._generate_group(chosen, disable_tqdm)):
+                out[i] = text
+        return out
+
+    def _generate_group(self, requests, disable_tqdm: bool) -> list[str]:
+        gen_kwargs = requests[0].args[1]
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        if not self.packed or not set(kwargs) <= decode.SUPPORTED or self.think_end_token is not None:
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        contexts = [request.args[0] for request in requests]
+        prompts = [self._prompt(context, self.max_length - max_gen_toks) for context in contexts]
+        seeds = _row_seeds(contexts) if kwargs.get("do_sample") else None
+        stops = StopStrings(self.tokenizer, until)
+        new = decode.generate(self.model, prompts, max_new_tokens=max_gen_toks, finished=stops.finished,
+                              eos=self._eos_ids(), max_rows=self.max_gen_rows, seeds=seeds, **kwargs)
+        texts = [postprocess_generated_text(self.tok_decode(tokens), until, None) for tokens in new]
+        for context, text in zip(contexts, texts):
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return texts
+
+    def _prompt(self, context: str, max_tokens: int) -> list[int]:
+        """The prompt's tokens as lm-eval's batch encoding gives them, left-truncated."""
+        ids, mask = self.tok_batch_encode([context], left_truncate_len=max_tokens)
+        return ids[0][mask[0].bool()].tolist()
+
     def _model_generate(self, context, max_length: int, stop: list, **generation_kwargs):
-        """Greedy unless the task asks to sample; every row stops at its own first stop string.
-        Packed: the batch's common prompt prefix (a few-shot block, or the one prompt of
-        repeated samples) runs once and reaches every row as a cache."""
-        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
-            generation_kwargs.pop("temperature", None)
-            generation_kwargs["do_sample"] = False
+        """``transformers``' ``generate`` (the unpacked path), every row stopping at its own
+        first stop string."""
         mask = generation_kwargs.pop("attention_mask", None)
-        inputs = {"input_ids": context,
-                  "attention_mask": torch.ones_like(context) if mask is None else mask}
-        if self.packed:
-            inputs = self._shared_prefix(**inputs)
         stops = StopStrings(self.tokenizer, stop, context.shape[1])
-        if self.packed and set(generation_kwargs) <= decode.SUPPORTED:
-            return decode.decode(self.model, **inputs, max_length=max_length,
-                                 finished=stops.finished, eos=self._eos_ids(),
-                                 pad_token_id=self.tokenizer.pad_token_id or 0, **generation_kwargs)
-        if "cache" in inputs:
-            inputs[cache_arg(self.model)] = inputs.pop("cache")
-        return self.model.generate(**inputs, max_length=max_length,
+        return self.model.generate(input_ids=context,
+                                   attention_mask=torch.ones_like(context) if mask is None else mask,
+                                   max_length=max_length, use_cache=True,
                                    stopping_criteria=transformers.StoppingCriteriaList([stops]),
-                                   pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
-                                   **generation_kwargs)
+                                   pad_token_id=self.tokenizer.pad_token_id, **generation_kwargs)
 
     def _eos_ids(self) -> set:
         """Token ids that end a generated answer (the model's generation config, else the
@@ -109,24 +142,6 @@ class HostLM(HFLM):
         if ids is None:
             ids = self.tokenizer.eos_token_id
         return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
-
-    def _shared_prefix(self, input_ids, attention_mask) -> dict:
-        """Generation inputs with the rows' common leading tokens moved in front of the padding
-        (``[prefix][pad][rest]``, same width) and given as a precomputed cache."""
-        rows = [ids[keep.bool()].tolist() for ids, keep in zip(input_ids, attention_mask)]
-        shared = min([common_prefix(tuple(rows[0]), tuple(r)) for r in rows] +
-                     [len(r) - 1 for r in rows])
-        if shared < MIN_PREFIX:
-            return {"input_ids": input_ids, "attention_mask": attention_mask}
-        ids = torch.full_like(input_ids, self.tokenizer.pad_token_id or 0)
-        mask = torch.zeros_like(attention_mask)
-        width = input_ids.shape[1]
-        for i, row in enumerate(rows):
-            rest = len(row) - shared
-            ids[i, :shared], ids[i, width - rest:] = torch.tensor(row[:shared]), torch.tensor(row[shared:])
-            mask[i, :shared] = mask[i, width - rest:] = 1
-        layers = prefix_cache(self.model.get_decoder(), rows[0][:shared], input_ids.device)
-        return {"input_ids": ids, "attention_mask": mask, "cache": expanded_cache(layers, len(rows))}
 
     def _detect_batch_size(self, requests=None, pos: int = 0) -> int:
         """The fixed batch size (no trial runs) for request types other than loglikelihood."""
@@ -168,3 +183,16 @@ class HostLM(HFLM):
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(self._done, self._total)
+
+
+def _row_seeds(contexts: list[str]) -> list[int]:
+    """A seed per request, from one draw of torch's RNG (seeded by the run), the request's prompt
+    and its place among the requests with the same prompt (the samples of one item)."""
+    base = int(torch.randint(0, 2 ** 62, (1,)))
+    seen: dict[str, int] = {}
+    seeds = []
+    for context in contexts:
+        seen[context] = seen.get(context, -1) + 1
+        text = f"{base}/{seen[context]}/{context}".encode("utf-8")
+        seeds.append(int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1)
+    return seeds

@@ -100,50 +100,80 @@ def families(rows: list[Row], min_prefix: int = MIN_PREFIX) -> list[tuple[int, l
     return ([(0, loose)] if loose else []) + shared_runs
 
 
-def batches(rows: list[Row], prefix: int, max_rows: int, max_tokens: int) -> list[list[Row]]:
-    """Rows, longest first, in batches of at most ``max_rows`` rows and ``max_tokens`` padded
+def lines(rows: list[Row], prefix: int) -> list[list[Row]]:
+    """Rows of one family packed into lines no wider than the widest row (first fit, longest
+    first): the short contexts of a task fill the space a long one leaves, instead of padding."""
+    width = max(row.packed_len(prefix) for row in rows)
+    packed: list[list] = []                  # [free tokens, rows]
+    for row in sorted(rows, key=lambda r: -r.packed_len(prefix)):
+        size = row.packed_len(prefix)
+        line = next((line for line in packed if line[0] >= size), None)
+        if line is None:
+            line = [width, []]
+            packed.append(line)
+        line[0] -= size
+        line[1].append(row)
+    return [line for _, line in packed]
+
+
+def line_len(line: list[Row], prefix: int) -> int:
+    return sum(row.packed_len(prefix) for row in line)
+
+
+def batches(lines_: list[list[Row]], prefix: int, max_rows: int, max_tokens: int) -> list[list[list[Row]]]:
+    """Lines, longest first, in batches of at most ``max_rows`` lines and ``max_tokens`` padded
     tokens (the shared prefix counts an eighth: it is only attended to, not computed)."""
-    ordered = sorted(rows, key=lambda r: -r.packed_len(prefix))
-    out: list[list[Row]] = []
-    for row in ordered:
+    ordered = sorted(lines_, key=lambda line: -line_len(line, prefix))
+    out: list[list] = []
+    for line in ordered:
         if out:
-            width = out[-1][0].packed_len(prefix) + prefix // 8
+            width = line_len(out[-1][0], prefix) + prefix // 8
             if len(out[-1]) < max_rows and (len(out[-1]) + 1) * width <= max_tokens:
-                out[-1].append(row)
+                out[-1].append(line)
                 continue
-        out.append([row])
+        out.append([line])
     return out
 
 
-def layout(row: Row, prefix: int) -> tuple[list, list, list, list]:
-    """Tokens, positions, segment ids (0: context, i: continuation i, from 1) and targets of a row.
+def layout(line: list[Row], prefix: int) -> tuple[list, list, list, list]:
+    """Tokens, positions, segment ids and targets of a line of rows.
 
-    ``targets`` holds, per request, ``(request index, [(row position, target token), ...])``."""
-    rest = list(row.context[prefix:])
-    tokens, positions, segments = rest[:], list(range(prefix, prefix + len(rest))), [0] * len(rest)
-    targets = []
-    for number, (index, continuation) in enumerate(row.requests, start=1):
-        start = len(tokens)
-        inputs = continuation[:-1]
-        tokens += inputs
-        positions += range(prefix + len(rest), prefix + len(rest) + len(inputs))
-        segments += [number] * len(inputs)
-        predictors = [len(rest) - 1] + list(range(start, start + len(inputs)))
-        targets.append((index, list(zip(predictors, continuation))))
+    A segment id is ``(row number in the line, part)``, part 0 for the row's context and i for
+    its continuation i (from 1). Positions restart after the prefix for every row and after its
+    context for every continuation. ``targets`` holds, per request, ``(request index,
+    [(line position, target token), ...])``."""
+    tokens, positions, segments, targets = [], [], [], []
+    for number, row in enumerate(line):
+        rest = list(row.context[prefix:])
+        end = len(tokens) + len(rest)
+        tokens += rest
+        positions += range(prefix, prefix + len(rest))
+        segments += [(number, 0)] * len(rest)
+        for part, (index, continuation) in enumerate(row.requests, start=1):
+            start = len(tokens)
+            inputs = continuation[:-1]
+            tokens += inputs
+            positions += range(prefix + len(rest), prefix + len(rest) + len(inputs))
+            segments += [(number, part)] * len(inputs)
+            predictors = [end - 1] + list(range(start, start + len(inputs)))
+            targets.append((index, list(zip(predictors, continuation))))
     return tokens, positions, segments, targets
 
 
-def attention_mask(segments: torch.Tensor, prefix: int, dtype) -> torch.Tensor:
-    """Additive ``[batch, 1, L, prefix + L]`` mask from ``[batch, L]`` segment ids (-1: padding).
+def attention_mask(rows: torch.Tensor, parts: torch.Tensor, prefix: int, dtype) -> torch.Tensor:
+    """Additive ``[batch, 1, L, prefix + L]`` mask from ``[batch, L]`` row numbers (-1: padding)
+    and parts (0: context, i: continuation i).
 
-    A token sees the prefix, earlier context tokens and earlier tokens of its own segment; a
-    padding token sees only itself."""
-    batch, length = segments.shape
-    q, k = segments[:, :, None], segments[:, None, :]
+    A token sees the prefix, earlier context tokens of its row and earlier tokens of its own
+    part; a padding token sees only itself."""
+    batch, length = rows.shape
+    same_row = rows[:, :, None] == rows[:, None, :]
+    q, k = parts[:, :, None], parts[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal & ((k == 0) | (k == q)) & (q >= 0) & (k >= 0)
+    real = rows >= 0
+    allowed = causal & same_row & ((k == 0) | (k == q)) & real[:, :, None] & real[:, None, :]
     allowed |= torch.eye(length, dtype=torch.bool)
-    seen = torch.cat([(q >= 0).expand(batch, length, prefix), allowed], dim=2)
+    seen = torch.cat([real[:, :, None].expand(batch, length, prefix), allowed], dim=2)
     mask = torch.zeros(seen.shape, dtype=dtype)
     mask.masked_fill_(~seen, torch.finfo(dtype).min)
     return mask[:, None]
@@ -189,7 +219,7 @@ class PackedScorer:
         done = 0
         for prefix, rows in families(group_rows(pairs, self.max_length), self.min_prefix):
             cache = self._prefix(rows[0].context[:prefix]) if prefix else None
-            for batch in batches(rows, prefix, self.max_rows, self.max_tokens):
+            for batch in batches(lines(rows, prefix), prefix, self.max_rows, self.max_tokens):
                 for index, value in self._batch(batch, prefix, cache):
                     results[index] = value
                     done += 1
@@ -200,19 +230,20 @@ class PackedScorer:
     def _prefix(self, tokens: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return prefix_cache(self.decoder, tokens, self.device)
 
-    def _batch(self, rows: list[Row], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
-        """Run one batch of packed rows and score every request in it."""
-        laid = [layout(row, prefix) for row in rows]
+    def _batch(self, batch: list[list[Row]], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
+        """Run one batch of packed lines and score every request in it."""
+        laid = [layout(line, prefix) for line in batch]
         width = max(len(tokens) for tokens, _, _, _ in laid)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        pos = torch.zeros(len(rows), width, dtype=torch.long)
-        seg = torch.full((len(rows), width), -1, dtype=torch.long)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        pos = torch.zeros(len(batch), width, dtype=torch.long)
+        rows = torch.full((len(batch), width), -1, dtype=torch.long)
+        parts = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (tokens, positions, segments, _) in enumerate(laid):
             n = len(tokens)
-            ids[i, :n], pos[i, :n], seg[i, :n] = (torch.tensor(tokens), torch.tensor(positions),
-                                                  torch.tensor(segments))
-        past = expanded_cache(cache, len(rows)) if cache is not None else None
-        mask = attention_mask(seg, prefix, self.dtype).to(self.device)
+            ids[i, :n], pos[i, :n] = torch.tensor(tokens), torch.tensor(positions)
+            rows[i, :n], parts[i, :n] = torch.tensor(segments).T
+        past = expanded_cache(cache, len(batch)) if cache is not None else None
+        mask = attention_mask(rows, parts, prefix, self.dtype).to(self.device)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
                               attention_mask=mask, use_cache=past is not None,
                               **{cache_arg(self.decoder): past}).last_hidden_state

@@ -301,6 +301,12 @@ def _part_items(part: TaskPart, logged: list[dict], docs: list[dict], bench: Ben
     return [[part.doc_ids[sample["doc_id"]], float(sample[bench.metric])] for sample in rows]
 
 
+def result_from_samples(prepared: PreparedTask, samples: dict) -> TaskResult:
+    """The ``TaskResult`` of a prepared benchmark from lm-eval's logged samples
+    (``{task name: [sample, ...]}``), however lm-eval ran (in this process or its command)."""
+    return _task_result(prepared, samples)
+
+
 def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
     """Per-item results, score, chance and standard error of one benchmark."""
     bench = prepared.bench

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, Row, families, group_rows, layout,
-                                    supports)
+from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, Row, attention_mask, families,
+                                            group_rows, layout, lines, supports)
 from edgebuild.core.models import cache_arg, returned_cache
 
 from conftest import tiny_llama
@@ -80,11 +80,31 @@ def test_families_share_only_long_prefixes():
 
 def test_layout_masks_continuations_from_each_other():
     row = Row((5, 6, 7), [(0, [1, 2, 3]), (1, [4])])
-    tokens, positions, segments, targets = layout(row, prefix=1)
+    tokens, positions, segments, targets = layout([row], prefix=1)
     assert tokens == [6, 7, 1, 2]                 # the one-token continuation adds no token
     assert positions == [1, 2, 3, 4]              # each continuation starts right after the context
-    assert segments == [0, 0, 1, 1]
+    assert segments == [(0, 0), (0, 0), (0, 1), (0, 1)]
     assert targets == [(0, [(1, 1), (2, 2), (3, 3)]), (1, [(1, 4)])]
+
+
+def test_a_line_holds_several_contexts_that_never_see_each_other():
+    first, second = Row((5, 6, 7), [(0, [1, 2])]), Row((5, 9), [(1, [3]), (2, [4])])
+    tokens, positions, segments, targets = layout([first, second], prefix=1)
+    assert tokens == [6, 7, 1, 9]
+    assert positions == [1, 2, 3, 1]              # the second context restarts after the prefix
+    assert targets == [(0, [(1, 1), (2, 2)]), (1, [(3, 3)]), (2, [(3, 4)])]
+    rows, parts = torch.tensor([[r for r, _ in segments] + [-1]]), torch.tensor([[p for _, p in segments] + [0]])
+    seen = attention_mask(rows, parts, 1, torch.float32)[0, 0] == 0
+    assert seen[:, 0].tolist() == [True] * 4 + [False]          # the prefix, except from padding
+    assert seen[3, 1:].tolist() == [False, False, False, True, False]
+    assert seen[2, 1:].tolist() == [True, True, True, False, False]
+
+
+def test_lines_fill_the_width_of_the_widest_context():
+    rows = [Row(tuple(range(n)), [(i, [1])]) for i, n in enumerate([10, 6, 4, 3, 3, 1])]
+    packed = lines(rows, prefix=0)
+    assert [sum(len(r.context) for r in line) for line in packed] == [10, 10, 7]
+    assert sorted(r.requests[0][0] for line in packed for r in line) == list(range(6))
 
 
 def test_long_requests_lose_context_from_the_left():
@@ -122,65 +142,141 @@ def test_host_lm_packed_matches_lm_eval_rows(model):
         assert a == pytest.approx(b, abs=1e-4) and a_greedy == b_greedy
 
 
-def test_generation_with_shared_prefix_is_unchanged(model):
+def _instances(prompts, gen_kwargs, repeats=1):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("generate_until", {}, (prompt, dict(gen_kwargs)), idx=i)
+            for i, prompt in enumerate(prompts) for _ in range(repeats)]
+
+
+def test_packed_generation_gives_lm_evals_texts(model):
+    """HostLM's packed generation (shared prefix, refilled batch) answers as lm-eval's own loop."""
     from edgebuild.bench.hflm import HostLM
 
     lm_model, tokenizer = model
-    lm = HostLM(lm_model, tokenizer, batch_size=4, max_batch_tokens=512)
+    lm = HostLM(lm_model, tokenizer, batch_size=4, max_batch_tokens=512, gen_batch_size=2)
     shots = "".join(f"Q: {i} and {i + 1}?\nA: {2 * i + 1}.\n\n" for i in range(12))
-    tokenizer.padding_side = "left"
-    enc = tokenizer([shots + "Q: 3 and 4?\nA:", shots + "Q: 100 and 2000 and 5?\nA:"],
-                    return_tensors="pt", padding=True)
-    width = enc.input_ids.shape[1]
-    outs = []
-    for packed in (True, False):
-        lm.packed = packed
-        out = lm._model_generate(enc.input_ids, width + 12, ["\n\n"],
-                                 attention_mask=enc.attention_mask, do_sample=False)
-        outs.append(out[:, width:])
-    assert torch.equal(outs[0], outs[1])
-    inputs = HostLM._shared_prefix(lm, enc.input_ids, enc.attention_mask)
-    assert "cache" in inputs and inputs["input_ids"].shape == enc.input_ids.shape
-    assert inputs["attention_mask"].sum() == enc.attention_mask.sum()
+    prompts = [shots + f"Q: {a} and {b}?\nA:" for a, b in ((3, 4), (100, 2000), (7, 7), (1, 12345))]
+    requests = _instances(prompts, {"until": ["\n\n", "Q:"], "max_gen_toks": 12, "do_sample": False})
+    packed = lm.generate_until(requests)
+    lm.packed = False
+    plain = lm.generate_until(requests, disable_tqdm=True)
+    assert packed == plain and all(packed)
 
 
-def test_decode_drops_finished_rows_and_matches_generate(model):
-    from edgebuild.bench.decode import decode
-
-    lm_model, tokenizer = model
-    tokenizer.padding_side = "left"
-    enc = tokenizer(["Once upon a time", "The cat", "A much longer prompt about numbers and"],
-                    return_tensors="pt", padding=True)
-    width = enc.input_ids.shape[1]
-    free = lm_model.generate(**enc, max_length=width + 10, do_sample=False, pad_token_id=0,
-                             eos_token_id=None)
-    eos = int(free[0, width + 2])           # row 0 ends at its third new token, the others later
-    want = lm_model.generate(**enc, max_length=width + 10, do_sample=False, pad_token_id=0,
-                             eos_token_id=eos)
-    calls = []
-
-    def finished(new):
-        calls.append(new.shape[0])
-        return [False] * new.shape[0]
-
-    got = decode(lm_model, enc.input_ids, enc.attention_mask, max_length=width + 10,
-                 finished=finished, eos={eos}, pad_token_id=0)
-    assert torch.equal(got, want)
-    assert calls[0] == 3 and min(calls) < 3, "finished rows leave the batch"
+def reference_greedy(lm_model, prompt, steps):
+    out = lm_model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
-def test_decode_sampling_is_seeded(model):
-    from edgebuild.bench.decode import decode
+def few_shot_prompts(count=7, seed=0):
+    rnd = random.Random(seed)
+    shots = [rnd.randrange(10, 4000) for _ in range(40)]
+    return [shots + [rnd.randrange(10, 4000) for _ in range(rnd.randint(1, 15))] for _ in range(count)]
 
-    lm_model, tokenizer = model
-    enc = tokenizer(["Hello there"], return_tensors="pt")
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        outs.append(decode(lm_model, enc.input_ids.repeat(4, 1), enc.attention_mask.repeat(4, 1),
-                           max_length=enc.input_ids.shape[1] + 8, finished=lambda t: [False] * len(t),
-                           eos=set(), pad_token_id=0, do_sample=True, temperature=0.8, top_p=0.95))
-    assert torch.equal(outs[0], outs[1]) and len({tuple(r) for r in outs[0].tolist()}) > 1
+
+@pytest.mark.parametrize("max_rows", [1, 3, 16])
+def test_generate_matches_one_prompt_at_a_time(model, max_rows):
+    """Whatever the batch size, each prompt gets the tokens of its own greedy generate()."""
+    from edgebuild.bench.decode import generate
+
+    lm_model, _ = model
+    prompts = few_shot_prompts()
+    with torch.inference_mode():
+        want = [reference_greedy(lm_model, p, 10) for p in prompts]
+    got = generate(lm_model, prompts, max_new_tokens=10, finished=lambda rows: [False] * len(rows),
+                   eos=set(), max_rows=max_rows)
+    assert got == want
+
+
+def test_rows_end_at_eos_and_stop_strings_and_leave_the_batch(model):
+    from edgebuild.bench import decode
+
+    lm_model, _ = model
+    prompts = few_shot_prompts()
+    with torch.inference_mode():
+        want = [reference_greedy(lm_model, p, 10) for p in prompts]
+    eos = want[0][2]                        # prompt 0 ends at its third new token
+    stop_after = {1: 4}                     # prompt 1's "stop string" appears at its 4th token
+    widths = []
+
+    def finished(rows):
+        widths.append(len(rows))
+        return [len(r) >= stop_after.get(_owner(r), 99) for r in rows]
+
+    def _owner(new):
+        return next(i for i, w in enumerate(want) if w[:len(new)] == new)
+
+    got = decode.generate(lm_model, prompts, max_new_tokens=10, finished=finished, eos={eos},
+                          max_rows=16)
+    cut = [w[:w.index(eos) + 1] if eos in w else w for w in want]
+    cut[1] = cut[1][:4] if len(cut[1]) > 4 else cut[1]
+    assert got == cut
+    assert widths[0] == len(prompts) and min(widths) < len(prompts), "finished rows leave the batch"
+
+
+def test_identical_prompts_run_once(model, monkeypatch):
+    from edgebuild.bench import decode
+
+    lm_model, _ = model
+    prompts = few_shot_prompts(3)
+    prompts = [prompts[0], prompts[1], prompts[0], prompts[0], prompts[2]]
+    computed = []
+    original = decode.Decoder._prefill
+
+    def spy(self, rests, start):
+        computed.append(len(rests))
+        return original(self, rests, start)
+
+    monkeypatch.setattr(decode.Decoder, "_prefill", spy)
+    got = decode.generate(lm_model, prompts, max_new_tokens=6, finished=lambda r: [False] * len(r),
+                          eos=set(), max_rows=8)
+    assert computed == [3]
+    with torch.inference_mode():
+        assert got == [reference_greedy(lm_model, p, 6) for p in prompts]
+
+
+def test_sampling_is_seeded_per_row(model):
+    """A sampled row depends on its seed, not on the batch it runs in."""
+    from edgebuild.bench.decode import generate
+
+    lm_model, _ = model
+    prompts = few_shot_prompts(3) * 2
+    kwargs = dict(max_new_tokens=6, finished=lambda r: [False] * len(r), eos=set(), do_sample=True,
+                  temperature=0.8, top_p=0.95, seeds=list(range(6)))
+    small = generate(lm_model, prompts, max_rows=2, **kwargs)
+    large = generate(lm_model, prompts, max_rows=16, **kwargs)
+    assert small == large
+    assert small[0] != small[3], "the same prompt with another seed draws another sample"
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(lm_model, prompts, **{**kwargs, "seeds": None})
+
+
+def test_shared_attention_equals_attention_over_an_expanded_cache(model):
+    """Rows attending to a shared prefix in place: the hidden states of the plain cache path."""
+    from edgebuild.bench import shared_attention
+    from edgebuild.bench.prefix_scoring import expanded_cache, prefix_cache
+
+    lm_model, _ = model
+    decoder = lm_model.get_decoder()
+    torch.manual_seed(1)
+    prefix, rows, width = 40, 3, 9
+    layers = prefix_cache(decoder, torch.randint(10, 4000, (prefix,)).tolist(), "cpu")
+    ids = torch.randint(10, 4000, (rows, width))
+    positions = torch.arange(prefix, prefix + width).expand(rows, width)
+    causal = torch.full((width, width), torch.finfo(torch.float32).min).triu(1)
+    with torch.inference_mode():
+        want = decoder(input_ids=ids, position_ids=positions, use_cache=True,
+                       attention_mask=torch.cat([torch.zeros(width, prefix), causal], 1).expand(rows, 1, -1, -1),
+                       **{cache_arg(decoder): expanded_cache(layers, rows)}).last_hidden_state
+        cache = shared_attention.RowCache(rows, layers)
+        cache.span, cache.width = shared_attention.Span(0, rows), width
+        with shared_attention.use(lm_model):
+            got = decoder(input_ids=ids, position_ids=positions, attention_mask=causal.expand(rows, 1, -1, -1),
+                          rows=cache, use_cache=False).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    assert lm_model.config._attn_implementation != shared_attention.NAME, "restored after the block"
 
 
 def test_cache_keyword_follows_the_installed_transformers(model):
@@ -198,3 +294,27 @@ def test_cache_keyword_follows_the_installed_transformers(model):
     out = lm(torch.tensor([[5, 6, 7]]), use_cache=True)
     assert returned_cache(out).get_seq_length() == 3
     assert cache_arg(lm) in ("cache", "past_key_values")
+
+
+@pytest.mark.slow
+def test_generate_matches_transformers_on_the_default_model():
+    """On SmolLM2-135M, few-shot prompts through the shared-prefix, refilled batch give the tokens
+    of transformers' greedy generate(), prompt by prompt."""
+    from edgebuild.bench.decode import generate
+    from edgebuild.core import models
+    from edgebuild.core.errors import ModelError
+
+    try:
+        lm_model, tokenizer = models.load(models.resolve("smollm2-135m"))
+    except ModelError:
+        pytest.skip("smollm2-135m is not fetched (make model)")
+    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in
+                    ((3, 4), (12, 30), (7, 8), (100, 23), (45, 55), (9, 9)))
+    questions = ["What is 2 plus 2?", "What is 31 plus 11?", "Tom has 3 apples and buys 5. How many?",
+                 "What is 1000 plus 1?", "What is 2 plus 2?"]
+    prompts = [tokenizer(shots + f"Question: {q}\nAnswer:").input_ids for q in questions]
+    with torch.inference_mode():
+        want = [reference_greedy(lm_model, p, 16) for p in prompts]
+    got = generate(lm_model, prompts, max_new_tokens=16, finished=lambda rows: [False] * len(rows),
+                   eos=set(), max_rows=3)
+    assert got == want

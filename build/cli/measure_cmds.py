@@ -89,6 +89,30 @@ def host_cmd(model, data_dir, profile, tasks, device, dtype, num_fewshot, json_o
                               f"{profile}: edgebuild vs lm_eval --model hf")
 
 
+@measure_group.command("suite")
+@model_option
+@data_dir_option
+@click.option("--profile", type=click.Choice(PROFILES), default="quick", show_default=True)
+@click.option("--tasks", default="arc_easy,piqa,hellaswag,gsm8k", show_default=True,
+              help="Comma-separated benchmarks (not the code benchmarks).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Batch size of both sides.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+              help="Few-shot examples for every task on both sides (default: each benchmark's own).")
+@json_out_option
+def suite_cmd(model, data_dir, profile, tasks, batch_size, num_fewshot, json_out):
+    """edgebuild's host scorer next to the lm_eval command run as its own process on the same
+    items and few-shot examples: items/s of each and the two scores side by side (CPU, fp32)."""
+    from edgebuild.build.cli.build_cmds import _tasks_option
+    from edgebuild.build.measure import suite_speed
+    setup = suite_speed.Setup(model, _data_dir(data_dir), profile, batch_size=batch_size,
+                              num_fewshot=num_fewshot)
+    rows = suite_speed.run(setup, _tasks_option(tasks), on_row=_saver(json_out))
+    shots = "" if num_fewshot is None else f", {num_fewshot}-shot"
+    suite_speed.print_table(rows, f"host benchmarks on {model} (cpu, float32{shots}), profile {profile}: "
+                                  "edgebuild vs the lm_eval command")
+
+
 @measure_group.command("device")
 @out_option
 @target_option

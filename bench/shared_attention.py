@@ -1,0 +1,170 @@
+"""Attention for many rows that continue one shared prefix, with the prefix stored once.
+
+Given to a Hugging Face model as a cache, a shared prefix (the few-shot block of a task) is
+expanded to the batch, concatenated with the rows' own keys in every layer at every decoding
+step and, for grouped-query attention, repeated per query head: per layer and step that copies
+``rows x heads x prefix`` keys and values, more work than the attention itself on a CPU.
+
+``attention`` (registered with transformers' ``AttentionInterface`` as ``NAME``; ``use(model)``
+switches a model to it for a block) attends to
+
+- the shared prefix's keys and values (``RowCache.prefix``, batch 1), with one matrix product
+  per key/value head over all rows and query heads at once (nothing is copied), and
+- each row's own keys and values, which ``RowCache`` keeps in preallocated per-layer buffers:
+  a forward pass writes its new keys/values there (at each row's own length) and attends to
+  the stored ones under the additive mask it is given (``[rows, 1, queries, stored keys]``),
+
+combined in one softmax. A forward pass without ``rows=`` (a ``RowCache``) runs PyTorch's
+scaled-dot-product attention, as the model had. Callers pass ``position_ids`` (rows start
+after the prefix) and a 4-D mask.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+NAME = "edgebuild_shared_prefix"
+
+
+@dataclass
+class Span:
+    """The rows a forward pass computes (``RowCache`` slots ``start:stop``) and where in each
+    row's buffer its new tokens go: at ``at`` (one position per row, one new token each), or
+    from position 0 (``at`` None: rows that start empty)."""
+
+    start: int
+    stop: int
+    at: torch.Tensor | None = None
+
+
+class RowCache:
+    """Keys and values of up to ``capacity`` rows, in slots ``0..capacity-1``, for every layer,
+    after an optional shared ``prefix`` (``[(keys, values)]`` per layer, each ``[1, kv heads,
+    prefix, dim]``). The caller sets ``span`` before each forward pass."""
+
+    def __init__(self, capacity: int, prefix: list | None = None, store: bool = True):
+        self.capacity, self.store = capacity, store
+        self.prefix = [(k[0], v[0]) for k, v in prefix] if prefix else None
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.span = Span(0, 0)
+        self.width = 0          # stored positions the current pass attends to
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0][0].shape[1]
+
+    def _buffers(self, layer: int, like: torch.Tensor, need: int):
+        """The layer's key and value buffers, grown to at least ``need`` positions."""
+        keys = self.keys.get(layer)
+        if keys is None or keys.shape[2] < need:
+            size = max(need, 0 if keys is None else keys.shape[2] * 3 // 2)
+            shape = (self.capacity, like.shape[1], size, like.shape[3])
+            grown = [like.new_zeros(shape), like.new_zeros(shape)]
+            if keys is not None:
+                grown[0][:, :, :keys.shape[2]] = keys
+                grown[1][:, :, :keys.shape[2]] = self.values[layer]
+            self.keys[layer], self.values[layer] = grown
+        return self.keys[layer], self.values[layer]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Store the span's new ``key``/``value`` (``[rows, kv heads, new, dim]``); return the
+        stored keys and values it attends to, as ``[rows * kv heads, width, dim]`` views."""
+        span, new = self.span, key.shape[2]
+        if not self.store:                       # a single pass: its own keys are all it sees
+            shape = (key.shape[0] * key.shape[1], new, key.shape[3])
+            return key.reshape(shape), value.reshape(shape)
+        keys, values = self._buffers(layer, key, self.width)
+        rows = slice(span.start, span.stop)
+        if span.at is None:
+            keys[rows, :, :new], values[rows, :, :new] = key, value
+        else:
+            index = torch.arange(span.start, span.stop, device=key.device)
+            keys[index, :, span.at], values[index, :, span.at] = key[:, :, 0], value[:, :, 0]
+        count = (span.stop - span.start) * key.shape[1]
+        shape = (count, self.width, key.shape[3])
+        return (keys[rows, :, :self.width].reshape(shape), values[rows, :, :self.width].reshape(shape))
+
+    def move(self, source: int, target: int) -> None:
+        """Copy slot ``source``'s stored keys and values into slot ``target``."""
+        for layer in self.keys:
+            self.keys[layer][target] = self.keys[layer][source]
+            self.values[layer][target] = self.values[layer][source]
+
+
+def attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
+              rows: RowCache | None = None, **kwargs):
+    """``(output [rows, queries, heads, dim], None)``: softmax attention of ``query`` over the
+    shared prefix and the rows' own keys (masked by ``attention_mask``, which covers the own
+    keys only). Without ``rows``: PyTorch's scaled-dot-product attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    own_keys, own_values = rows.update(module.layer_idx, key, value)
+    if query.shape[2] == 1:
+        return _step(module, query, own_keys, own_values, attention_mask, scaling, rows), None
+    # a prompt pass (its rows start empty): PyTorch's fused attention over [prefix; own keys],
+    # the prefix expanded for this layer only
+    if rows.prefix is not None:
+        prefix_keys, prefix_values = rows.prefix[module.layer_idx]
+        count, prefix = key.shape[0], prefix_keys.shape[1]
+        key = torch.cat([prefix_keys.expand(count, -1, -1, -1), key], dim=2)
+        value = torch.cat([prefix_values.expand(count, -1, -1, -1), value], dim=2)
+        attention_mask = torch.cat([attention_mask.new_zeros(*attention_mask.shape[:3], prefix),
+                                    attention_mask], dim=3)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  dropout=dropout)
+
+
+def _step(module, query, own_keys, own_values, attention_mask, scaling: float, rows: RowCache):
+    """One new token per row: its attention over the prefix, in place, and its stored keys."""
+    count, heads, length, dim = query.shape
+    kv_heads = own_keys.shape[0] // count
+    groups = heads // kv_heads
+    q = query.reshape(count * kv_heads, groups, dim)
+    own = torch.bmm(q, own_keys.transpose(1, 2)).mul_(scaling)
+    own = own.view(count, kv_heads, groups, -1).add_(attention_mask)     # mask [count, 1, 1, keys]
+    top = own.amax(-1, keepdim=True)
+    shared = None
+    if rows.prefix is not None:
+        prefix_keys, prefix_values = rows.prefix[module.layer_idx]
+        flat = q.view(count, kv_heads, groups, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
+        shared = torch.bmm(flat, prefix_keys.transpose(1, 2)).mul_(scaling)
+        shared = shared.view(kv_heads, count, groups, -1).transpose(0, 1)
+        top = torch.maximum(top, shared.amax(-1, keepdim=True))
+    own = own.sub_(top).exp_()
+    total = own.sum(-1, keepdim=True)
+    out = torch.bmm(own.view(count * kv_heads, groups, -1), own_values).view(count, kv_heads, groups, dim)
+    if shared is not None:
+        shared = (shared - top).exp_()
+        total += shared.sum(-1, keepdim=True)
+        weights = shared.transpose(0, 1).reshape(kv_heads, -1, shared.shape[-1])
+        out += torch.bmm(weights, prefix_values).view(kv_heads, count, groups, dim).transpose(0, 1)
+    out /= total
+    return out.reshape(count, 1, heads, dim)
+
+
+def register() -> None:
+    """Make ``NAME`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+
+
+@contextlib.contextmanager
+def use(model):
+    """``model`` attends through ``attention`` inside the block (every config it holds)."""
+    register()
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = NAME
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]
