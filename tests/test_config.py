@@ -47,7 +47,8 @@ core = {seedlm = 0.9}
 
 def test_the_demo_config_and_a_custom_stage_load(tmp_path):
     demo = load_config(REPO / "configs" / "demo.toml")
-    assert demo.stage_config("vptq").source == "baseline" and demo.device_profile == "smoke"
+    assert demo.tasks is None and demo.profile == "quick" and demo.device_profile == "smoke"
+    assert demo.stage_config("vptq").source == "previous" and demo.max_trials == 2
     cfg = load_config(write(tmp_path, '[build]\nstages = ["baseline", "rtn4"]\n'
                                       '[stage.rtn4]\nmethod = "rtn"\nknobs = {bits = 4}\n'
                                       '[gates]\ncore = {rtn4 = 0.9}\n'))
@@ -64,7 +65,8 @@ def test_cli_overrides_are_validated_too():
 
 def test_a_ladder_override_keeps_the_files_stage_tables(tmp_path):
     """`edgebuild bench` runs the baseline only; the file's [stage.vptq] is still fine."""
-    cfg = load_config(REPO / "configs" / "demo.toml", stages=["baseline"])
+    path = write(tmp_path, '[build]\nstages = ["baseline", "vptq"]\n[stage.vptq]\nsource = "baseline"\n')
+    cfg = load_config(path, stages=["baseline"])
     assert cfg.stages == ["baseline"] and "vptq" in cfg.stage
 
 
@@ -72,7 +74,7 @@ def test_a_ladder_override_keeps_the_files_stage_tables(tmp_path):
     ("[build]\nprofle = 'smoke'\n",
      "unknown key 'build.profle'; did you mean 'build.profile'? (allowed in [build]: stages, profile,"),
     ("[build]\nprofile = 'huge'\n",
-     "key 'build.profile' must be one of 'smoke', 'reduced', 'full', got 'huge'"),
+     "key 'build.profile' must be one of 'smoke', 'quick', 'reduced', 'full', got 'huge'"),
     ("[build]\nstages = ['seedlm']\n", "key 'build.stages' must start with 'baseline', got ['seedlm']"),
     ("[build]\nstages = ['baseline', 'vptq', 'vptq']\n",
      "key 'build.stages' must name each stage once (vptq repeated)"),

@@ -177,7 +177,7 @@ def test_selectors_name_a_place_or_tags():
 def test_a_labgrid_table_needs_the_labgrid_transport_and_one_selector():
     from edgebuild.targets.spec import parse_target
     text = LAB_SPEC
-    with pytest.raises(TargetError, match="transport 'labgrid' and a \\[labgrid\\] table go together"):
+    with pytest.raises(TargetError, match="key 'labgrid' must go together with connection.transport = 'labgrid'"):
         parse_target(text + '\n[labgrid]\nplace = "pi-a"\n')
     labgrid_text = text.replace('transport = "ssh"', 'transport = "labgrid"')
     target = parse_target(labgrid_text + '\n[labgrid]\nplace = "pi-a"\ncoordinator = "lab:20408"\n')
