@@ -182,9 +182,9 @@ def test_a_labgrid_table_needs_the_labgrid_transport_and_one_selector():
     labgrid_text = text.replace('transport = "ssh"', 'transport = "labgrid"')
     target = parse_target(labgrid_text + '\n[labgrid]\nplace = "pi-a"\ncoordinator = "lab:20408"\n')
     assert target.labgrid.place == "pi-a" and target.labgrid.resource == "NetworkService"
-    with pytest.raises(TargetError, match="needs exactly one of 'place'"):
+    with pytest.raises(TargetError, match="key 'labgrid.place' must be set, or 'tags' instead"):
         parse_target(labgrid_text + '\n[labgrid]\nplace = "pi-a"\ntags = { target = "x" }\n')
-    with pytest.raises(TargetError, match="key 'labgrid.tags' must be a table of strings"):
+    with pytest.raises(TargetError, match="key 'labgrid.tags.target' must be a string, got 4"):
         parse_target(labgrid_text + '\n[labgrid]\ntags = { target = 4 }\n')
 
 
