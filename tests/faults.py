@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -506,7 +507,19 @@ SCENARIOS = [  # name, exit codes expected, scenario
 ]
 
 
-def table(rows) -> str:
+def sandbox_escapes() -> tuple:
+    """``(escapes, programs)``: the hostile generated programs of ``tests/test_sandbox.py`` (writes
+    outside the temp dir, reads of a user file, fork and memory bombs, loops, network, signals)
+    run in the code sandbox; each that is not contained is an escape."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).parent / "test_sandbox.py"), "-k",
+                           "hostile or bomb or loop or limit"], capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|error)", tail)}
+    return counts.get("failed", 0) + counts.get("error", 0), sum(counts.values())
+
+
+def table(rows, escapes: tuple = (None, 0)) -> str:
     head = ["scenario", "exit", "expected", "message (one line)", "earlier outputs intact", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -516,7 +529,8 @@ def table(rows) -> str:
     ok = sum(r.ok for r in rows)
     lines.append(f"\n{ok} of {len(rows)} scenarios as expected; faults injected: {len(rows) - 1}; "
                  f"builds completed: {sum(r.code in BUILT + (13,) for r in rows)}; "
-                 f"earlier outputs damaged: {sum(not r.intact.startswith('yes') for r in rows)}")
+                 f"earlier outputs damaged: {sum(not r.intact.startswith('yes') for r in rows)}; "
+                 f"sandbox escapes: {escapes[0]} of {escapes[1]} hostile programs")
     return "\n".join(lines)
 
 
@@ -536,10 +550,11 @@ def main(argv=None) -> int:
                 h.run(name, expected, fn)
     finally:
         h.device.close()
-    text = table(h.rows)
+    escapes = sandbox_escapes()
+    text = table(h.rows, escapes)
     print(text)
     (args.work / "faults.md").write_text(text + "\n")
-    return 0 if all(r.ok for r in h.rows) else 1
+    return 0 if all(r.ok for r in h.rows) and escapes[0] == 0 else 1
 
 
 if __name__ == "__main__":
