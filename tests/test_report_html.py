@@ -252,7 +252,7 @@ def test_latency_retries_and_path(built):
     assert rows["hyper#1"]["status"] == "unreachable" and "connection refused" in rows["hyper#1"]["error"]
     p50 = manifest["stages"][1]["latency"]["decode_ms_per_token_p50"]
     assert rows["seedlm#1"]["decode ms/token p50"] == f"{p50:.3f}"
-    trials = [[r[1] for r in t[1:]] for t in page.tables if t and "8-bit layers" in t[0]]
+    trials = [[r[1] for r in t[1:]] for t in page.tables if t and "layers kept at 8 bits" in t[0]]
     assert trials == [['{"C": 8, "P": 3}'], ['{"vector_len": 4}', '{"vector_len": 2}'], ['{"bits": 2}']]
     text = "".join(page.text)
     assert " → ".join(manifest["fallback_path"]) in text and "4 trial(s)" in text
