@@ -47,7 +47,8 @@ def _model_dir(tmp_path, config: str | None = None, weights: bytes | None = None
 def _cli(capsys, *args) -> tuple[int, str]:
     code = main(list(args))
     err = capsys.readouterr().err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    # progress lines ([start] STEP, [done] STEP in …) may come first; the error is one line, last
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("[")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return code, lines[0]
 
@@ -149,6 +150,7 @@ def test_a_csv_the_reader_refuses_is_a_data_error(tmp_path):
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
 def test_bench_on_a_malformed_file_exits_with_the_data_code(capsys, tmp_path):
     shutil.copytree(DATA_DIR / "piqa", tmp_path / "data" / "piqa")
+    shutil.copytree(DATA_DIR / "lambada", tmp_path / "data" / "lambada")   # the KL step's texts
     (tmp_path / "data" / "piqa" / "dev.jsonl").write_text('{"goal": "x", "sol1": \n')
     code, line = _cli(capsys, "bench", "--model", "tiny-random", "--profile", "smoke", "--tasks", "piqa",
                       "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"))
