@@ -136,8 +136,7 @@ def encode_stage(model, tokenizer, out_dir, plan: RuntimePlan | None = None, *, 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-", dir=out_dir.parent) as tmp:
         tmp = Path(tmp)
-        stage.save_pretrained(tmp / "hf")
-        tokenizer.save_pretrained(tmp / "hf")
+        _save_quietly(stage, tokenizer, tmp / "hf")
         build = runtime_graph.build_float_graph(tmp / "hf", tmp / "runtime", tmp / "cache")
         graph = onnx.load(str(build / runtime_dir.GRAPH), load_external_data=True)
         full = {k: v.detach().numpy() for k, v in stage.state_dict().items()}
@@ -152,6 +151,19 @@ def encode_stage(model, tokenizer, out_dir, plan: RuntimePlan | None = None, *, 
     log.info("encoded %s: %.1f MB in %.1f s", plan.label(), manifest["runtime_bytes"] / 1e6,
              manifest["encode_s"])
     return manifest
+
+
+def _save_quietly(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of both, without transformers' own progress bar (the build shows its own)."""
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _install(build: Path, out_dir: Path) -> None:
