@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.device_agent import operators, runtime_dir
-from edgebuild.device_agent.runtime import RuntimeLoadError, _log_softmax, current_rss_mb, peak_rss_mb
+from edgebuild.device_agent.runtime import (RuntimeLoadError, _log_softmax, current_rss_mb, peak_rss_mb,
+                                            timed_rounds)
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +194,7 @@ class GenaiRuntime:
         ``warmup`` untimed rounds, then ``repeats`` timed ones; raw samples come back, as with the
         float runtime (``Runtime.time``).
         """
-        if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
-            raise ValueError("time needs prompt_len, decode_tokens, repeats >= 1 and warmup >= 0")
-        prompt = np.random.default_rng(0).integers(0, self.graph["vocab_size"], prompt_len).astype(np.int32)
-        for _ in range(warmup):
-            self._timed_round(prompt, decode_tokens)
-        samples = [self._timed_round(prompt, decode_tokens) for _ in range(repeats)]
-        return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples],
-                "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb(), "threads": self.threads,
-                "prompt_len": prompt_len, "decode_tokens": decode_tokens}
+        return timed_rounds(self, prompt_len, decode_tokens, warmup, repeats, dtype=np.int32)
 
     def _timed_round(self, prompt, decode_tokens) -> tuple:
         generator = self._generator(len(prompt) + decode_tokens + 1)

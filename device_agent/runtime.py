@@ -271,15 +271,7 @@ class Runtime:
         included: decoded weights and onnxruntime's copy coexist briefly); ``rss_mb`` is the
         resident memory after the timed rounds.
         """
-        if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
-            raise ValueError("time needs prompt_len, decode_tokens, repeats >= 1 and warmup >= 0")
-        prompt = np.random.default_rng(0).integers(0, self.graph["vocab_size"], prompt_len)
-        for _ in range(warmup):
-            self._timed_round(prompt, decode_tokens)
-        samples = [self._timed_round(prompt, decode_tokens) for _ in range(repeats)]
-        return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples],
-                "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb(), "threads": self.threads,
-                "prompt_len": prompt_len, "decode_tokens": decode_tokens}
+        return timed_rounds(self, prompt_len, decode_tokens, warmup, repeats)
 
     def _timed_round(self, prompt, decode_tokens) -> tuple:
         start = _time.perf_counter()
@@ -322,3 +314,18 @@ def _session(model_path, arrays: dict, threads: int):
         raise RuntimeLoadError(f"{model_path}: onnxruntime cannot load the graph with these weights "
                                f"({str(e).splitlines()[0]}); re-export the model") from e
     return session
+
+
+def timed_rounds(rt, prompt_len: int, decode_tokens: int, warmup: int, repeats: int,
+                 dtype=np.int64) -> dict:
+    """Raw samples of ``rt._timed_round`` (``(prefill ms, decode ms/token)``) on one seeded random
+    prompt: ``warmup`` untimed rounds, then ``repeats`` timed ones; memory read after them."""
+    if prompt_len < 1 or decode_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("time needs prompt_len, decode_tokens, repeats >= 1 and warmup >= 0")
+    prompt = np.random.default_rng(0).integers(0, rt.graph["vocab_size"], prompt_len).astype(dtype)
+    for _ in range(warmup):
+        rt._timed_round(prompt, decode_tokens)
+    samples = [rt._timed_round(prompt, decode_tokens) for _ in range(repeats)]
+    return {"prefill_ms": [s[0] for s in samples], "decode_ms_per_token": [s[1] for s in samples],
+            "peak_rss_mb": peak_rss_mb(), "rss_mb": current_rss_mb(), "threads": rt.threads,
+            "prompt_len": prompt_len, "decode_tokens": decode_tokens}
