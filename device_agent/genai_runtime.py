@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebuild.device_agent import operators, runtime_dir
-from edgebuild.device_agent.runtime import (RuntimeLoadError, _log_softmax, current_rss_mb, peak_rss_mb,
-                                            timed_rounds)
+from edgebuild.device_agent.runtime import RuntimeLoadError, _log_softmax, timed_rounds
 
 log = logging.getLogger(__name__)
 
