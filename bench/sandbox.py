@@ -10,10 +10,10 @@ limits, waits, kills and reports. Backends:
   ``/tmp`` as its only writable place (a private tmpfs of ``Limits.disk_mb``, gone when it ends,
   also its cwd, ``HOME`` and ``TMPDIR``), no network (a network namespace with only loopback),
   its own PID, IPC and UTS namespaces (it can signal nothing outside), no capabilities and no
-  nested user namespaces, and runs as ``nobody``: with uid/gid 65534 on the host when edgebuild
-  runs as root (bubblewrap is started as that user), else as the caller's uid mapped to 65534.
-- ``subprocess``: the plain interpreter in a temp dir, without any of the above (only as
-  ``nobody`` when edgebuild runs as root). Used only when the user opts in with
+  nested user namespaces, and runs as ``nobody`` (65534) inside: on the host it is a fresh uid
+  of its own when edgebuild runs as root (bubblewrap is started as that user), else the caller's.
+- ``subprocess``: the plain interpreter in a temp dir, without any of the above (only as a
+  fresh uid of its own when edgebuild runs as root). Used only when the user opts in with
   ``--allow-unsandboxed-code`` (``build.allow_unsandboxed_code``), as the HumanEval reference
   harness requires an explicit opt-in before running generated code unsandboxed.
 
@@ -28,13 +28,17 @@ sandboxed interpreter, sets the rlimits (``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT
 limits again; ``preexec_fn`` is not used: it is unsafe in a parent with threads) and forks once:
 the program runs in the child (as a module named ``__candidate__``, not ``__main__``), the parent
 waits and reports how it ended. The launcher runs in a new session; at the wall-clock timeout its
-whole process group is killed (bubblewrap's PID namespace dies with it). A program *passes* when
+whole process group is killed (bubblewrap's PID namespace dies with it). Run as root, each
+program gets a host uid no account and no process has (``job_uid``): ``RLIMIT_NPROC`` then counts
+only that program's processes, whatever else runs on the machine, and when it ends every process
+of that uid is killed, also one that left the process group. A program *passes* when
 it runs to its end: any exception, ``SystemExit`` included, fails it, as in the HumanEval
 reference harness.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -57,6 +61,7 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("passed", "failed", "timeout", "killed", "error")
 NOBODY = 65534
+UID_BASE, UID_SPAN = 0x5EB00000, 1 << 20   # host uids of sandboxed runs (as root): no account's
 PROGRAM = "program.py"
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 SETUP_EXIT = 125         # the bootstrap could not set the limits or fork (literal in BOOTSTRAP)
@@ -156,11 +161,13 @@ class SandboxResult:
 @dataclass(frozen=True)
 class Job:
     """One program to start: the interpreter, the host folder holding ``work/program.py`` (the
-    folder is searchable by the sandbox user, ``work`` is theirs) and the limits."""
+    folder is searchable by the sandbox user, ``work`` is theirs), the limits and the host uid
+    it runs as (None: the caller's)."""
 
     interpreter: str
     root: Path
     limits: Limits
+    uid: int | None = None
 
     @property
     def work(self) -> Path:
@@ -214,9 +221,31 @@ backends.register_lazy("bwrap", "edgebuild.bench.sandbox_backends:Bubblewrap")
 backends.register_lazy("subprocess", "edgebuild.bench.sandbox_backends:PlainSubprocess")
 
 
-def sandbox_uid() -> int | None:
-    """The host uid programs run as: ``nobody`` when we are root, else the caller's (None)."""
-    return NOBODY if os.geteuid() == 0 else None
+_serial = itertools.count()
+
+
+def job_uid() -> int | None:
+    """The host uid of one run: when we are root, one that no account and no process has, so
+    that the run's processes are the only ones it counts and owns; else the caller's (None)."""
+    if os.geteuid() != 0:
+        return None
+    busy = {uid for _, uid in _processes()}
+    while True:
+        uid = UID_BASE + (os.getpid() * 256 + next(_serial)) % UID_SPAN
+        if uid not in busy:
+            return uid
+
+
+def _processes() -> list[tuple[int, int]]:
+    """``(pid, uid)`` of every process on the machine."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                found.append((int(entry.name), entry.stat().st_uid))
+            except FileNotFoundError:
+                pass
+    return found
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -328,7 +357,7 @@ def run_programs(sources: list[str], limits: Limits = DEFAULT_LIMITS,
 def _run(backend: Backend, interpreter: str, source: str, limits: Limits) -> SandboxResult:
     root = Path(tempfile.mkdtemp(prefix="edgebuild-sandbox-"))
     try:
-        job = Job(interpreter, root, limits)
+        job = Job(interpreter, root, limits, job_uid())
         _prepare(job, source)
         return _execute(backend, job)
     except OSError as err:
@@ -345,10 +374,9 @@ def _prepare(job: Job, source: str) -> None:
     program = job.work / PROGRAM
     program.write_text(source, encoding="utf-8")
     program.chmod(0o644)
-    uid = sandbox_uid()
-    if uid is not None:
-        os.chown(job.work, uid, uid)
-        os.chown(program, uid, uid)
+    if job.uid is not None:
+        os.chown(job.work, job.uid, job.uid)
+        os.chown(program, job.uid, job.uid)
 
 
 def _execute(backend: Backend, job: Job) -> SandboxResult:
@@ -369,7 +397,7 @@ def _execute(backend: Backend, job: Job) -> SandboxResult:
         finally:
             for fd in launch.pass_fds:
                 os.close(fd)
-        timed_out = _wait(proc, job.limits.timeout_s)
+        timed_out = _wait(proc, job.limits.timeout_s, job.uid)
         seconds = time.monotonic() - start
         started = backend.started(launch)
         stdout, stderr = _tail(out, job.limits.output_bytes), _tail(err, job.limits.output_bytes)
@@ -378,8 +406,9 @@ def _execute(backend: Backend, job: Job) -> SandboxResult:
                          backend.isolated, stdout, backend.name)
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for ``proc`` up to ``timeout_s``, then kill its process group; True on timeout."""
+def _wait(proc: subprocess.Popen, timeout_s: float, uid: int | None) -> bool:
+    """Wait for ``proc`` up to ``timeout_s``, then kill its process group and, with a uid of
+    its own, every process of that uid; True on timeout."""
     try:
         proc.wait(timeout=timeout_s)
         timed_out = False
@@ -387,6 +416,8 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
         timed_out = True
     _kill_group(proc.pid)
     proc.wait()
+    if uid is not None:
+        _kill_uid(uid)
     return timed_out
 
 
@@ -407,6 +438,22 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_uid(uid: int, seconds: float = 10.0) -> None:
+    """SIGKILL every process of ``uid`` until none is left (they are gone once reaped)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pids = [pid for pid, owner in _processes() if owner == uid]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    log.warning("processes of sandbox uid %d outlived the run after %.0f s", uid, seconds)
 
 
 def _tail(stream, limit: int) -> str:

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from edgebuild.bench.sandbox import NOBODY, PROGRAM, SAFE_PATH, Backend, Job, Launch, sandbox_uid
+from edgebuild.bench.sandbox import NOBODY, PROGRAM, SAFE_PATH, Backend, Job, Launch
 
 # What the sandbox sees of the system, read-only: the interpreter, its standard library and the
 # shared libraries it loads. Nothing else of the host (no /home, /root, /work, /var, host /tmp).
@@ -19,7 +19,7 @@ INSIDE_ENV = {"PATH": "/usr/bin:/bin", "HOME": INSIDE_TMP, "TMPDIR": INSIDE_TMP,
 
 
 class Bubblewrap(Backend):
-    """bubblewrap: read-only system view, private tmpfs ``/tmp``, no network, nobody."""
+    """bubblewrap: read-only system view, private tmpfs ``/tmp``, no network, nobody inside."""
 
     name = "bwrap"
     isolated = True
@@ -43,7 +43,7 @@ class Bubblewrap(Backend):
                 "--remount-ro", "/", "--chdir", INSIDE_TMP, "--clearenv",
                 *[arg for key, value in INSIDE_ENV.items() for arg in ("--setenv", key, value)],
                 "--", *job.python(program)]
-        return Launch(argv, "/", {"PATH": SAFE_PATH}, sandbox_uid(), (write_end,), read_end)
+        return Launch(argv, "/", {"PATH": SAFE_PATH}, job.uid, (write_end,), read_end)
 
 
 def system_view(interpreter: str) -> list[str]:
@@ -74,4 +74,4 @@ class PlainSubprocess(Backend):
 
     def launch(self, job: Job) -> Launch:
         env = {"PATH": SAFE_PATH, "HOME": str(job.work), "TMPDIR": str(job.work), "LANG": "C.UTF-8"}
-        return Launch(job.python(PROGRAM), str(job.work), env, sandbox_uid())
+        return Launch(job.python(PROGRAM), str(job.work), env, job.uid)

@@ -122,7 +122,8 @@ def test_run_programs_keeps_order(isolated):
 @pytest.fixture
 def outside(tmp_path):
     """Files outside the sandbox: a victim to overwrite, a secret to read (in the test's
-    tmp_path and in the caller's home), and a bystander process of the sandbox's own uid."""
+    tmp_path and in the caller's home), and a bystander process of another user (nobody when
+    we are root, else our own)."""
     victim = tmp_path / "victim.txt"
     victim.write_text("original")
     secret = tmp_path / "secret.txt"
@@ -130,7 +131,7 @@ def outside(tmp_path):
     secret.write_text(token)
     home_secret = Path.home() / f".edgebuild-sandbox-test-{secrets.token_hex(8)}"
     home_secret.write_text(token)
-    uid = sandbox.sandbox_uid()
+    uid = sandbox.NOBODY if os.geteuid() == 0 else None
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True, **user)
     try:
@@ -365,3 +366,40 @@ def test_pass_at_k_metric_reads_outcomes():
     assert pass_at_k([None], [outcomes], k=[1, 10]) == {"pass@1": pytest.approx(0.2),
                                                        "pass@10": 1.0}
     assert pass_at_k([None], [outcomes[1:3]], k=1) == {"pass@1": 0.0}
+
+
+# ----------------------------------------------------------------------------- uids of their own
+
+
+@pytest.fixture
+def nobody_crowd():
+    """Twelve processes of ``nobody``, more than a run's ``RLIMIT_NPROC``, as on a machine
+    whose daemons run as that user."""
+    crowd = [subprocess.Popen(["sleep", "60"], user=sandbox.NOBODY, group=sandbox.NOBODY,
+                              extra_groups=[]) for _ in range(12)]
+    yield crowd
+    for proc in crowd:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs get uids of their own only then)")
+def test_other_processes_of_nobody_do_not_count_against_a_run(no_bwrap, nobody_crowd):
+    sandbox.allow_unsandboxed(True)
+    result = run_program("import os\npid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)\n",
+                         Limits(nproc=8))
+    assert result.passed, result.stderr
+    assert all(proc.poll() is None for proc in nobody_crowd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs get uids of their own only then)")
+def test_a_process_that_leaves_the_group_is_killed_with_the_run(no_bwrap):
+    sandbox.allow_unsandboxed(True)
+    marker = str(259 * 1024 * 1024)
+    escapee = ("import os, time\n"
+               "if os.fork() == 0:\n"
+               "    os.setsid()\n"
+               "    time.sleep(60)\n")
+    result = run_program(escapee, Limits(memory_mb=259))
+    assert result.passed, result.stderr
+    assert not _settled(marker), "the process that left the group outlived the run"
