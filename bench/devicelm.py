@@ -144,7 +144,7 @@ def evaluate(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: i
     """Evaluate any lm-eval ``LM`` on edgebuild benchmarks, keeping each item's responses."""
     from edgebuild.bench import benchmarks
     from edgebuild.bench.profiles import get_profile
-    from edgebuild.bench.runner import _offline, _task_result, prepare
+    from edgebuild.bench.runner import _offline, _task_result, prepare, token_counter
     from edgebuild.core.errors import ConfigError
 
     chosen = get_profile(profile)
@@ -156,7 +156,8 @@ def evaluate(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: i
     with _offline(), tempfile.TemporaryDirectory(dir=cache_dir, prefix="tasks-") as task_dir:
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed) for spec in specs]
         samples = _simple_evaluate(lm, prepared, Path(task_dir))
-    results = {p.bench.name: _task_result(p, samples) for p in prepared}
+    count = token_counter(lm)
+    results = {p.bench.name: _task_result(p, samples, count) for p in prepared}
     return DeviceRun(results, {name: result.responses for name, result in results.items()})
 
 
@@ -200,7 +201,9 @@ def _prediction(value):
     return max(range(len(logprobs)), key=logprobs.__getitem__)
 
 
-def _loglik_gap(host, device) -> float | None:
+def _loglik_gaps(host, device) -> tuple | None:
+    """``(largest |Δ log-likelihood| of an answer, largest per answer token, whether every answer's
+    token count was known)`` of one item; an answer of unknown length counts as one token."""
     if _is_responses(host) != _is_responses(device):
         raise DataError("compare like with like: responses on both sides, or correctness on both")
     if not _is_responses(host):
@@ -208,18 +211,30 @@ def _loglik_gap(host, device) -> float | None:
     if len(host) != len(device):
         raise DataError(f"an item has {len(host)} responses on the host and {len(device)} on the "
                         f"device; run both with the same tasks and profile")
-    return max((abs(h[0] - d[0]) for h, d in zip(host, device)), default=0.0)
+    gaps = [(abs(h[0] - d[0]), _tokens(h, d)) for h, d in zip(host, device)]
+    return (max((g for g, _ in gaps), default=0.0), max((g / (n or 1) for g, n in gaps), default=0.0),
+            all(n for _, n in gaps))
+
+
+def _tokens(host, device) -> int | None:
+    """The answer's token count as the host (else the device) recorded it."""
+    for side in (host, device):
+        if len(side) > 2 and side[2]:
+            return int(side[2])
+    return None
 
 
 def agreement(host: dict, device: dict) -> dict:
     """Device-vs-host agreement over the items both evaluated.
 
     ``host`` and ``device`` map a task to a ``TaskResult``, its ``items`` (``[[doc_id, correct]]``)
-    or ``DeviceRun.responses[task]`` (``{doc_id: [[logprob, is_greedy], ...]}``). Returns
-    ``{"n", "same_prediction", "max_loglik_diff", "tasks": {task: {...}}}``: the share of items
-    with the same prediction (the highest log-likelihood choice where responses are given on both
-    sides, else the same correctness) and the largest absolute log-likelihood difference of any
-    response (None unless both sides give responses).
+    or ``DeviceRun.responses[task]`` (``{doc_id: [[logprob, is_greedy(, tokens)], ...]}``). Returns
+    ``{"n", "same_prediction", "max_loglik_diff", "max_loglik_diff_per_token", "tokens_counted",
+    "tasks": {task: {...}}}``: the share of items with the same prediction (the highest
+    log-likelihood choice where responses are given on both sides, else the same correctness), the
+    largest absolute log-likelihood difference of any response and the largest divided by the
+    answer's token count (None unless both sides give responses; ``tokens_counted`` False when
+    some answer's count was unknown, which then counts as one token).
     """
     tasks, same, total, gaps = {}, 0, 0, []
     for task in host:
@@ -229,10 +244,17 @@ def agreement(host: dict, device: dict) -> dict:
         if set(h) != set(d):
             raise DataError(f"task {task!r}: host and device evaluated different items "
                             f"({len(set(h) ^ set(d))} differ); use the same profile and seed")
-        task_gaps = [g for g in (_loglik_gap(h[k], d[k]) for k in h) if g is not None]
+        task_gaps = [g for g in (_loglik_gaps(h[k], d[k]) for k in h) if g is not None]
         agree = sum(_prediction(h[k]) == _prediction(d[k]) for k in h)
         tasks[task] = {"n": len(h), "same_prediction": agree / len(h) if h else math.nan,
-                       "max_loglik_diff": max(task_gaps) if task_gaps else None}
+                       **_gap_summary(task_gaps)}
         same, total, gaps = same + agree, total + len(h), gaps + task_gaps
     return {"n": total, "same_prediction": same / total if total else math.nan,
-            "max_loglik_diff": max(gaps) if gaps else None, "tasks": tasks}
+            **_gap_summary(gaps), "tasks": tasks}
+
+
+def _gap_summary(gaps: list[tuple]) -> dict:
+    if not gaps:
+        return {"max_loglik_diff": None, "max_loglik_diff_per_token": None}
+    return {"max_loglik_diff": max(g[0] for g in gaps), "max_loglik_diff_per_token": max(g[1] for g in gaps),
+            "tokens_counted": all(g[2] for g in gaps)}

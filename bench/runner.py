@@ -47,8 +47,9 @@ class TaskResult:
     generation tasks: samples per item, answer length bound, the score of every lm-eval filter,
     and for code tasks the sandbox's status counts and network isolation; for a stratified
     benchmark (MMLU), ``strata`` holds each stratum's ``{"score", "n"}`` (the score is their mean).
-    ``responses`` (log-likelihood tasks) is ``{doc_id: [[logprob, is_greedy], ...]}``, one pair per
-    request of the item (one per answer choice): what the device's answers are compared with.
+    ``responses`` (log-likelihood tasks) is ``{doc_id: [[logprob, is_greedy, tokens], ...]}``, one
+    per request of the item (one per answer choice; ``tokens``, the answer's length in tokens, only
+    where the model could count them): what the device's answers are compared with.
     """
 
     name: str
@@ -71,7 +72,7 @@ class TaskResult:
         """Rebuild a result from ``to_dict`` output (e.g. read back from a JSON cache)."""
         data = dict(data)
         data["items"] = [[int(doc_id), float(correct)] for doc_id, correct in data.get("items", [])]
-        data["responses"] = {int(doc_id): [[float(lp), bool(greedy)] for lp, greedy in pairs]
+        data["responses"] = {int(doc_id): [[float(r[0]), bool(r[1]), *map(int, r[2:3])] for r in pairs]
                              for doc_id, pairs in data.get("responses", {}).items()}
         return cls(**data)
 
@@ -138,7 +139,8 @@ def run_lm(lm, tasks: list[str], profile: str, data_dir, cache_dir, *, seed: int
         prepared = [prepare(spec, data_dir, cache_dir, Path(task_dir), chosen, seed, max_gen_toks,
                             (doc_ids or {}).get(spec.name), num_fewshot) for spec in specs]
         output = _evaluate(lm, prepared, Path(task_dir), seed)
-    return {p.bench.name: _task_result(p, output["samples"]) for p in prepared}
+    count = token_counter(lm)
+    return {p.bench.name: _task_result(p, output["samples"], count) for p in prepared}
 
 
 def prepare(bench: Benchmark, data_dir, cache_dir, task_dir: Path, profile: Profile,
@@ -307,8 +309,9 @@ def result_from_samples(prepared: PreparedTask, samples: dict) -> TaskResult:
     return _task_result(prepared, samples)
 
 
-def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
-    """Per-item results, score, chance and standard error of one benchmark."""
+def _task_result(prepared: PreparedTask, samples: dict, count=None) -> TaskResult:
+    """Per-item results, score, chance and standard error of one benchmark (``count``: see
+    ``_responses``)."""
     bench = prepared.bench
     per_part = [_part_items(part, samples[part.task_name], prepared.docs, bench)
                 for part in prepared.parts]
@@ -321,16 +324,29 @@ def _task_result(prepared: PreparedTask, samples: dict) -> TaskResult:
         n=len(items), chance=_mean_of_means(chance), items=items,
         stderr=_stderr([[c for _, c in items] for items in per_part]),
         details={**_details(prepared, samples), **_strata(prepared.parts, per_part)},
-        responses=_responses(prepared, samples),
+        responses=_responses(prepared, samples, count),
     )
 
 
-def _responses(prepared: PreparedTask, samples: dict) -> dict:
-    """``{doc_id: [[logprob, is_greedy], ...]}`` of a log-likelihood benchmark (empty for generation)."""
+def _responses(prepared: PreparedTask, samples: dict, count=None) -> dict:
+    """``{doc_id: [[logprob, is_greedy(, tokens)], ...]}`` of a log-likelihood benchmark (empty for
+    generation); ``tokens``, the answer's length as ``count`` (a tokenizer) counts it, when given."""
     if prepared.bench.generation is not None:
         return {}
-    return {part.doc_ids[sample["doc_id"]]: [[float(r[0]), bool(r[1])] for r in sample["filtered_resps"]]
+    return {part.doc_ids[sample["doc_id"]]: [_response(r, args, count) for r, args in
+                                             zip(sample["filtered_resps"], sample["arguments"])]
             for part in prepared.parts for sample in samples[part.task_name] if sample["filter"] == "none"}
+
+
+def _response(resp, arguments, count) -> list:
+    pair = [float(resp[0]), bool(resp[1])]
+    return pair if count is None else pair + [count(arguments[1])]
+
+
+def token_counter(lm):
+    """A function giving the number of tokens ``lm`` splits a text into (None if it cannot say)."""
+    encode = getattr(lm, "tok_encode", None)
+    return None if encode is None else (lambda text: max(1, len(encode(text))))
 
 
 def _strata(parts: list[TaskPart], per_part: list[list]) -> dict:

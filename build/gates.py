@@ -246,7 +246,7 @@ def _kl_check(ev, cfg) -> list:
 
 def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     """The device's predictions against the host's on the items both scored: the share of the same
-    predictions, and the largest log-likelihood difference of any answer."""
+    predictions, and the largest log-likelihood difference per token of any answer."""
     names = ("device/agreement", "device/loglik_diff")
     limits = (cfg.device_agreement, cfg.device_loglik_tolerance)
     device = device or {}
@@ -257,17 +257,22 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     if not agree:
         return [Check(n, "device", SKIPPED, threshold=t, detail="skipped: the device scored no benchmarks "
                       "(build.device_tasks)") for n, t in zip(names, limits)]
-    same, gap, n = agree.get("same_prediction"), agree.get("max_loglik_diff"), agree.get("n")
+    same, n = agree.get("same_prediction"), agree.get("n")
     out = [Check(names[0], "device", PASS if same >= cfg.device_agreement else FAIL, same, cfg.device_agreement,
                  detail=f"same prediction on {same:.3f} of {n} items vs {cfg.device_agreement:.2f}")]
+    return out + [_loglik_check(names[1], agree, cfg.device_loglik_tolerance)]
+
+
+def _loglik_check(name: str, agree: dict, limit: float) -> Check:
+    """The largest log-likelihood difference per answer token, host vs device."""
+    gap = agree.get("max_loglik_diff_per_token")
     if gap is None:
-        out.append(Check(names[1], "device", SKIPPED, threshold=cfg.device_loglik_tolerance,
-                         detail="skipped: no per-answer log-likelihoods on both sides"))
-    else:
-        out.append(Check(names[1], "device", PASS if gap <= cfg.device_loglik_tolerance else FAIL, gap,
-                         cfg.device_loglik_tolerance,
-                         detail=f"max |Δ log-likelihood| {gap:.3g} vs {cfg.device_loglik_tolerance} nats"))
-    return out
+        return Check(name, "device", SKIPPED, threshold=limit,
+                     detail="skipped: no per-answer log-likelihoods on both sides")
+    unknown = "" if agree.get("tokens_counted", True) else "; answers of unknown length count as one token"
+    return Check(name, "device", PASS if gap <= limit else FAIL, gap, limit,
+                 detail=f"max |Δ log-likelihood| {gap:.3g} nats per answer token vs {limit} (largest "
+                        f"of one answer {agree.get('max_loglik_diff', gap):.3g} nats){unknown}")
 
 
 def weights_checks(device: dict | None) -> list:

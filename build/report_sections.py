@@ -86,7 +86,8 @@ def device_scores(m: dict) -> dict:
             a = agree.get(task, {})
             rows.append({"label": label(st), "task": task, "host_score": d.get("host_score"),
                          "score": d.get("score"), "n": d.get("n"), "profile": dev.get("profile"),
-                         "same_prediction": a.get("same_prediction"), "max_loglik_diff": a.get("max_loglik_diff")})
+                         "same_prediction": a.get("same_prediction"), "max_loglik_diff": a.get("max_loglik_diff"),
+                         "per_token": a.get("max_loglik_diff_per_token")})
     return {"rows": rows}
 
 

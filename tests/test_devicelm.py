@@ -130,7 +130,9 @@ def test_device_runs_the_same_tasks_and_agrees_with_the_host(stage, agent, tmp_p
         assert all(len(r) >= 2 for r in device.responses[name].values())   # one per answer choice
     both = agreement(host.responses, device.responses)
     assert both["n"] == 16 and both["same_prediction"] == 1.0
-    assert 0 < both["max_loglik_diff"] < 1e-3
+    assert 0 < both["max_loglik_diff"] < 1e-3 and both["tokens_counted"]
+    assert both["max_loglik_diff_per_token"] <= both["max_loglik_diff"]
+    assert all(len(r) == 3 and r[2] >= 1 for item in plain["piqa"].responses.values() for r in item)
     assert agreement(plain, device.results)["same_prediction"] == 1.0
 
 
@@ -146,11 +148,26 @@ def test_agreement_of_responses_and_of_correctness():
     result = agreement(host, device)
     assert result["n"] == 3 and result["same_prediction"] == pytest.approx(1 / 3)
     assert result["max_loglik_diff"] == pytest.approx(0.6)
-    assert result["tasks"]["piqa"] == {"n": 2, "same_prediction": 0.5,
-                                       "max_loglik_diff": pytest.approx(0.6)}
+    assert result["tasks"]["piqa"] == {"n": 2, "same_prediction": 0.5, "max_loglik_diff": pytest.approx(0.6),
+                                       "max_loglik_diff_per_token": pytest.approx(0.6),
+                                       "tokens_counted": False}
     items = agreement({"boolq": [[3, 1.0], [5, 0.0]]}, {"boolq": [[5, 0.0], [3, 0.0]]})
     assert items["same_prediction"] == 0.5 and items["max_loglik_diff"] is None
     assert math.isnan(agreement({}, {})["same_prediction"])
+
+
+def test_the_loglik_gap_per_token_divides_by_the_answers_length():
+    from edgebuild.bench.devicelm import agreement
+
+    # answer 0: 0.6 nats over 12 tokens; answer 1: 0.3 nats over 2 tokens (the larger per token)
+    host = {"piqa": {0: [[-10.0, False, 12], [-2.0, False, 2]]}}
+    device = {"piqa": {0: [[-10.6, False], [-2.3, False]]}}
+    result = agreement(host, device)
+    assert result["max_loglik_diff"] == pytest.approx(0.6)
+    assert result["max_loglik_diff_per_token"] == pytest.approx(0.15)
+    assert result["tokens_counted"] is True
+    # counts recorded on the device side only are used too
+    assert agreement(device, host)["max_loglik_diff_per_token"] == pytest.approx(0.15)
 
 
 def test_agreement_refuses_unpaired_items():

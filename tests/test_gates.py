@@ -201,3 +201,21 @@ def test_statistics_come_from_bench_stats():
     from edgebuild.bench import stats
     assert gates.retention is stats.retention and gates.verdict is stats.verdict
     assert gates.Retention is stats.Retention
+
+
+@pytest.mark.parametrize("per_token, counted, verdict", [(0.05, True, "pass"), (0.4, True, "fail"),
+                                                         (0.05, False, "pass")])
+def test_device_loglik_gate_is_per_answer_token(per_token, counted, verdict):
+    agree = {"n": 80, "same_prediction": 0.95, "max_loglik_diff": 1.39,
+             "max_loglik_diff_per_token": per_token, "tokens_counted": counted}
+    [same, gap] = gates.agreement_checks({"status": "ok", "agreement": agree}, GateConfig())
+    assert same.verdict == "pass" and gap.name == "device/loglik_diff"
+    assert gap.verdict == verdict and gap.value == per_token and gap.threshold == 0.15
+    assert "per answer token" in gap.detail and "1.39" in gap.detail
+    assert ("unknown length" in gap.detail) is not counted
+
+
+def test_device_loglik_gate_is_skipped_without_responses():
+    agree = {"n": 8, "same_prediction": 1.0, "max_loglik_diff": None, "max_loglik_diff_per_token": None}
+    [_, gap] = gates.agreement_checks({"status": "ok", "agreement": agree}, GateConfig())
+    assert gap.verdict == "skipped"

@@ -18,7 +18,8 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "build" / "templates"
 DEVICE_SCORES = {"profile": "smoke", "agreement": {"tasks": {"piqa": {"same_prediction": 0.875,
-                                                                      "max_loglik_diff": 3e-4}}},
+                                                                      "max_loglik_diff": 3e-4,
+                                                                      "max_loglik_diff_per_token": 2e-5}}},
                  "tasks": {"piqa": {"score": 0.625, "n": 8, "host_score": 0.75}}}
 
 
@@ -83,7 +84,7 @@ def test_markdown_gates_and_device_scores(built):
     for check in manifest["stages"][4]["gate"]["checks"]:
         assert f"- `{check['name']}` {check['verdict']}: {check['detail']}" in text
     device = md_table(text, "stage | task")
-    assert device[1:] == [["seedlm#1", "piqa", "0.750", "0.625 (n=8, smoke)", "0.875", "3.00e-04"]]
+    assert device[1:] == [["seedlm#1", "piqa", "0.750", "0.625 (n=8, smoke)", "0.875", "3.00e-04", "2.00e-05"]]
 
 
 def test_markdown_from_a_manifest_alone_and_pipes_escaped(built):
@@ -97,7 +98,7 @@ def test_html_device_scores_section(built):
     _, manifest, _ = built
     page = parse(report_html.render(manifest))
     rows = table_with(page, "host score (same items)")
-    assert rows[1] == ["seedlm#1", "piqa", "0.750", "0.625", "8", "0.875", "3.00e-04"]
+    assert rows[1] == ["seedlm#1", "piqa", "0.750", "0.625", "8", "0.875", "3.00e-04", "2.00e-05"]
 
 
 def test_every_section_has_a_template_and_every_template_a_section():
