@@ -91,12 +91,18 @@ hil: setup emulator
 	    exit $$rc; }
 
 # Fault injection: tiny-model builds against a real sshd on 127.0.0.1 behind a relay that cuts or
-# stalls the link, the agent killed or held mid-upload, -load, -timing and -scoring, a reboot, a
-# device lost for good, bad model, config, target and data, a corrupt package and cache entry, a
-# concurrent build, Ctrl-C. Prints one row per scenario (exit code, its one-line message, whether
-# earlier outputs survived by their hashes) and writes the table to $(OUT)/faults/faults.md.
-faults: setup
-	$(BIN)/python tests/faults.py --work $(OUT)/faults
+# stalls the link, and one in a network namespace whose link nftables cuts; the agent killed or held
+# mid-upload, -load, -timing and -scoring and killed at points drawn at random (SEED= repeats a
+# draw), a reboot, a device lost for good, bad model, config, target and data, a corrupt package and
+# cache entry, a concurrent build, Ctrl-C. Prints one row per scenario (exit code, its one-line
+# message, whether earlier outputs survived by their hashes, whether a completed build wrote its
+# manifest) and writes the table to $(OUT)/faults/faults.md. Needs root for the namespace.
+SEED ?=
+faults: setup sshd
+	@command -v nft >/dev/null || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null) \
+	  || echo "nftables is not installed: the namespace scenario will fail"; }
+	$(BIN)/python tests/faults.py --work $(OUT)/faults $(if $(SEED),--seed $(SEED))
 
 # Exit codes 10 (a less compressed stage shipped) and 11 (the baseline shipped) are results, not errors.
 demo: setup model

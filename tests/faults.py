@@ -1,7 +1,9 @@
 """Fault injection (``make faults``): real builds of the tiny model, each with one fault injected,
 against a real sshd on 127.0.0.1 reached through a TCP relay that plays the network (it can cut or
-stall the link), with the device agent behind a fault switch (``tests/fault_agent.py``) that kills
-it or holds a request at a chosen point. Before and after every scenario the build's output
+stall the link), and against a second sshd inside a network namespace of its own, behind a veth
+pair, whose link nftables rules cut (every packet of the SSH port dropped: a pulled cable); the
+device agent runs behind a fault switch (``tests/fault_agent.py``) that kills it or holds a request
+at a chosen point, also at points drawn at random (``--seed``). Before and after every scenario the build's output
 directory is hashed: what earlier builds wrote (cache entries, manifest, report, JUnit, package)
 must survive intact, or be replaced by a complete new set.
 
@@ -9,7 +11,7 @@ Prints one table row per scenario: the exit code (and the one expected), the fir
 the last warning), whether earlier outputs survived, and what else was checked. Exits 1 when any
 scenario's outcome differs from the expected one.
 
-    python tests/faults.py [--work DIR] [--only NAME ...]
+    python tests/faults.py [--work DIR] [--only NAME ...] [--seed N] [--random-kills N]
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -133,14 +136,17 @@ class Device:
         self.known_hosts.write_text(f"[127.0.0.1]:{self.link.port} {host_key}")
         self.plan_file, self.work = work / "fault-plan.json", work
 
-    def spec(self, root: str) -> Path:
-        """A target spec reaching this device through the relay, agent folder ``root``."""
+    def spec(self, root: str, via=None) -> Path:
+        """A target spec reaching this device through the relay (or ``via``, a ``Namespace``),
+        agent folder ``root``."""
         from edgebuild.targets.spec import load_target
         text = load_target("local").source.read_text().split("[connection]")[0]
         text = text.replace('name = "local"', f'name = "{TARGET}"')
         agent = f"{sys.executable} {HERE / 'fault_agent.py'} {self.plan_file}"
-        text += (f'[connection]\ntransport = "ssh"\nhost = "127.0.0.1"\nport = {self.link.port}\n'
-                 f'key = "{self.layout.key}"\nknown_hosts = "{self.known_hosts}"\n'
+        host, port, key, known = (("127.0.0.1", self.link.port, self.layout.key, self.known_hosts) if via is None
+                                  else (via.address, via.layout.port, via.layout.key, via.known_hosts))
+        text += (f'[connection]\ntransport = "ssh"\nhost = "{host}"\nport = {port}\n'
+                 f'key = "{key}"\nknown_hosts = "{known}"\n'
                  f'agent_python = "{agent}"\nroot = "{self.work / "device" / root}"\n'
                  f'connect_timeout_s = 3.0\nretries = 3\nbackoff_s = 0.5\ntimeout_s = 20.0\n')
         path = self.work / f"{root}.toml"
@@ -161,6 +167,66 @@ class Device:
         self.sshd.wait(timeout=10)
 
 
+class Namespace:
+    """The device's own sshd inside a network namespace, joined to the host by a veth pair
+    (``edgebuild.targets.emulate_net``). ``drop`` adds an nftables table there that drops every
+    packet to and from the SSH port (open connections stall, new ones time out, as with a pulled
+    cable); ``restore`` deletes it."""
+
+    TABLE = "edgebuild_fault"
+
+    def __init__(self, work: Path):
+        from edgebuild.targets import emulate_net as net
+        from edgebuild.targets import provision
+        missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
+        if os.geteuid() != 0 or missing:
+            raise RuntimeError("a network namespace with nftables needs root, iproute2 and nftables "
+                               f"({'missing: ' + ', '.join(missing) if missing else 'not root'})")
+        self.net, self.link = net, net.Link(net.free_slot())
+        net.run_commands(net.link_up_commands(self.link, net.LinkShape(1000), net.LinkShape(1000)))
+        self.address = self.link.board_addr
+        self.layout = provision.setup_loopback(work / "sshd-netns")
+        config = self.layout.config.read_text().replace("ListenAddress 127.0.0.1", f"ListenAddress {self.address}")
+        self.layout.config.write_text(config)
+        host_key = self.layout.known_hosts.read_text().split(" ", 1)[1]
+        self.known_hosts = work / "known_hosts-netns"
+        self.known_hosts.write_text(f"[{self.address}]:{self.layout.port} {host_key}")
+        with open(work / "sshd-netns.log", "ab") as log:
+            self.sshd = subprocess.Popen(["ip", "netns", "exec", self.link.netns,
+                                          *provision.sshd_command(self.layout, True)],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        if not _wait_for(self._listening, 10, self.sshd):
+            self.close()
+            raise RuntimeError(f"sshd in namespace {self.link.netns} did not listen on {self.address}")
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.address, self.layout.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _nft(self, script: str, check: bool = True) -> None:
+        subprocess.run(["ip", "netns", "exec", self.link.netns, "nft", "-f", "-"], input=script,
+                       text=True, capture_output=True, check=check, timeout=30)
+
+    def drop(self) -> None:
+        port = self.layout.port
+        self._nft(f"table inet {self.TABLE} {{\n"
+                  f"  chain input {{ type filter hook input priority 0; tcp dport {port} drop; }}\n"
+                  f"  chain output {{ type filter hook output priority 0; tcp sport {port} drop; }}\n}}\n")
+
+    def restore(self) -> None:
+        self._nft(f"delete table inet {self.TABLE}\n", check=False)
+
+    def close(self) -> None:
+        if self.sshd.poll() is None:
+            self.sshd.terminate()
+            self.sshd.wait(timeout=10)
+        self.net.kill_namespace(self.link)
+        self.net.run_commands(self.net.link_down_commands(self.link), check=False)
+
+
 # --- builds and their outputs -----------------------------------------------------------------
 
 
@@ -173,10 +239,11 @@ class Row:
     intact: str = "?"
     notes: list = field(default_factory=list)
     changed_ok: tuple = ()          # files the scenario itself replaces (a rebuilt cache entry)
+    manifest: str = "—"             # a build that completed: whether it wrote its manifest
 
     @property
     def ok(self) -> bool:
-        return self.code in self.expected and self.intact.startswith("yes")
+        return self.code in self.expected and self.intact.startswith("yes") and self.manifest != "missing"
 
 
 @dataclass
@@ -222,6 +289,18 @@ class Harness:
         self.config.write_text(CONFIG)
         self.device = Device(work)
         self.rows: list[Row] = []
+        self.seed, self._namespace = 0, None
+
+    def namespace(self) -> Namespace:
+        """The namespaced device (made on first use)."""
+        if self._namespace is None:
+            self._namespace = Namespace(self.work)
+        return self._namespace
+
+    def close(self) -> None:
+        self.device.close()
+        if self._namespace is not None:
+            self._namespace.close()
 
     def edgebuild(self, *args, wait: bool = True):
         """``edgebuild ARGS`` in a process of its own: finished (``Done``), or running (``wait=False``)."""
@@ -229,12 +308,12 @@ class Harness:
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return finish(proc) if wait else proc
 
-    def build_args(self, root: str, *extra, out: Path | None = None):
-        return ("all", "--model", "tiny-random", "--target", self.device.spec(root), "--config", self.config,
+    def build_args(self, root: str, *extra, out: Path | None = None, via=None):
+        return ("all", "--model", "tiny-random", "--target", self.device.spec(root, via), "--config", self.config,
                 "--data-dir", DATA_DIR, "--out", out or self.out, "--wandb", "disabled", *extra)
 
-    def build(self, root: str, *extra, wait: bool = True, out: Path | None = None):
-        return self.edgebuild(*self.build_args(root, *extra, out=out), wait=wait)
+    def build(self, root: str, *extra, wait: bool = True, out: Path | None = None, via=None):
+        return self.edgebuild(*self.build_args(root, *extra, out=out, via=via), wait=wait)
 
     def manifest(self, out: Path | None = None) -> dict:
         return json.loads(((out or self.out) / TARGET / "manifest.json").read_text())
@@ -261,6 +340,19 @@ class Harness:
             return f"no: cache verify exit {verify.returncode}: {message(verify)}"
         return f"yes ({len(before)} files hashed" + (f"; records rewritten whole" if records else "") + ")"
 
+    def manifest_written(self, code: int, since: float) -> str:
+        """For a build that completed (a result's exit code, or 13): ``written`` when it left a
+        readable manifest newer than the scenario's start, recording that exit code."""
+        if code not in BUILT + (13,):
+            return "—"
+        path = self.out / TARGET / "manifest.json"
+        try:
+            fresh = path.stat().st_mtime >= time.time() - (time.monotonic() - since)
+            recorded = json.loads(path.read_text()).get("exit_code")
+        except (OSError, ValueError):
+            return "missing"
+        return "written" if fresh and recorded in (code, None) else "missing"
+
     def run(self, name: str, expected, fn) -> Row:
         row = Row(name, tuple(expected))
         before = snapshot(self.out)
@@ -272,6 +364,7 @@ class Harness:
             log.parent.mkdir(exist_ok=True)
             log.write_text(f"$ {name}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
             row.intact = self.survived(before, row.changed_ok)
+            row.manifest = self.manifest_written(proc.returncode, t0)
         except Exception as err:          # a broken scenario is a row, not the end of the run
             row.intact, row.line = f"no: scenario failed: {type(err).__name__}: {err}", ""
         row.notes.append(f"{time.monotonic() - t0:.0f} s")
@@ -427,6 +520,38 @@ def board_reboot_mid_scoring(h, row):
     return _recovered(h, _faulted_build(h, "reboot", _when_fired(h, reboot)))
 
 
+def nft_drop_mid_scoring(h, row):
+    """The link of the namespaced device cut by nftables while it scores, restored 3 s later."""
+    ns = h.namespace()
+    h.device.plan("score", 1, "hold")
+
+    def pull_the_cable():
+        ns.drop()
+        time.sleep(3)
+        ns.restore()
+    proc = h.build("netns", wait=False, via=ns)
+    try:
+        _when_fired(h, pull_the_cable)(proc)
+    finally:
+        done = finish(proc)
+        ns.restore()
+    done, notes = _recovered(h, done)
+    return done, notes + [f"nftables dropped port {ns.layout.port} in namespace {ns.link.netns} for 3 s"]
+
+
+RANDOM_POINTS = ("stage", "load", "measure", "score", "activate")
+
+
+def agent_killed_at_random(h, row):
+    """The agent killed at the n-th time it receives a request, both drawn from the run's seed."""
+    rng = random.Random(f"{h.seed}/{row.scenario}")
+    cmd, at = rng.choice(RANDOM_POINTS), rng.randint(1, 2)
+    h.device.plan(cmd, at, "kill")
+    done, notes = _recovered(h, _faulted_build(h, f"random-{len(h.rows)}", lambda proc: None))
+    fired = "killed" if h.device.fired() else "never reached (the build sent fewer)"
+    return done, notes + [f"seed {h.seed}: killed at {cmd!r} #{at}: {fired}"]
+
+
 def device_lost_for_good(h, row):
     h.device.plan("measure", 1, "hold")
     junit = h.work / "lost-junit.xml"
@@ -500,6 +625,7 @@ SCENARIOS = [  # name, exit codes expected, scenario
     ("link cut mid-measurement", BUILT, link_cut_mid_measurement),
     ("link stalls mid-scoring", BUILT, link_stall_mid_scoring),
     ("board reboot mid-scoring", BUILT, board_reboot_mid_scoring),
+    ("link cut by nftables mid-scoring (netns)", BUILT, nft_drop_mid_scoring),
     ("device lost for good", (13,), device_lost_for_good),
     ("concurrent build (--no-wait)", (14,), concurrent_build),
     ("corrupt cache entry", BUILT, corrupt_cache_entry),
@@ -520,16 +646,17 @@ def sandbox_escapes() -> tuple:
 
 
 def table(rows, escapes: tuple = (None, 0)) -> str:
-    head = ["scenario", "exit", "expected", "message (one line)", "earlier outputs intact", "notes"]
+    head = ["scenario", "exit", "expected", "message (one line)", "earlier outputs intact", "manifest", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         msg = (r.line[:140] + "…") if len(r.line) > 140 else r.line
         lines.append(f"| {r.scenario} | {r.code} | {'/'.join(map(str, r.expected))} | {msg.replace('|', '/')} "
-                     f"| {r.intact} | {'; '.join(r.notes)} |")
+                     f"| {r.intact} | {r.manifest} | {'; '.join(r.notes)} |")
     ok = sum(r.ok for r in rows)
     lines.append(f"\n{ok} of {len(rows)} scenarios as expected; faults injected: {len(rows) - 1}; "
                  f"builds completed: {sum(r.code in BUILT + (13,) for r in rows)}; "
-                 f"earlier outputs damaged: {sum(not r.intact.startswith('yes') for r in rows)}; "
+                 f"artifacts corrupt after the run: {sum(not r.intact.startswith('yes') for r in rows)}; "
+                 f"manifests missing: {sum(r.manifest == 'missing' for r in rows)}; "
                  f"sandbox escapes: {escapes[0]} of {escapes[1]} hostile programs")
     return "\n".join(lines)
 
@@ -539,17 +666,23 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("out/faults"))
     parser.add_argument("--only", nargs="*", help="scenario names (substrings) to run after the clean build")
     parser.add_argument("--keep", action="store_true", help="start from the work folder of an earlier run")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random kill points (default: from the clock)")
+    parser.add_argument("--random-kills", type=int, default=3, help="builds with the agent killed at a random point")
     args = parser.parse_args(argv)
     if not args.keep:
         shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True, exist_ok=True)
     h = Harness(args.work.resolve())
+    h.seed = args.seed if args.seed is not None else int(time.time()) % 100_000
+    print(f"random kill points from seed {h.seed} (--seed {h.seed} repeats them)", flush=True)
+    scenarios = SCENARIOS + [(f"agent killed at a random point ({i + 1})", BUILT, agent_killed_at_random)
+                             for i in range(args.random_kills)]
     try:
-        for name, expected, fn in SCENARIOS:
+        for name, expected, fn in scenarios:
             if fn is clean_build or not args.only or any(o in name for o in args.only):
                 h.run(name, expected, fn)
     finally:
-        h.device.close()
+        h.close()
     escapes = sandbox_escapes()
     text = table(h.rows, escapes)
     print(text)
