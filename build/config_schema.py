@@ -110,7 +110,8 @@ class GateConfig:
     adaptive_max_items: NonNegativeInt = Field(800, description="an inconclusive retention samples up to this many items (0: off)")
     device_budgets: Bool = Field(True, description="the target's latency/memory/size budgets gate too")
     device_agreement: Fraction = Field(0.9, description="minimum share of items the device predicts as the host does")
-    device_loglik_tolerance: PositiveFloat = Field(0.15, description="maximum |log-likelihood difference| of any answer per answer token, host vs device, in nats")
+    device_loglik_tolerance: PositiveFloat = Field(0.05, description="maximum |log-likelihood difference| of any answer per answer token, host vs device, in nats, for a runtime computing in float")
+    device_loglik_tolerance_int8: PositiveFloat = Field(0.5, description="the same for a runtime with int8 activations (MatMulNBits accuracy_level 4), whose rounding the host's float arithmetic does not reproduce")
     min_shrink: Probability = Field(0.05, description="a passing stage is preferred over the one chosen before it only when it shrinks the deployed bytes by this share")
 
     _merge_core = field_validator("core", mode="before")(_merged(CORE))

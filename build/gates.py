@@ -75,6 +75,7 @@ class StageEvidence:
     edge_task: str | None = None     # host benchmark whose accuracy must lie in the edge band
     device_enabled: bool = True      # False: --no-device, every device check is skipped
     not_measurable: tuple = ()       # budgets the target's device cannot judge (emulated latency)
+    int8_compute: bool = False       # the runtime rounds activations to int8 (MatMulNBits accuracy_level 4)
 
 
 def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
@@ -90,7 +91,7 @@ def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
     device = []
     if cfg.device_budgets:
         device += device_checks(ev.device, ev.artifact_bytes, ev.budgets or {}, ev.not_measurable)
-    device += agreement_checks(ev.device, cfg)
+    device += agreement_checks(ev.device, cfg, ev.int8_compute)
     device += weights_checks(ev.device)
     if not ev.device_enabled:
         device = [Check(c.name, c.group, SKIPPED, threshold=c.threshold, detail="skipped: --no-device")
@@ -244,11 +245,13 @@ def _kl_check(ev, cfg) -> list:
     return [Check("kl", "kl", v, kl, limit, detail=f"KL {kl:.4f} nats/token vs limit {limit}")]
 
 
-def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
+def agreement_checks(device: dict | None, cfg: GateConfig, int8_compute: bool = False) -> list:
     """The device's predictions against the host's on the items both scored: the share of the same
-    predictions, and the largest log-likelihood difference per token of any answer."""
+    predictions, and the largest log-likelihood difference per token of any answer, held to the
+    tolerance of the runtime's arithmetic (float, or int8 activations the host computes in float)."""
     names = ("device/agreement", "device/loglik_diff")
-    limits = (cfg.device_agreement, cfg.device_loglik_tolerance)
+    loglik = cfg.device_loglik_tolerance_int8 if int8_compute else cfg.device_loglik_tolerance
+    limits = (cfg.device_agreement, loglik)
     device = device or {}
     if device.get("status") != "ok":
         why = f"device {_not_run_why(device)}"
@@ -260,10 +263,10 @@ def agreement_checks(device: dict | None, cfg: GateConfig) -> list:
     same, n = agree.get("same_prediction"), agree.get("n")
     out = [Check(names[0], "device", PASS if same >= cfg.device_agreement else FAIL, same, cfg.device_agreement,
                  detail=f"same prediction on {same:.3f} of {n} items vs {cfg.device_agreement:.2f}")]
-    return out + [_loglik_check(names[1], agree, cfg.device_loglik_tolerance)]
+    return out + [_loglik_check(names[1], agree, loglik, int8_compute)]
 
 
-def _loglik_check(name: str, agree: dict, limit: float) -> Check:
+def _loglik_check(name: str, agree: dict, limit: float, int8_compute: bool) -> Check:
     """The largest log-likelihood difference per answer token, host vs device."""
     gap = agree.get("max_loglik_diff_per_token")
     if gap is None:
@@ -271,8 +274,9 @@ def _loglik_check(name: str, agree: dict, limit: float) -> Check:
                      detail="skipped: no per-answer log-likelihoods on both sides")
     unknown = "" if agree.get("tokens_counted", True) else "; answers of unknown length count as one token"
     return Check(name, "device", PASS if gap <= limit else FAIL, gap, limit,
-                 detail=f"max |Δ log-likelihood| {gap:.3g} nats per answer token vs {limit} (largest "
-                        f"of one answer {agree.get('max_loglik_diff', gap):.3g} nats){unknown}")
+                 detail=f"max |Δ log-likelihood| {gap:.3g} nats per answer token vs {limit} "
+                        f"({'int8 activations on the device' if int8_compute else 'float arithmetic'}; "
+                        f"largest of one answer {agree.get('max_loglik_diff', gap):.3g} nats){unknown}")
 
 
 def weights_checks(device: dict | None) -> list:
@@ -363,7 +367,8 @@ def stage_evidence(ctx: BuildContext, run: StageRun, host: dict | None = None) -
     return StageEvidence(run.stage, run.host if host is None else host, reference.host, baseline.host,
                          run.quality, run.device, deployed_bytes(run), ctx.target.budgets_dict(),
                          edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device,
-                         not_measurable=tuple(k for k in ctx.target.budgets_dict() if not gate_applies(ctx.target, k)))
+                         not_measurable=tuple(k for k in ctx.target.budgets_dict() if not gate_applies(ctx.target, k)),
+                         int8_compute=bool((((run.pack or {}).get("runtime") or {}).get("verify") or {}).get("int8_compute")))
 
 
 def _with_not_evaluated(report: GateReport, ctx: BuildContext, run: StageRun) -> GateReport:

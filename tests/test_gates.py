@@ -203,15 +203,17 @@ def test_statistics_come_from_bench_stats():
     assert gates.Retention is stats.Retention
 
 
-@pytest.mark.parametrize("per_token, counted, verdict", [(0.05, True, "pass"), (0.4, True, "fail"),
-                                                         (0.05, False, "pass")])
-def test_device_loglik_gate_is_per_answer_token(per_token, counted, verdict):
+@pytest.mark.parametrize("per_token, counted, int8, verdict, limit", [
+    (0.04, True, False, "pass", 0.05), (0.33, True, False, "fail", 0.05), (0.04, False, False, "pass", 0.05),
+    (0.33, True, True, "pass", 0.5), (0.8, True, True, "fail", 0.5)])
+def test_device_loglik_gate_is_per_answer_token(per_token, counted, int8, verdict, limit):
     agree = {"n": 80, "same_prediction": 0.95, "max_loglik_diff": 1.39,
              "max_loglik_diff_per_token": per_token, "tokens_counted": counted}
-    [same, gap] = gates.agreement_checks({"status": "ok", "agreement": agree}, GateConfig())
+    [same, gap] = gates.agreement_checks({"status": "ok", "agreement": agree}, GateConfig(), int8)
     assert same.verdict == "pass" and gap.name == "device/loglik_diff"
-    assert gap.verdict == verdict and gap.value == per_token and gap.threshold == 0.15
+    assert gap.verdict == verdict and gap.value == per_token and gap.threshold == limit
     assert "per answer token" in gap.detail and "1.39" in gap.detail
+    assert ("int8 activations" in gap.detail) is int8
     assert ("unknown length" in gap.detail) is not counted
 
 
