@@ -301,6 +301,8 @@ class Harness:
         self.device.close()
         if self._namespace is not None:
             self._namespace.close()
+        _kill_matching(str(self.device.plan_file))
+
 
     def edgebuild(self, *args, wait: bool = True):
         """``edgebuild ARGS`` in a process of its own: finished (``Done``), or running (``wait=False``)."""
@@ -371,6 +373,19 @@ class Harness:
         self.rows.append(row)
         print(f"  {name}: exit {row.code} ({'as expected' if row.ok else 'UNEXPECTED'})", flush=True)
         return row
+
+
+def _kill_matching(marker: str) -> None:
+    """Kill what the scenarios left running: fault switches held forever and their agents
+    (every process whose command line names ``marker``, the plan file)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes():
+                os.killpg(os.getpgid(int(entry.name)), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 # --- the scenarios ----------------------------------------------------------------------------
