@@ -156,7 +156,7 @@ class BuildConfig:
     max_trials: PositiveInt = Field(4, description="the search's attempts per stage at most (`--max-trials`)")
     time_budget_s: PositiveFloat | None = Field(None, description="seconds of the build after which no stage starts another attempt (`--time-budget`; not set: no limit)")
     torch_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where torch compresses and scores on the host (`--device`; auto: cuda when torch sees a GPU, else cpu; cuda without one is an error)")
-    executor: Str = Field("local", description="where independent work (the benchmark shards of a stage, the builds of several targets of `all --target a,b`) runs (`--executor`): local, or ray (`pip install edgebuild[ray]`)", json_schema_extra=EXECUTOR)
+    executor: Str = Field("local", description="where independent work (the compression of a stage's next search trials, the benchmark shards of a stage, the builds of several targets of `all --target a,b`) runs (`--executor`): local, or ray (`pip install edgebuild[ray]`)", json_schema_extra=EXECUTOR)
     ray_address: Str = Field("", description="the Ray cluster of `executor = \"ray\"` (`--ray-address`; empty: $RAY_ADDRESS, else a Ray instance started on this machine)")
     allow_unsandboxed_code: Bool = Field(False, description="run generated code (HumanEval, MBPP) without isolation when no sandbox (bubblewrap) works here; same as `--allow-unsandboxed-code`")
     stage: dict[Str, StageConfig] = Field(default_factory=dict, description="`[stage.NAME]` tables", json_schema_extra=NOT_LISTED)

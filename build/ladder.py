@@ -64,6 +64,22 @@ def trial_config(sc, setting: dict):
     return dataclasses.replace(sc, knobs=dict(setting["knobs"]))
 
 
+def trial_run(name: str, sc, attempt: int, source: StageRun | None, setting: dict | None = None) -> StageRun:
+    """Attempt ``attempt`` at stage ``name`` with its trial's stage config ``sc``, compressing
+    ``source``'s weights."""
+    return StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc,
+                    trial=dict(setting or {}))
+
+
+def parent_trial(trials: list, i: int) -> int | None:
+    """The trial whose records fallback trial ``i`` re-encodes (its knobs, no fallback); None
+    when trial ``i`` keeps no layers back."""
+    if not trials[i].get("fallback_layers"):
+        return None
+    return next((j for j in range(i - 1, -1, -1)
+                 if not trials[j].get("fallback_layers") and trials[j]["knobs"] == trials[i]["knobs"]), None)
+
+
 def choose(stages: list, passed: dict, min_shrink: float) -> str:
     """The stage to ship: the smallest deployed stage that passed (see the module's notes)."""
     chosen = "baseline"

@@ -191,6 +191,7 @@ def build_manifest(result) -> dict:
         "device_checks": _device_checks_state(result, shipped),
         "gates_not_evaluated": dict(getattr(result, "not_evaluated", {}) or {}),
         "search": search_summary(result),
+        "compressed_ahead": dict(getattr(result, "compressed_ahead", {}) or {}),
         "recommended_hardware": {"target": result.target.name, "description": result.target.description},
         "latency": latency(shipped.device),
         "exit_code": int(result.exit_code),

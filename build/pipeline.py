@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebuild.build.config import BuildConfig, StageConfig
-from edgebuild.build import gates, ladder
+from edgebuild.build import gates, ladder, lookahead
 from edgebuild.build.steps import ORDER, plan, steps
 from edgebuild.core import accel, executors, models
 from edgebuild.core.cache import StepCache
@@ -56,6 +56,7 @@ class BuildResult:
     partial: bool = False          # not every step ran (compress, export, deploy, bench)
     not_evaluated: dict = field(default_factory=dict)   # benchmark -> why it gated no stage
     torch_device: str = "cpu"      # where torch compresses and scores in this build ("cpu", "cuda")
+    compressed_ahead: dict = field(default_factory=dict)   # stage -> {"compressed", "used"}: trials packed as tasks
 
 
 class Pipeline:
@@ -86,6 +87,7 @@ class Pipeline:
         check_data_dir(self.req.data_dir)
         self.not_evaluated = resolve_tasks(self.cfg, self.req.data_dir)
         self.started = time.monotonic()
+        self.compressed_ahead = {}
         runs = []
         self.ctx.executor = self._executor()
         try:
@@ -117,7 +119,7 @@ class Pipeline:
         return BuildResult(runs, shipped, ladder.exit_code(self.cfg.stages, runs, shipped, incomplete),
                            len(cache.hits), len(cache.misses), self.ctx.target, self.ctx.ref, self.cfg,
                            self.out_dir, partial="gate" not in self.req.steps, not_evaluated=self.not_evaluated,
-                           torch_device=self.ctx.torch_device.name)
+                           torch_device=self.ctx.torch_device.name, compressed_ahead=self.compressed_ahead)
 
     def _device_incomplete(self, shipped: str) -> bool:
         """The device was asked for but did not measure the shipped stage."""
@@ -144,17 +146,38 @@ class Pipeline:
         if name == "baseline":
             yield self._run_stage(name, StageConfig(method="raw"), 0, None)
             return
-        from edgebuild.compress import methods
         sc = self.cfg.stage_config(name)
         source, note = ladder.source_for(self.cfg.stages, self.ctx.passed, name, sc)
         if source is None:
             yield StageRun(name, sc.method, dict(sc.knobs), 0, None, status="skipped",
                            note="the baseline did not pass")
             return
+        trials = self._trials(sc)
+        ahead = self._lookahead(name, sc, source, trials)
+        try:
+            yield from self._walk(name, sc, source, note, trials, ahead)
+        finally:
+            if ahead.window:
+                self.compressed_ahead[name] = ahead.finish()
+
+    def _trials(self, sc) -> list:
+        """The settings a stage's search tries, in order, within ``build.max_trials``."""
+        from edgebuild.compress import methods
         layers = models.num_layers(self.ctx.ref)
-        for attempt, setting in enumerate(ladder.settings(sc, methods.get(sc.method), layers)):
+        return list(ladder.settings(sc, methods.get(sc.method), layers))[: self.cfg.max_trials]
+
+    def _lookahead(self, name: str, sc: StageConfig, source: StageRun, trials: list) -> lookahead.Lookahead:
+        """The stage's trials compressed ahead of the walk (none on the local executor)."""
+        packs = any(step.name == "pack" for step in self.steps)
+        width = lookahead.window(self.ctx, trials) if packs else 0
+        return lookahead.Lookahead(self.ctx, name, sc, source, trials, width, self._forced)
+
+    def _walk(self, name: str, sc: StageConfig, source: StageRun, note: str, trials: list, ahead):
+        """The stage's trials in order, until one passes, fails critically or the budget is spent."""
+        for attempt, setting in enumerate(trials):
             if attempt and not self._budget_left(attempt):
                 return
+            ahead.ready(attempt)
             run = self._run_stage(name, ladder.trial_config(sc, setting), attempt, source, setting)
             run.note = run.note or note
             yield run
@@ -170,8 +193,7 @@ class Pipeline:
     # -- one attempt: its steps ----------------------------------------------------------------------
     def _run_stage(self, name: str, sc: StageConfig, attempt: int, source: StageRun | None,
                    setting: dict | None = None) -> StageRun:
-        run = StageRun(name, sc.method, dict(sc.knobs), attempt, source.stage if source else None, spec=sc,
-                       trial=dict(setting or {}))
+        run = ladder.trial_run(name, sc, attempt, source, setting)
         fallback = f", {setting['fallback_layers']} layers at 8 bits" if (setting or {}).get("fallback_layers") else ""
         knobs = f" {sc.knobs}" if sc.knobs else ""
         self.ctx.progress.note(f"[{name}] {sc.method}{knobs}{fallback} attempt {attempt + 1}")

@@ -116,8 +116,8 @@ def search(m: dict) -> dict:
     notes = {}
     for st in m.get("stages", []):
         notes.setdefault(st["stage"], st.get("note") or "")
-    trials = m.get("search") or {}
-    return {"stages": [{"stage": stage, "note": notes[stage], "trials": trials[stage]}
+    trials, ahead = m.get("search") or {}, m.get("compressed_ahead") or {}
+    return {"stages": [{"stage": stage, "note": notes[stage], "trials": trials[stage], "ahead": ahead.get(stage)}
                        for stage in notes if stage in trials],
             "trials": sum(len(t) for t in (m.get("search") or {}).values())}
 

@@ -84,14 +84,22 @@ def print_table(result, manifest_path=None) -> None:
     for r in data["stages"]:
         for reason in r["reasons"]:
             console.print(f"  {r['stage']}#{r['attempt']}: {reason}", highlight=False)
-    work = "did no work (every step was cached)" if result.cache_misses == 0 else \
-        f"ran {result.cache_misses} step(s), reused {result.cache_hits}"
+    work = _work(result)
     if result.partial:
         console.print(f"partial build (no gates, nothing shipped); {work}")
     else:
         console.print(f"shipped: [bold]{result.shipped}[/bold] (exit code {int(result.exit_code)}); {work}")
     if manifest_path:
         console.print(f"manifest: {manifest_path}", highlight=False)
+
+
+def _work(result) -> str:
+    """The steps the build ran and reused, and the trials it compressed ahead as tasks."""
+    ahead = sum(s["compressed"] for s in (getattr(result, "compressed_ahead", None) or {}).values())
+    if result.cache_misses == 0 and not ahead:
+        return "did no work (every step was cached)"
+    tasks = f", compressed {ahead} trial(s) ahead as tasks" if ahead else ""
+    return f"ran {result.cache_misses} step(s){tasks}, reused {result.cache_hits}"
 
 
 def _task_cell(c) -> str:
@@ -148,3 +156,4 @@ def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None 
     console.print(table)
     for name, reason in (unavailable or {}).items():
         console.print(f"{name}: unavailable: {reason}", markup=False, highlight=False)
+

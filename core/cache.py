@@ -11,6 +11,11 @@ keyed by path, size, inode and timestamps, and lives only in memory) and compare
 record. An entry whose bytes differ, or with a file missing or added, is moved to
 ``<root>/_quarantine/`` with a one-line warning naming the file, and the step is built again: a
 hit is never reported for altered bytes. A failed step's work dir is kept under ``<root>/_failed/``.
+
+Several processes may write one cache (a build and its Ray tasks, on a filesystem every node
+sees): each builds in a work dir of its own, and when another writer committed the same key while
+this one was building, the first entry stands and the second work dir is dropped (the same key
+means the same inputs, so the same content).
 """
 from __future__ import annotations
 
@@ -49,20 +54,27 @@ def digest(*parts) -> str:
 
 
 def code_version(*packages: str) -> str:
-    """Hash of the source files of the given ``edgebuild.*`` packages (and the release number)."""
+    """Hash of the source files of the given ``edgebuild.*`` packages (and the release number).
+    Hidden folders (a build's output, ``.setuptools-build``) are not sources: every process of a
+    build (its Ray tasks too) must compute the same keys whatever was built beside them."""
     import importlib.util
     h = hashlib.sha256(__version__.encode())
     for name in sorted(packages):
         if name not in _CODE_DIRS:
             spec = importlib.util.find_spec(f"edgebuild.{name}")   # no import: keeps torch out
             root = Path(spec.origin).parent
-            files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".yaml", ".jsonl"))
+            files = sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".yaml", ".jsonl")
+                           and not _in_hidden_folder(p.relative_to(root)))
             sub = hashlib.sha256()
             for p in files:
                 sub.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
             _CODE_DIRS[name] = sub.hexdigest()
         h.update(f"{name}:{_CODE_DIRS[name]}".encode())
     return h.hexdigest()
+
+
+def _in_hidden_folder(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts[:-1])
 
 
 # -- the content of an entry ----------------------------------------------------------------------
@@ -148,6 +160,8 @@ class StepCache:
         self.misses: list[str] = []
         self.corrupt: list[str] = []          # "step/key: problem" of entries quarantined by this cache
         self._started: dict[Path, float] = {}
+        self._replacing: set[Path] = set()    # work dirs begun while their key had an entry
+        self._adopted: set[tuple] = set()     # (step, key) built for this build by another process
 
     def path(self, step: str, key: str) -> Path:
         return self.root / step / key
@@ -156,7 +170,7 @@ class StepCache:
         """The finished entry's directory once its content matches its record, or None (always
         None under ``force``). A corrupt entry is quarantined, with a warning, and None returned."""
         p = self.path(step, key)
-        if self.force or not (p / DONE).exists():
+        if (self.force and not self.adopted(step, key)) or not (p / DONE).exists():
             return None
         problem = entry_problem(p)
         if problem == UNRECORDED:
@@ -168,6 +182,18 @@ class StepCache:
         self.hits.append(step)
         _touch(p / DONE)
         return p
+
+    def has(self, step: str, key: str) -> bool:
+        """Whether a finished entry of ``step``/``key`` is there (``get`` checks its content)."""
+        return not self.force and (self.path(step, key) / DONE).exists()
+
+    def adopt(self, step: str, key: str) -> None:
+        """Take the entry of ``step``/``key`` as built by this build (another process built it:
+        a Ray task): ``get`` returns it even under ``force``."""
+        self._adopted.add((step, key))
+
+    def adopted(self, step: str, key: str) -> bool:
+        return (step, key) in self._adopted
 
     def quarantine(self, entry: Path, name: str, problem: str) -> Path:
         """Move a corrupt entry to ``_quarantine/`` and say so in one line; return where it went."""
@@ -196,29 +222,45 @@ class StepCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=final.parent))
         self._started[work] = time.time()
+        if final.exists():
+            self._replacing.add(work)
         return work
 
     def commit(self, work: Path, step: str, key: str) -> Path:
         """Make ``work`` the finished entry of ``step``/``key`` (its files hashed into ``_done.json``
-        and made read-only; an older entry is replaced whole) and return the entry's path."""
+        and made read-only; an entry there when ``work`` began is replaced whole, one another writer
+        committed since stands) and return the entry's path."""
         final = self.path(step, key)
         seconds = time.time() - self._started.pop(work, time.time())
         _read_only(work)
         done = {"step": step, "key": key, "seconds": seconds, "files": content_record(work)}
         (work / DONE).write_text(json.dumps(done, indent=1, sort_keys=True))
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-old-", dir=final.parent))
-            os.replace(final, old / "entry")
-            os.replace(work, final)
-            remove_tree(old)
+        if work in self._replacing:
+            self._replacing.discard(work)
+            _replace(work, final)
         else:
-            os.replace(work, final)
+            self._install(work, final)
         self.misses.append(step)
         return final
+
+    def _install(self, work: Path, final: Path) -> None:
+        """Rename ``work`` to ``final``; when another writer got there first, keep its entry if it
+        is sound (replace it whole if not) and drop ``work``."""
+        try:
+            os.replace(work, final)
+        except OSError:
+            if not final.exists():
+                raise
+            if entry_problem(final) is not None:
+                _replace(work, final)
+                return
+            log.debug("cache entry %s was committed by another writer; keeping it", final)
+            self.discard(work)
 
     def fail(self, work: Path, step: str, key: str) -> Path:
         """Keep a failed step's work dir under ``_failed/`` for inspection."""
         t0 = self._started.pop(work, time.time())
+        self._replacing.discard(work)
         failed = self.root / FAILED / f"{step.replace('/', '_')}-{key[:12]}-{int(t0)}"
         failed.parent.mkdir(parents=True, exist_ok=True)
         os.replace(work, failed)
@@ -227,6 +269,7 @@ class StepCache:
     def discard(self, work: Path) -> None:
         """Drop a work dir whose result must not be reused."""
         self._started.pop(work, None)
+        self._replacing.discard(work)
         remove_tree(work)
 
     def failed_dir(self) -> Path:
@@ -298,6 +341,17 @@ def _describe(entry: Path, step: str, key: str) -> Entry:
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         hashes = set()
     return Entry(step, key, entry, _tree_bytes(entry), (entry / DONE).stat().st_mtime, hashes)
+
+
+def _replace(work: Path, final: Path) -> None:
+    """Rename ``work`` to ``final``, replacing an entry there whole."""
+    if not final.exists():
+        os.replace(work, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name[:12]}-old-", dir=final.parent))
+    os.replace(final, old / "entry")
+    os.replace(work, final)
+    remove_tree(old)
 
 
 def _touch(path: Path) -> None:

@@ -3,7 +3,8 @@
 ``local`` runs each call in this process, in order. ``ray`` (``pip install edgebuild[ray]``)
 runs them as Ray tasks on a Ray cluster (``--ray-address``) or on a Ray instance started on this
 machine. Both return the results in the order of the calls, so what a build records does not
-depend on the executor.
+depend on the executor. ``submit`` starts one call and hands back a ``Call`` to wait on later
+(the build compresses its next search trials that way while it gates the current one).
 """
 from __future__ import annotations
 
@@ -29,8 +30,46 @@ class Executor(ABC):
         """``[fn(*args) for args in calls]``, in order; ``progress(done, total)`` as calls finish.
         ``fn`` must be a module-level function (it may be sent to another machine)."""
 
+    @abstractmethod
+    def submit(self, fn: Callable, args: tuple, after: Sequence["Call"] = ()) -> "Call":
+        """Start ``fn(*args)`` once the calls ``after`` have finished; return its ``Call``
+        (``fn`` module-level, as for ``map``)."""
+
+    def capacity(self) -> int:
+        """How many calls can run at once."""
+        return 1
+
     def close(self) -> None:
         """Release what the executor holds (nothing for ``local``)."""
+
+
+class Call(ABC):
+    """A call started by ``Executor.submit``."""
+
+    @abstractmethod
+    def result(self):
+        """Wait for the call; its value, or the error it raised (a call it waited on: that error)."""
+
+
+class Deferred(Call):
+    """The local executor's call: run here, in order, when its result is first asked for."""
+
+    def __init__(self, fn: Callable, args: tuple, after: Sequence[Call] = ()):
+        self._fn, self._args, self._after = fn, args, list(after)
+        self._outcome: tuple | None = None
+
+    def result(self):
+        if self._outcome is None:
+            try:
+                for call in self._after:
+                    call.result()
+                self._outcome = (True, self._fn(*self._args))
+            except Exception as err:
+                self._outcome = (False, err)
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
 
 
 class LocalExecutor(Executor):
@@ -51,6 +90,9 @@ class LocalExecutor(Executor):
             if progress is not None:
                 progress(len(out), len(calls))
         return out
+
+    def submit(self, fn, args, after=()) -> Call:
+        return Deferred(fn, args, after)
 
 
 executors: Registry = Registry("executor", error=ConfigError)

@@ -5,7 +5,7 @@ import os
 import socket
 
 from edgebuild.core.errors import HostError
-from edgebuild.core.executors import Executor
+from edgebuild.core.executors import Call, Executor
 
 FIX_ADDRESS = "start the cluster (`ray start --head` on its head node) or fix --ray-address / $RAY_ADDRESS"
 
@@ -42,6 +42,7 @@ class RayExecutor(Executor):
         self.ray = _ray()
         self.gpus = gpus_per_call
         self._started = False
+        self._after = None           # the task that starts a call once the calls it waits for are done
         if not self.ray.is_initialized():
             self._connect(address or os.environ.get("RAY_ADDRESS", ""))
 
@@ -67,15 +68,46 @@ class RayExecutor(Executor):
             _, pending = self.ray.wait(pending, num_returns=1)
             if progress is not None:
                 progress(len(refs) - len(pending), len(refs))
-        try:
-            return self.ray.get(refs)
-        except self.ray.exceptions.RayTaskError as err:      # the task's own error, as raised locally
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
+        return fetch(self.ray, refs)
+
+    def submit(self, fn, args, after=()) -> Call:
+        if self._after is None:
+            self._after = self.ray.remote(num_gpus=self.gpus, max_retries=0)(after_calls)
+        return RayCall(self.ray, self._after.remote(fn, args, *[call.ref for call in after]))
+
+    def capacity(self) -> int:
+        """The cluster's CPUs (its GPUs when each task asks for one)."""
+        resources = self.ray.cluster_resources()
+        return max(1, int(resources.get("GPU" if self.gpus else "CPU", 1)))
 
     def close(self) -> None:
         if self._started:
             self.ray.shutdown()
             self._started = False
+
+
+class RayCall(Call):
+    """A Ray task started by ``RayExecutor.submit``."""
+
+    def __init__(self, ray, ref):
+        self.ray, self.ref = ray, ref
+
+    def result(self):
+        return fetch(self.ray, self.ref)
+
+
+def after_calls(fn, args: tuple, *_finished):
+    """``fn(*args)``: Ray starts it once the tasks whose results are passed as ``_finished`` are done
+    (a failed one fails this task with its error)."""
+    return fn(*args)
+
+
+def fetch(ray, refs):
+    """``ray.get(refs)``; a task's own error raised as it was raised in the task."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise

@@ -109,7 +109,8 @@ RECORD = "record.json"
 def execute(step: Step, ctx: BuildContext, run: StageRun, forced: bool = False) -> tuple[dict, Path | None]:
     """``(record, entry)`` of ``step`` for ``run``: the cached record under the step's key unless
     ``forced`` (its files' content checked against what was recorded at commit: a corrupt entry
-    is quarantined and the step runs again), else a fresh run in a work dir that becomes the cache
+    is quarantined and the step runs again; an entry the cache adopted, built for this build in
+    another process, is used even when forced), else a fresh run in a work dir that becomes the cache
     entry (kept aside under ``_failed/`` when the step raises; dropped when the step says the
     record must not be reused).
     A step whose key is None runs every time and has no entry."""
@@ -117,7 +118,7 @@ def execute(step: Step, ctx: BuildContext, run: StageRun, forced: bool = False) 
     if key is None:
         return step.run(ctx, run, None), None
     run.keys[step.name] = key
-    entry = None if forced else ctx.cache.get(step.name, key)
+    entry = None if forced and not ctx.cache.adopted(step.name, key) else ctx.cache.get(step.name, key)
     if entry is not None:
         try:
             return json.loads((entry / RECORD).read_text()), entry

@@ -51,6 +51,26 @@ def test_code_version_changes_with_package():
     assert code_version("compress") == code_version("compress")
 
 
+def test_code_version_ignores_hidden_build_folders(tmp_path, monkeypatch):
+    """A build's Ray tasks compute keys in other processes: what setuptools builds beside the
+    sources meanwhile (``.setuptools-build``) must not change them."""
+    import importlib.util
+    from types import SimpleNamespace
+    from edgebuild.core import cache
+    (tmp_path / "__init__.py").write_text("")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "__init__.py")))
+
+    def version():
+        monkeypatch.setattr(cache, "_CODE_DIRS", {})
+        return code_version("sources")
+    before = version()
+    (tmp_path / ".setuptools-build" / "lib").mkdir(parents=True)
+    (tmp_path / ".setuptools-build" / "lib" / "copy.py").write_text("x = 1\n")
+    assert version() == before
+    (tmp_path / "module.py").write_text("x = 1\n")
+    assert version() != before
+
+
 # --- content checks: every hit re-hashes what was recorded at commit -----------------------------
 
 import json
@@ -137,6 +157,18 @@ def test_commit_replaces_an_entry_whole(tmp_path):
     assert [p.name for p in entry.parent.iterdir()] == [key]
 
 
+def test_a_second_writer_of_a_key_keeps_the_entry_the_first_committed(tmp_path):
+    build, task = StepCache(tmp_path), StepCache(tmp_path)        # a build and a Ray task, one cache
+    key = digest("both")
+    first, second = build.begin("pack", key), task.begin("pack", key)
+    (first / "x.bin").write_bytes(b"late")                      # one key is one content; these differ
+    (second / "x.bin").write_bytes(b"first")                    # only to tell the writers apart
+    entry = task.commit(second, "pack", key)
+    assert build.commit(first, "pack", key) == entry and build.get("pack", key) == entry
+    assert (entry / "x.bin").read_bytes() == b"first"
+    assert [p.name for p in entry.parent.iterdir()] == [key]     # the second work dir is gone
+
+
 class _Counting(Step):
     """A step that writes one file and counts its runs."""
 
@@ -168,6 +200,19 @@ def test_execute_rebuilds_a_tampered_entry_and_never_calls_it_cached(tmp_path, c
     assert _Counting.runs == 2 and again == record and (entry2 / "weights.bin").read_bytes() == b"\x07" * 1000
     assert ctx.cache.misses == ["pack", "pack"] and ctx.cache.hits == ["pack"]
     assert any("weights.bin does not match its recorded sha256" in r.getMessage() for r in caplog.records)
+
+
+def test_an_adopted_entry_is_reused_even_when_forced(tmp_path):
+    def ctx(cache):
+        return BuildContext(config=None, ref=None, target=None, data_dir=None, out=tmp_path, cache=cache,
+                            progress=None)
+    run = StageRun("baseline", "raw", {}, 0, None)
+    _Counting.runs = 0
+    _, entry = execute(_Counting(), ctx(StepCache(tmp_path)), run)      # built by a task of this build
+    forced = ctx(StepCache(tmp_path, force=True))
+    assert forced.cache.get("pack", digest("counting")) is None
+    forced.cache.adopt("pack", digest("counting"))
+    assert execute(_Counting(), forced, run, forced=True)[1] == entry and _Counting.runs == 1
 
 
 def test_execute_quarantines_a_record_it_cannot_read(tmp_path):

@@ -332,3 +332,23 @@ def test_packed_stats_counts_tables_as_compressed_bytes():
     assert stats["bits_per_weight"] == pytest.approx(8 * 48 / 32)
     assert stats["bits_per_weight_all"] == pytest.approx(8 * 64 / 40)
     assert stats["by_codec"]["table"] == {"tensors": 1, "bytes": 40, "weights": 0}
+
+
+@pytest.mark.parametrize("method", ["rtn", "seedlm", "vptq", "hyper"])
+def test_compression_is_the_same_whatever_the_torch_threads(method):
+    """A build's next trials compress in other processes (Ray tasks, one thread each): the
+    records must be those the build's own process makes."""
+    from conftest import tiny_llama
+    model, tok = tiny_llama()
+    before, packs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ctx = CompressContext(model=model, tokenizer=tok, calibration_texts=["a short calibration text"] * 4)
+            packs.append(pack_model(model, method, {}, ctx))
+    finally:
+        torch.set_num_threads(before)
+    one, two = packs
+    assert [r.name for r in one] == [r.name for r in two]
+    for a, b in zip(one, two):
+        assert a.params == b.params and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)

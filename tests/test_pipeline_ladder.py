@@ -52,6 +52,14 @@ def test_after_a_setting_fails_its_most_sensitive_layers_fall_back(tmp_path, mon
     assert vptq[0].knobs == vptq[1].knobs != vptq[2].knobs and vptq[2].status == "passed"
 
 
+def test_a_fallback_trial_reencodes_the_last_trial_of_its_knobs():
+    from edgebuild.build.ladder import parent_trial
+    trials = [{"knobs": {}, "fallback_layers": None}, {"knobs": {}, "fallback_layers": 1},
+              {"knobs": {"bits": 5}, "fallback_layers": None}, {"knobs": {"bits": 5}, "fallback_layers": 1},
+              {"knobs": {"bits": 5}, "fallback_layers": 2}]
+    assert [parent_trial(trials, i) for i in range(len(trials))] == [None, 0, None, 2, 2]
+
+
 def test_retry_that_passes_continues_the_ladder(tmp_path, monkeypatch):
     res = run_with({("vptq", 0): "fail"}, tmp_path, monkeypatch)
     assert path(res) == [("baseline", 0, "passed"), ("seedlm", 0, "passed"), ("vptq", 0, "failed"),

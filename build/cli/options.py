@@ -74,8 +74,8 @@ def compute_options(f):
                           "$RAY_ADDRESS, else a Ray instance started on this machine).")(f)
     f = click.option("--executor", "executor", type=click.Choice(executors.names()), default=None,
                      expose_value=False, callback=_remember,
-                     help="Where independent work (benchmark shards of a stage, builds of several "
-                          "targets) runs: local, or ray "
+                     help="Where independent work (compression of a stage's next search trials, benchmark "
+                          "shards of a stage, builds of several targets) runs: local, or ray "
                           "(pip install 'edgebuild[ray]'); results are the same (config: build.executor).")(f)
     return click.option("--device", "torch_device", type=click.Choice(CHOICES), default=None,
                         expose_value=False, callback=_remember,
