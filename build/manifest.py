@@ -39,22 +39,32 @@ def _retention(run, base) -> dict:
 
 def latency(device: dict) -> dict:
     """The device's latency summary; for a device lost mid-step, the phase it was lost in and what
-    it had measured before (``partial``: raw samples, never gated)."""
+    it had measured before (``partial``: raw samples, never gated); on a labgrid group, the board
+    it was measured on and what each board did (``board``, ``boards``)."""
     if not device or device.get("status") != "ok":
         out = {"measured": False, "status": (device or {}).get("status", "not run"),
                "error": (device or {}).get("error")}
         if out["status"] == "lost":
             out.update(after=device.get("after"), partial=device.get("partial") or {})
-        return out
+        return _boards(device, out)
     dec = np.asarray(device["decode_ms_per_token"], dtype=float)
     pre = np.asarray(device["prefill_ms"], dtype=float)
-    return {"measured": True, "reconnects": device.get("reconnects", 0), "prefill_ms_p50": float(np.median(pre)),
-            "decode_ms_per_token_p50": float(np.median(dec)),
-            "decode_ms_per_token_p95": float(np.percentile(dec, 95)),
-            "decode_tokens_per_s": float(1000.0 / np.median(dec)), "peak_rss_mb": device.get("peak_rss_mb"),
-            "stage_rss_mb": device.get("stage_rss_mb"), "load_s": device.get("load_s"),
-            "stored_bytes": device.get("stored_bytes"), "weights": device.get("weights"),
-            "samples": {"prefill_ms": device["prefill_ms"], "decode_ms_per_token": device["decode_ms_per_token"]}}
+    return _boards(device, {
+        "measured": True, "reconnects": device.get("reconnects", 0), "prefill_ms_p50": float(np.median(pre)),
+        "decode_ms_per_token_p50": float(np.median(dec)),
+        "decode_ms_per_token_p95": float(np.percentile(dec, 95)),
+        "decode_tokens_per_s": float(1000.0 / np.median(dec)), "peak_rss_mb": device.get("peak_rss_mb"),
+        "stage_rss_mb": device.get("stage_rss_mb"), "load_s": device.get("load_s"),
+        "stored_bytes": device.get("stored_bytes"), "weights": device.get("weights"),
+        "samples": {"prefill_ms": device["prefill_ms"], "decode_ms_per_token": device["decode_ms_per_token"]}})
+
+
+def _boards(device: dict | None, out: dict) -> dict:
+    """``out`` with the board a group's stage was measured on and what each of its boards did."""
+    for key in ("board", "boards"):
+        if (device or {}).get(key):
+            out[key] = device[key]
+    return out
 
 
 def device_scores(device: dict) -> dict | None:

@@ -65,7 +65,7 @@ class Pipeline:
         from edgebuild.compress.stage_models import StageModels
         from edgebuild.export.deployed import deployed_model
         from edgebuild.targets import load_target
-        from edgebuild.targets.session import DeviceSession
+        from edgebuild.targets.session import device_session
         self.req, self.cfg = req, req.config
         if req.from_stage and req.from_stage not in self.cfg.stages:
             raise ConfigError(f"--from {req.from_stage!r} is not a stage of this build ({', '.join(self.cfg.stages)})")
@@ -76,7 +76,7 @@ class Pipeline:
             cache=StepCache(req.out / "cache", force=req.force), progress=req.progress,
             torch_device=torch_device, models=StageModels(ref, req.progress, torch_device, deploy=deployed_model),
             texts=TextSets(req.data_dir, self.cfg.calibration_texts, self.cfg.seed),
-            device=DeviceSession(target))
+            device=device_session(target))
         wanted = [n for n in req.steps if n != "device" or self.cfg.device]
         self.steps: list[Step] = [steps.get(name)() for name in plan(wanted)]
         self.ctx.judge = gates.EarlyJudge(self.ctx)

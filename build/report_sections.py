@@ -76,6 +76,19 @@ def runtime(m: dict) -> dict:
     return {"rows": rows}
 
 
+def boards(m: dict) -> dict:
+    """On a labgrid group: for each stage, every board that served it, the benchmark requests it
+    scored, whether timing and memory were measured there, and why it was lost, if it was."""
+    rows = []
+    for st in m.get("stages", []):
+        lat = st.get("latency") or {}
+        served = lat.get("boards") or {}
+        for board in served.get("places", []):
+            rows.append({"label": label(st), "board": board, "requests": (served.get("items") or {}).get(board, 0),
+                         "measured": board == lat.get("board"), "lost": (served.get("lost") or {}).get(board)})
+    return {"rows": rows}
+
+
 def device_scores(m: dict) -> dict:
     """Each stage's host and device scores side by side, with their agreement."""
     rows = []
@@ -157,6 +170,7 @@ SECTIONS = (
     Section("stages", "Stages", stages),
     Section("runtime", "What the device executes", runtime),
     Section("latency", "Device latency", latency),
+    Section("boards", "Boards of the group", boards),
     Section("device_scores", "Host and device scores", device_scores),
     Section("gates", "Gate verdicts", gates),
     Section("search", "Search: every trial", search),

@@ -5,7 +5,7 @@ resource; a place matches it and carries the tag ``target=<edgebuild target spec
 class: ``rpi4``, ``rpi5``, ``rpi4-emu``, ...). Then::
 
     edgebuild all --target labgrid:pi4-a ...              # that place
-    edgebuild all --target labgrid:target=rpi4 ...        # any idle place carrying these tags
+    edgebuild all --target labgrid:target=rpi4 ...        # every idle place carrying these tags
 
 ``load_target("labgrid:...")`` reads the place's tags from the coordinator and returns the tagged
 spec with ``connection.transport = "labgrid"`` and a ``[labgrid]`` table (a spec file may carry
@@ -18,6 +18,8 @@ from the place's resource, talks SSH to it (``ssh.SSHTransport``) and releases t
 ``connect_group(target)`` acquires every place of a group (one reservation per place, so labgrid
 does the allocation) and returns a ``pool.BoardPool`` over their agents: device benchmark
 requests are sharded across the boards, a board lost mid-run has its requests re-run on the others.
+A build on a group uses it (``pool_session.PoolSession``); ``LabgridTransport`` (one place) serves
+a build on one place and the ``edgebuild device`` commands.
 
 The coordinator's address: ``[labgrid] coordinator``, else ``$LG_COORDINATOR`` (labgrid's own
 variable), else ``127.0.0.1:20408``. SSH key, user and known_hosts come from the spec's

@@ -13,6 +13,9 @@ When the retries are spent the session is *lost*: the device step records what i
 with ``status = "lost"`` and the phase it was lost in, and every later device step reports the
 device as unreachable after one quick reconnect attempt (no backoff, no retries), so the build
 completes its other steps, writes its records and exits 13 (the shipped stage is not validated).
+
+``device_session(target)`` is the session a build opens: this one for a device, a
+``pool_session.PoolSession`` (the same interface, over every board) for a labgrid group.
 """
 from __future__ import annotations
 
@@ -175,6 +178,25 @@ class DeviceSession:
     def _lost_text(self) -> str:
         return f"lost during {self.lost['after']}: {self.lost['error']}" if self.lost else "lost"
 
+    # -- what a device step does through the session -------------------------------------------------
+
+    def deploy(self, client, name: str, version: str, files: dict, budget_bytes: int | None = None,
+               progress=None) -> dict:
+        """Upload ``files`` and install them as stage ``name/version`` (``client.deploy_stage``
+        through the current transport, within ``budget_bytes``); ``progress(done, total)`` follows
+        the upload."""
+        from edgebuild.targets.client import deploy_stage
+        transport = self.transport
+        transport.progress = progress
+        try:
+            return deploy_stage(client, transport, name, version, files, budget_bytes=budget_bytes)
+        finally:
+            transport.progress = None
+
+    def boards(self, since: dict | None = None) -> dict | None:
+        """What each board of a group did (``PoolSession``); None: one device, no boards."""
+        return None
+
     # -- closing ------------------------------------------------------------------------------------
 
     def _drop(self) -> None:
@@ -202,3 +224,13 @@ class DeviceSession:
                 self.client.close()
             except EdgebuildError:
                 pass
+
+
+def device_session(target, policy: RetryPolicy | None = None) -> DeviceSession:
+    """The session a build opens for ``target``: a ``PoolSession`` over every board of a labgrid
+    group (a ``[labgrid]`` table with tags), else a ``DeviceSession`` for its one device."""
+    labgrid = getattr(target, "labgrid", None)
+    if labgrid is not None and not labgrid.place:
+        from edgebuild.targets.pool_session import PoolSession
+        return PoolSession(target, policy)
+    return DeviceSession(target, policy)

@@ -1,7 +1,12 @@
 """The device step: stage a build stage's runtime directory on the target's agent, measure it there
 in a fresh process (its own memory, load time, prefill and decode samples, the sha256 of the runtime
 weights computed on the device, compared with the host's), and score the benchmark items the host
-scored, with the agreement between the two (the same predictions, the largest |Δ log-likelihood|)."""
+scored, with the agreement between the two (the same predictions, the largest |Δ log-likelihood|).
+
+On a labgrid group (``pool_session.PoolSession``) the stage is deployed and loaded on every board,
+measured on one (the record's ``board``) and its benchmark requests are sharded across them; the
+record's ``boards`` says which boards served the stage, the requests each scored and which were
+lost (their requests were scored again by the others)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +21,8 @@ from edgebuild.targets.client import ConnectionLost
 class DeviceStep(Step):
     """Record: ``{"status": "ok", "version", "info", "prefill_ms": [...], "decode_ms_per_token":
     [...], "peak_rss_mb", "stage_rss_mb", "load_s", "stored_bytes", "weights": {"host", "device",
-    "match"}, ...}`` plus device scores (and ``reconnects`` when faults were survived), or
+    "match"}, ...}`` plus device scores (and ``reconnects`` when faults were survived; on a
+    labgrid group, ``board``: where it was measured, and ``boards``: ``{"places", "items", "lost"}``), or
     ``{"status": "unreachable", ...}``, or ``{"status": "lost", "error", "after": "upload" | "measure" |
     "load" | "score", "partial": {what was measured before}}`` when the device went away mid-step
     and stayed away (never cached, either: the device may be back next time)."""
@@ -34,7 +40,7 @@ class DeviceStep(Step):
         session = ctx.device
         if session.connect() is None:
             return _unreachable(ctx, run)
-        before = session.reconnects
+        before, start = session.reconnects, session.boards()
         result = {"status": "ok", "info": session.info, "excluded_tasks": excluded_tasks(ctx.config)}
         scored = {}
         try:
@@ -46,10 +52,10 @@ class DeviceStep(Step):
             if device_tasks(ctx.config):
                 result.update(session.attempt("score", lambda c: _score(ctx, run, c, scored)))
         except ConnectionLost as err:
-            return _lost(ctx, result, err, scored)
+            return _with_boards(session, start, _lost(ctx, result, err, scored))
         if session.reconnects > before:
             result["reconnects"] = session.reconnects - before
-        return result
+        return _with_boards(session, start, result)
 
     def apply(self, ctx: BuildContext, run: StageRun, record: dict, entry: Path | None) -> None:
         run.device = record
@@ -61,22 +67,23 @@ class DeviceStep(Step):
 def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:
     """Upload ``run``'s runtime directory and install it (within ``runtime.storage_budget_mb``)."""
     from edgebuild.device_agent.runtime_dir import upload_files
-    from edgebuild.targets.client import deploy_stage
     from edgebuild.core.files import sha256_file
     files = upload_files(run.pack["runtime"]["path"])
     # runtime.json lists every file's sha256: the version names this content (a re-encoded stage
     # records another encoding time, so it is a new version, never a changed one)
     version = digest(run.keys["pack"], run.keys["runtime"], sha256_file(files["runtime.json"]))[:16]
     budget = ctx.target.runtime.storage_budget_mb
-    transport = ctx.device.transport
     with ctx.progress.step(f"upload {run.stage}", unit="bytes") as update:
-        transport.progress = update
-        try:
-            deploy_stage(client, transport, run.stage, version, files,
-                         budget_bytes=int(budget * 1e6) if budget else None)
-        finally:
-            transport.progress = None
+        ctx.device.deploy(client, run.stage, version, files,
+                          budget_bytes=int(budget * 1e6) if budget else None, progress=update)
     return version
+
+
+def _with_boards(session, start: dict | None, record: dict) -> dict:
+    """``record`` with what each board of a labgrid group did during the step (``boards``)."""
+    if start is not None:
+        record["boards"] = session.boards(since=start)
+    return record
 
 
 def _measure(ctx: BuildContext, run: StageRun, client, version: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgebuild.core.errors import BusyError, DeviceError, TargetError
-from edgebuild.targets.client import AgentClient, deploy_stage
+from edgebuild.targets.client import AgentClient, ConnectionLost, deploy_stage
 from edgebuild.targets.local import LocalTransport
 from edgebuild.targets.pool import BoardPool, score_sharded
 
@@ -316,7 +316,7 @@ class _Failing:
 
     def score(self, requests, **kwargs):
         if self.good <= 0:
-            raise DeviceError("the agent stopped before replying to 'score' (exit status -9)")
+            raise ConnectionLost("the agent stopped before replying to 'score' (exit status -9)")
         self.good -= 1
         return self.inner.score(requests, **kwargs)
 
@@ -348,6 +348,42 @@ def test_a_board_lost_mid_run_has_its_requests_rerun_on_the_others(stage, tmp_pa
     assert sharded.lost == {"b": "the agent stopped before replying to 'score' (exit status -9)"}
     # four contexts, 75 requests each: four batches of one context; b scored one, then was lost
     assert sharded.items == {"a": 225, "b": 75}
+
+
+class _Gone:
+    """A board whose agent is gone: every request is a lost connection."""
+
+    def __getattr__(self, name):
+        def lost(*args, **kwargs):
+            raise ConnectionLost(f"the agent stopped before replying to {name!r}")
+        return lost
+
+
+def test_a_pool_times_on_the_first_board_still_there_and_raises_what_an_agent_refuses(stage, tmp_path):
+    a = _local_client(tmp_path / "a", stage)
+    idle = AgentClient(LocalTransport(tmp_path / "idle"), timeout_s=120)      # nothing loaded
+    pool = BoardPool({"gone": _Gone(), "a": a, "idle": idle}, {"a": a.transport, "idle": idle.transport})
+    try:
+        assert pool.time(prompt_len=4, decode_tokens=2, warmup=0, repeats=1)["board"] == "a"
+        assert pool.lost == {"gone": "the agent stopped before replying to 'time'"}
+        with pytest.raises(DeviceError, match="agent refused 'stage'.*budget"):
+            pool.deploy("raw", "v2", stage, budget_bytes=1000)
+        with pytest.raises(DeviceError, match="agent refused 'score'") as err:
+            pool.score(_requests(150))
+        assert not isinstance(err.value, ConnectionLost) and pool.boards == ["a", "idle"]
+        with pytest.raises(ConnectionLost, match=r"every board was lost during load \(gone: "):
+            BoardPool({"gone": _Gone()}, {}).load("raw", "v1")
+    finally:
+        pool.close()
+
+
+def test_a_build_opens_a_pool_session_for_a_group_and_a_device_session_for_one_place(lab):
+    from edgebuild.targets.pool_session import PoolSession
+    from edgebuild.targets.session import DeviceSession, device_session
+    assert isinstance(device_session(load_target("labgrid:shelf=one")), PoolSession)
+    for name in ("labgrid:pi-a", "local"):
+        session = device_session(load_target(name))
+        assert type(session) is DeviceSession
 
 
 def test_a_group_pool_shards_over_the_places_and_releases_them(lab, stage, monkeypatch, tmp_path):

@@ -130,3 +130,27 @@ def test_templates_are_package_data():
     matched = {p for pattern in data["edgebuild.build"] for p in (REPO / "build").glob(pattern)}
     files = {p for p in TEMPLATES.rglob("*") if p.is_file()}
     assert files and files <= matched, sorted(map(str, files - matched))
+
+
+def test_boards_of_a_labgrid_group_with_their_requests_and_the_board_lost(built):
+    _, manifest, _ = built
+    manifest = dict(manifest, stages=[dict(st) for st in manifest["stages"][:2]])
+    manifest["stages"][0]["latency"] = dict(manifest["stages"][0]["latency"], board="pi-a", boards={
+        "places": ["pi-a", "pi-b"], "items": {"pi-a": 150, "pi-b": 50},
+        "lost": {"pi-b": "the agent stopped before replying to 'score' | exit status -9"}})
+    manifest["stages"][1]["latency"] = dict(manifest["stages"][1]["latency"], board="pi-a", boards={
+        "places": ["pi-a"], "items": {"pi-a": 200}, "lost": {}})
+    rows = md_table(report.render_markdown(None, manifest), "stage | board")
+    assert rows == [["stage", "board", "requests scored", "timing and memory", "lost"],
+                    ["baseline#1", "pi-a", "150", "measured here", ""],
+                    ["baseline#1", "pi-b", "50", "", "the agent stopped before replying to 'score' \\| exit status -9"],
+                    ["seedlm#1", "pi-a", "200", "measured here", ""]]
+    html = table_with(parse(report_html.render(manifest)), "requests scored")
+    assert html[1:] == [["baseline#1", "pi-a", "150", "measured here", ""],
+                        ["baseline#1", "pi-b", "50", "", "the agent stopped before replying to 'score' | exit status -9"],
+                        ["seedlm#1", "pi-a", "200", "measured here", ""]]
+
+
+def test_no_boards_section_for_one_device(built):
+    _, manifest, text = built
+    assert "Boards of the group" not in text and "Boards of the group" not in report_html.render(manifest)
