@@ -156,6 +156,20 @@ def _place(src: Path, dst: Path, root: Path) -> dict:
     return {"path": str(dst.relative_to(root)), "bytes": dst.stat().st_size, "sha256": sha}
 
 
+DEVICE_FACTS = ("arch", "platform", "cpu_model", "cores", "ram_total_mb", "python", "onnxruntime", "numpy")
+
+
+def device_facts(runs: list) -> dict | None:
+    """The target's machine as its agent reported it (CPU architecture, OS and C library, CPU
+    model, cores, memory, Python, onnxruntime, numpy), from the first stage the device measured;
+    None when it measured none."""
+    for run in runs:
+        info = (run.device or {}).get("info") or {}
+        if info:
+            return {key: info.get(key) for key in DEVICE_FACTS}
+    return None
+
+
 def _measurement(target) -> str:
     """``emulated`` (an emulated CPU: its timings gate nothing) or ``measured``."""
     return "emulated" if getattr(target, "emulated", False) else "measured"
@@ -179,6 +193,7 @@ def build_manifest(result) -> dict:
         "model_fingerprint": result.model_ref.fingerprint,
         "target": result.target.name,
         "device_measurement": _measurement(result.target),
+        "device_facts": device_facts(result.runs),
         "compression_level": result.shipped,
         "size_mb": size / MB if size else None, "size_bytes": size,
         "deployed_bytes": deployed_bytes(shipped), "runtime": runtime_summary(shipped),

@@ -153,6 +153,14 @@ def extras(m: dict) -> dict:
     return {"extras": out}
 
 
+def device(m: dict) -> dict:
+    """The target's machine as its agent reported it, and whether its timings were measured on
+    real hardware or under emulation."""
+    facts = m.get("device_facts") or {}
+    return {"target": m.get("target"), "emulated": m.get("device_measurement") == "emulated",
+            "items": [(k, facts[k]) for k in facts if facts[k] is not None]}
+
+
 def artifacts(m: dict) -> dict:
     return {"rows": (m.get("artifacts") or {}).get(m.get("compression_level"), [])}
 
@@ -168,6 +176,7 @@ SECTIONS = (
     Section("stage_runs", "Stages"),              # Markdown: the table printed at the end of a build
     Section("benchmarks", "Benchmarks", benchmarks),
     Section("stages", "Stages", stages),
+    Section("device", "Device", device),
     Section("runtime", "What the device executes", runtime),
     Section("latency", "Device latency", latency),
     Section("boards", "Boards of the group", boards),

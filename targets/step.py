@@ -34,7 +34,7 @@ class DeviceStep(Step):
         tasks = device_tasks(ctx.config)
         return digest("device", 3, run.keys["pack"], run.keys["runtime"], ctx.target.digest(), tasks,
                       device_profile(ctx.config), ctx.config.seed, code_version("device_agent", "targets"),
-                      code_version("bench") if tasks else None)
+                      code_version("bench") if tasks else None, *board_group(ctx.target))
 
     def run(self, ctx: BuildContext, run: StageRun, work: Path) -> dict:
         session = ctx.device
@@ -62,6 +62,13 @@ class DeviceStep(Step):
 
     def cacheable(self, record: dict) -> bool:
         return record.get("status") == "ok"
+
+
+def board_group(target) -> list:
+    """``[tags]`` of a target that is a labgrid group (its records name the boards that served
+    them, so they are not those of one board), else ``[]``."""
+    spec = getattr(target, "labgrid", None)
+    return [sorted(spec.tags.items())] if spec is not None and spec.place is None and spec.tags else []
 
 
 def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:

@@ -20,7 +20,8 @@ from conftest import DATA_DIR
 
 HERE = Path(__file__).parent / "golden"
 VARYING = {"latency", "seconds", "pairs_per_second", "peak_rss_mb", "rss_mb", "load_s", "score_s", "encode_s",
-           "compressed_ahead"}     # how many trials a cluster compressed ahead: where the work ran, not what it gave
+           "compressed_ahead",     # how many trials a cluster compressed ahead: where the work ran, not what it gave
+           "device_facts"}         # the machine the device agent ran on
 # runtime.json records when its stage was encoded and how long that took: its bytes and sha256 vary.
 VARYING_FILES = ("/runtime/runtime.json",)
 BUILDS = {"default": HERE / "default.toml", "all-stages": HERE / "smoke.toml"}

@@ -154,3 +154,19 @@ def test_boards_of_a_labgrid_group_with_their_requests_and_the_board_lost(built)
 def test_no_boards_section_for_one_device(built):
     _, manifest, text = built
     assert "Boards of the group" not in text and "Boards of the group" not in report_html.render(manifest)
+
+
+def test_the_device_section_names_the_machine_and_says_when_it_is_emulated(built):
+    result, manifest, text = built
+    assert manifest["device_facts"] is None and "## Device\n" not in text     # no agent reported
+    facts = {"arch": "aarch64", "platform": "Linux-6.1-aarch64-with-glibc2.36", "cpu_model": "BCM2835",
+             "cores": 4, "ram_total_mb": 3796, "python": "3.11.2", "onnxruntime": "1.32.0", "numpy": None}
+    emulated = dict(manifest, device_facts=facts, device_measurement="emulated")
+    md = report.render_markdown(result, emulated)
+    assert md_table(md, "fact | value")[1:] == [
+        ["arch", "aarch64"], ["platform", "Linux-6.1-aarch64-with-glibc2.36"], ["cpu_model", "BCM2835"],
+        ["cores", "4"], ["ram_total_mb", "3796"], ["python", "3.11.2"], ["onnxruntime", "1.32.0"]]
+    assert "an **emulated** CPU" in md and "decode ms/token (emulated)" in md
+    assert "emulated" not in md_table(text, "stage | method")[0][-2]
+    html = report_html.render(emulated)
+    assert table_with(parse(html), "fact")[1] == ["arch", "aarch64"] and "An emulated CPU" in html
