@@ -98,9 +98,10 @@ def _stages(out) -> list:
 
 
 def _records(out) -> dict:
-    """``{step key: device record}`` of a build, from its step cache."""
-    return {path.parent.name: json.loads(path.read_text())
-            for path in (out / "cache" / "device").glob("*/record.json")}
+    """``{stage version on the device: device record}`` of a build, from its step cache (a group's
+    records are cached under keys of their own; the version names the stage's content)."""
+    records = [json.loads(path.read_text()) for path in (out / "cache" / "device").glob("*/record.json")]
+    return {record["version"]: record for record in records}
 
 
 @pytest.fixture(scope="module")
