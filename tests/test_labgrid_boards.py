@@ -86,6 +86,41 @@ def test_two_boards_share_the_requests_and_score_as_one(lab, stage):
     assert running.holder("pi-a") is None and running.holder("pi-b") is None
 
 
+BUILD = """[build]
+stages = ["baseline", "rtn"]
+tasks = ["arc_easy"]
+eudaimonia = false
+profile = "quick"
+device_profile = "quick"
+"""
+
+
+def _build(tmp_path, target: str):
+    """``edgebuild all`` of tiny-random on ``target``: exit code and manifest."""
+    import json
+    from conftest import DATA_DIR
+    config = tmp_path / "build.toml"
+    config.write_text(BUILD)
+    out = tmp_path / target.replace(":", "-").replace("=", "-")
+    code = main(["all", "--model", "tiny-random", "--target", target, "--config", str(config),
+                 "--data-dir", str(DATA_DIR), "--out", str(out), "--wandb", "disabled"])
+    return code, json.loads(next(out.glob("*/manifest.json")).read_text())
+
+
+def test_a_build_on_the_two_boards_scores_as_one_board(lab, tmp_path):
+    """Before the test that stops board b."""
+    running, _runs = lab
+    one_code, one = _build(tmp_path, "labgrid:pi-a")
+    code, group = _build(tmp_path, "labgrid:shelf=emu")
+    items = [s["latency"]["boards"]["items"] for s in group["stages"]]
+    print(f"\nrequests per board, per stage: {items}")
+    assert code == one_code and group["device_facts"]["arch"] == "aarch64"
+    assert [s["device_scores"] for s in group["stages"]] == [s["device_scores"] for s in one["stages"]]
+    assert all(s["latency"]["boards"]["places"] == ["pi-a", "pi-b"] for s in group["stages"])
+    assert all(n > 0 for stage in items for n in stage.values())
+    assert running.holder("pi-a") is None and running.holder("pi-b") is None
+
+
 def test_a_board_lost_mid_run_is_named_and_its_requests_rerun(lab, stage):
     running, runs = lab
     requests = _requests(400)
@@ -107,3 +142,4 @@ def test_a_board_lost_mid_run_is_named_and_its_requests_rerun(lab, stage):
     assert sharded == one
     assert list(lost) == ["pi-b"] and sum(items.values()) == 400 and items["pi-a"] > items["pi-b"]
     assert running.holder("pi-b") is None
+
