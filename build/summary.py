@@ -156,4 +156,3 @@ def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None 
     console.print(table)
     for name, reason in (unavailable or {}).items():
         console.print(f"{name}: unavailable: {reason}", markup=False, highlight=False)
-

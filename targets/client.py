@@ -303,19 +303,24 @@ class AgentClient:
 
 
 def deploy_stage(client: AgentClient, transport, name: str, version: str,
-                 files: dict[str, Path], budget_bytes: int | None = None) -> dict:
+                 files: dict[str, Path], budget_bytes: int | None = None, progress=None) -> dict:
     """Upload ``{name in stage: local path}``, then have the agent verify and install them
-    (within ``budget_bytes`` of stored stages, when given).
+    (within ``budget_bytes`` of stored stages, when given); ``progress(done, total)`` follows the
+    upload's bytes.
 
     Returns the agent's ``stage`` result (``path``, ``files`` with sha256 and bytes, ``existing``).
     """
     entries = []
-    for as_name, path in files.items():
-        sha = sha256_file(path)
-        log.info("uploading %s (%.1f MB) for stage %s/%s", as_name, Path(path).stat().st_size / 2**20,
-                 name, version)
-        remote = transport.upload(path, f"{name}.{version}.{as_name}")
-        entries.append({"path": remote, "sha256": sha, "as": as_name})
+    transport.progress = progress
+    try:
+        for as_name, path in files.items():
+            sha = sha256_file(path)
+            log.info("uploading %s (%.1f MB) for stage %s/%s", as_name, Path(path).stat().st_size / 2**20,
+                     name, version)
+            remote = transport.upload(path, f"{name}.{version}.{as_name}")
+            entries.append({"path": remote, "sha256": sha, "as": as_name})
+    finally:
+        transport.progress = None
     return client.stage(name, version, entries, budget_bytes)
 
 

@@ -243,6 +243,13 @@ class Lab:
 
 # ------------------------------------------------------------------------ targets
 
+def board_group(target) -> list:
+    """``[sorted tags]`` of a target that is a labgrid group (a ``[labgrid]`` table naming tags, not
+    one place), else ``[]``: a group's device records name the boards that served them."""
+    spec = getattr(target, "labgrid", None)
+    return [sorted(spec.tags.items())] if spec is not None and spec.tags else []
+
+
 def target_for(selector: str):
     """The ``Target`` of ``labgrid:SELECTOR``: the spec named by the places' ``target`` tag,
     reached through the labgrid transport."""

@@ -209,14 +209,8 @@ class BoardPool:
                progress=None) -> dict:
         """Upload and install stage ``name/version`` on every board (``client.deploy_stage``, within
         ``budget_bytes``); ``progress(done, total)`` follows each board's upload in turn."""
-        def one(board, client):
-            transport = self.transports[board]
-            transport.progress = progress
-            try:
-                return deploy_stage(client, transport, name, version, files, budget_bytes=budget_bytes)
-            finally:
-                transport.progress = None
-        return self._each("deploy", one)
+        return self._each("deploy", lambda b, c: deploy_stage(c, self.transports[b], name, version, files,
+                                                              budget_bytes, progress))
 
     def stage(self, name: str, version: str, files: list) -> dict:
         return self._each("stage", lambda b, c: c.stage(name, version, files))[self.primary]

@@ -186,12 +186,7 @@ class DeviceSession:
         through the current transport, within ``budget_bytes``); ``progress(done, total)`` follows
         the upload."""
         from edgebuild.targets.client import deploy_stage
-        transport = self.transport
-        transport.progress = progress
-        try:
-            return deploy_stage(client, transport, name, version, files, budget_bytes=budget_bytes)
-        finally:
-            transport.progress = None
+        return deploy_stage(client, self.transport, name, version, files, budget_bytes, progress)
 
     def boards(self, since: dict | None = None) -> dict | None:
         """What each board of a group did (``PoolSession``); None: one device, no boards."""
@@ -229,8 +224,8 @@ class DeviceSession:
 def device_session(target, policy: RetryPolicy | None = None) -> DeviceSession:
     """The session a build opens for ``target``: a ``PoolSession`` over every board of a labgrid
     group (a ``[labgrid]`` table with tags), else a ``DeviceSession`` for its one device."""
-    labgrid = getattr(target, "labgrid", None)
-    if labgrid is not None and not labgrid.place:
+    from edgebuild.targets.labgrid import board_group
+    if board_group(target):
         from edgebuild.targets.pool_session import PoolSession
         return PoolSession(target, policy)
     return DeviceSession(target, policy)

@@ -16,6 +16,7 @@ from edgebuild.core.cache import code_version, digest
 from edgebuild.core.errors import EdgebuildError
 from edgebuild.core.steps import BuildContext, StageRun, Step
 from edgebuild.targets.client import ConnectionLost
+from edgebuild.targets.labgrid import board_group
 
 
 class DeviceStep(Step):
@@ -62,13 +63,6 @@ class DeviceStep(Step):
 
     def cacheable(self, record: dict) -> bool:
         return record.get("status") == "ok"
-
-
-def board_group(target) -> list:
-    """``[tags]`` of a target that is a labgrid group (its records name the boards that served
-    them, so they are not those of one board), else ``[]``."""
-    spec = getattr(target, "labgrid", None)
-    return [sorted(spec.tags.items())] if spec is not None and spec.place is None and spec.tags else []
 
 
 def _stage_on_device(ctx: BuildContext, run: StageRun, client) -> str:

@@ -417,7 +417,7 @@ def test_each_place_of_a_group_is_its_own_target(lab):
 
 
 def test_a_group_and_one_board_do_not_share_device_records(lab):
-    from edgebuild.targets.step import board_group
+    from edgebuild.targets.labgrid import board_group
     group, single = load_target("labgrid:shelf=one"), load_target("labgrid:pi-a")
     assert board_group(group) == [[("shelf", "one")]] and board_group(single) == []
     assert board_group(load_target("local")) == []
