@@ -248,6 +248,16 @@ def _processes() -> list[tuple[int, int]]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still exists and is not a zombie (a zombie has exited: it runs no code and
+    holds nothing but its process-table entry until its parent, often init, reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+
+
 # ----------------------------------------------------------------------------- choosing
 
 
@@ -441,10 +451,11 @@ def _kill_group(pgid: int) -> None:
 
 
 def _kill_uid(uid: int, seconds: float = 10.0) -> None:
-    """SIGKILL every process of ``uid`` until none is left (they are gone once reaped)."""
+    """SIGKILL every process of ``uid`` until none is left running (zombies have exited already;
+    the container's init may take seconds to reap them)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        pids = [pid for pid, owner in _processes() if owner == uid]
+        pids = [pid for pid, owner in _processes() if owner == uid and _running(pid)]
         if not pids:
             return
         for pid in pids:

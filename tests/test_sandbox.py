@@ -403,3 +403,24 @@ def test_a_process_that_leaves_the_group_is_killed_with_the_run(no_bwrap):
     result = run_program(escapee, Limits(memory_mb=259))
     assert result.passed, result.stderr
     assert not _settled(marker), "the process that left the group outlived the run"
+
+
+def test_zombies_of_a_run_do_not_hold_up_its_end(monkeypatch):
+    """A run's exited processes may wait seconds for init to reap them; the clean-up kills what
+    still runs and does not wait for that."""
+    zombie = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while sandbox._running(zombie.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not sandbox._running(zombie.pid) and sandbox._running(sleeper.pid)
+        monkeypatch.setattr(sandbox, "_processes", lambda: [(zombie.pid, 4242), (sleeper.pid, 4242)])
+        start = time.monotonic()
+        sandbox._kill_uid(4242, seconds=5.0)
+        assert time.monotonic() - start < 2.0
+        assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        sleeper.kill()
+        zombie.wait()
+        sleeper.wait()
