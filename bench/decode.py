@@ -1,17 +1,20 @@
 """Batched generation that keeps the batch full and computes shared work once.
 
 ``generate`` answers a list of prompts that share generation settings (one lm-eval task's
-requests):
+requests); ``generate_groups`` answers several such groups (several tasks) in one running batch,
+so that one task's long answers decode alongside the next task's rows instead of alone:
 
-- **Shared prefix.** The prompts' common leading tokens (a task's few-shot block) run once; every
-  row attends to their keys and values in place (``edgebuild.bench.shared_attention``), never to
-  a per-row copy.
+- **Shared prefix.** A group's common leading tokens (a task's few-shot block) run once; every
+  row of the group attends to their keys and values in place
+  (``edgebuild.bench.shared_attention``), never to a per-row copy.
 - **Continuous batching.** Up to ``max_rows`` rows decode together. A row leaves the batch as soon
   as it has produced a stop string, an end-of-sequence token or ``max_new_tokens`` tokens, and
   waiting prompts take the free places, so a batch does not run on for one long answer while
   the others are done.
-- **Identical prompts run once.** Samples of the same prompt (pass@k) share its computation and
-  start from copies of its keys and values.
+- **Identical prompts run once.** Samples of the same prompt (pass@k, or the same prompt in two
+  groups) share its computation and start from copies of its keys and values.
+- **Settings per row.** Each row stops, and picks its tokens (greedy or sampled), by its own
+  group's settings.
 
 Greedy rows give the tokens ``transformers``' ``generate`` gives (up to float rounding in the
 batch). Sampled rows use transformers' temperature / top-k / top-p warpers and draw from their
@@ -58,23 +61,8 @@ def shared_prefix_len(prompts: list[list[int]], min_prefix: int = MIN_PREFIX) ->
 
 
 @dataclass
-class Row:
-    """One answer being generated: its request, its own prompt tokens and its new tokens."""
-
-    index: int
-    rest: list[int]
-    new: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-
-    @property
-    def length(self) -> int:
-        """Tokens stored in the row's cache slot (the last new token is not stored yet)."""
-        return len(self.rest) + max(len(self.new) - 1, 0)
-
-
-@dataclass
 class Settings:
-    """What every row of one ``generate`` call shares."""
+    """What every row of one group shares."""
 
     max_new_tokens: int
     finished: Callable[[list[list[int]]], list[bool]]
@@ -83,44 +71,77 @@ class Settings:
     chain: list = field(default_factory=list)
 
 
-class Decoder:
-    """The running batch of one ``generate`` call (see the module doc)."""
+@dataclass
+class Group:
+    """Prompts answered with the same ``settings`` (one task's requests); ``seeds``, one per
+    prompt, for sampled groups."""
 
-    def __init__(self, model, prefix: list[int], max_rows: int, settings: Settings,
-                 max_tokens: int = 4096):
+    prompts: list[list[int]]
+    settings: Settings
+    seeds: list[int] | None = None
+
+
+@dataclass
+class Row:
+    """One answer being generated: its request, its prefix, its own prompt tokens and its new
+    tokens."""
+
+    index: tuple
+    rest: list[int]
+    settings: Settings
+    prefix: int = 0
+    new: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens stored in the row's cache slot (the last new token is not stored yet)."""
+        return len(self.rest) + max(len(self.new) - 1, 0)
+
+    @property
+    def done(self) -> bool:
+        """Ended by an end-of-sequence token or the token limit (stop strings: ``retire``)."""
+        return self.new[-1] in self.settings.eos or len(self.new) >= self.settings.max_new_tokens
+
+
+class Decoder:
+    """The running batch of one ``generate_groups`` call (see the module doc)."""
+
+    def __init__(self, model, prefixes: list[list[int]], max_rows: int, max_tokens: int = 4096):
         from edgebuild.bench.prefix_scoring import prefix_cache
 
         self.model, self.decoder, self.head = model, model.get_decoder(), model.get_output_embeddings()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.settings, self.max_tokens = settings, max_tokens
-        layers = prefix_cache(self.decoder, prefix, self.device) if prefix else None
-        self.cache = RowCache(max_rows, layers)
+        self.max_tokens = max_tokens
+        layers = [prefix_cache(self.decoder, tokens, self.device) if tokens else None for tokens in prefixes]
+        self.cache = RowCache(max_rows, prefixes=layers)
         self.rows: list[Row] = []            # row i lives in cache slot i
 
     def admit(self, waiting: list[Row]) -> None:
         """Move waiting rows into the free slots; their prompts run once per distinct prompt, in
-        blocks of at most ``max_tokens`` padded tokens."""
+        blocks of one prefix and at most ``max_tokens`` padded tokens."""
         free = self.cache.capacity - len(self.rows)
         taken, waiting[:] = waiting[:free], waiting[free:]
         first: dict[tuple, Row] = {}
         for row in taken:
-            first.setdefault(tuple(row.rest), row)
-        distinct = list(first.values())                  # slots start, start + 1, ...
-        copies = [row for row in taken if first[tuple(row.rest)] is not row]
+            first.setdefault((row.prefix, tuple(row.rest)), row)
+        distinct = sorted(first.values(), key=lambda row: row.prefix)   # slots start, start + 1, ...
+        copies = [row for row in taken if first[(row.prefix, tuple(row.rest))] is not row]
         start, logits = len(self.rows), []
-        for a, b in _chunks([len(row.rest) for row in distinct], self.max_tokens):
-            logits.append(self._prefill([row.rest for row in distinct[a:b]], start + a))
+        for a, b in _chunks([len(row.rest) for row in distinct], self.max_tokens,
+                            [row.prefix for row in distinct]):
+            logits.append(self._prefill([row.rest for row in distinct[a:b]], start + a, distinct[a].prefix))
         logits = torch.cat(logits)
         place = {id(row): i for i, row in enumerate(distinct)}
         for offset, row in enumerate(copies, start=len(distinct)):
-            self.cache.move(start + place[id(first[tuple(row.rest)])], start + offset)
+            self.cache.move(start + place[id(first[(row.prefix, tuple(row.rest))])], start + offset)
         self.rows += distinct + copies
-        sources = [place[id(first[tuple(row.rest)])] for row in distinct + copies]
+        sources = [place[id(first[(row.prefix, tuple(row.rest))])] for row in distinct + copies]
         self._append(start, logits[torch.tensor(sources, device=logits.device)])
 
-    def _prefill(self, rests: list[list[int]], start: int) -> torch.Tensor:
-        """Run distinct prompts into slots ``start...``; the logits after each prompt."""
+    def _prefill(self, rests: list[list[int]], start: int, prefix: int) -> torch.Tensor:
+        """Run distinct prompts of one prefix into slots ``start...``; the logits after each."""
         width = max(len(rest) for rest in rests)
         ids = torch.zeros(len(rests), width, dtype=torch.long)
         for i, rest in enumerate(rests):
@@ -129,6 +150,9 @@ class Decoder:
         keys = torch.arange(width)
         allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
         allowed |= torch.eye(width, dtype=torch.bool)
+        for slot in range(start, start + len(rests)):
+            self.cache.owner[slot] = prefix
+        self.cache.span_prefix = prefix
         positions = self.cache.prefix_len + keys.expand(len(rests), width)
         self.cache.span, self.cache.width = Span(start, start + len(rests)), width
         hidden = self._forward(ids, positions, allowed)
@@ -141,7 +165,7 @@ class Decoder:
         ids = torch.tensor([[row.new[-1]] for row in self.rows])
         self.cache.span, self.cache.width = Span(0, count, at.to(self.device)), int(at.max()) + 1
         allowed = (torch.arange(self.cache.width)[None, :] <= at[:, None])[:, None]
-        hidden = self._forward(ids, self.cache.prefix_len + at[:, None], allowed)
+        hidden = self._forward(ids, (self.cache.lengths(count) + at)[:, None], allowed)
         self._append(0, self._logits(hidden[:, -1]))
 
     def _forward(self, ids, positions, allowed) -> torch.Tensor:
@@ -157,26 +181,26 @@ class Decoder:
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def _append(self, start: int, logits: torch.Tensor) -> None:
-        """Choose the next token of rows ``start...`` from their logits."""
+        """Choose the next token of rows ``start...`` from their logits, each by its settings."""
         rows = self.rows[start:]
-        if not self.settings.do_sample:
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            for warp in self.settings.chain:
-                logits = warp(None, logits)
-            probs = torch.softmax(logits, dim=-1)
-            tokens = [int(torch.multinomial(p, 1, generator=row.generator)) for p, row in zip(probs, rows)]
+        tokens = logits.argmax(dim=-1).tolist()
+        for settings, members in _by_settings(rows, lambda s: s.do_sample):
+            warped = logits[torch.tensor(members, device=logits.device)]
+            for warp in settings.chain:
+                warped = warp(None, warped)
+            probs = torch.softmax(warped, dim=-1)
+            for p, i in zip(probs, members):
+                tokens[i] = int(torch.multinomial(p, 1, generator=rows[i].generator))
         for row, token in zip(rows, tokens):
             row.new.append(int(token))
 
     def retire(self) -> list[Row]:
         """Take finished rows out of the batch (the last slot fills each hole)."""
-        s = self.settings
-        if not self.rows:
-            return []
-        stopped = s.finished([row.new for row in self.rows])
-        done = [i for i, (row, stop) in enumerate(zip(self.rows, stopped))
-                if stop or row.new[-1] in s.eos or len(row.new) >= s.max_new_tokens]
+        stopped = [False] * len(self.rows)
+        for settings, members in _by_settings(self.rows):
+            for i, stop in zip(members, settings.finished([self.rows[i].new for i in members])):
+                stopped[i] = stop
+        done = [i for i, (row, stop) in enumerate(zip(self.rows, stopped)) if stop or row.done]
         out = []
         for i in reversed(done):
             out.append(self.rows[i])
@@ -188,6 +212,15 @@ class Decoder:
         return out
 
 
+def _by_settings(rows: list[Row], keep=lambda settings: True) -> list[tuple[Settings, list[int]]]:
+    """``[(settings, [row number, ...])]`` of ``rows``, for the settings ``keep`` accepts."""
+    members: dict[int, tuple[Settings, list[int]]] = {}
+    for i, row in enumerate(rows):
+        if keep(row.settings):
+            members.setdefault(id(row.settings), (row.settings, []))[1].append(i)
+    return list(members.values())
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
              finished: Callable[[list[list[int]]], list[bool]], eos: set, max_rows: int = 32,
@@ -197,17 +230,25 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
     ``finished(new tokens of each row)`` says which rows have reached a stop string; a row also
     ends at a token in ``eos`` or after ``max_new_tokens`` tokens. Sampling (``do_sample``,
     ``temperature``, ``top_p``, ``top_k``) draws row ``i`` from a generator seeded ``seeds[i]``."""
-    if not prompts:
-        return []
-    if do_sample and (seeds is None or len(seeds) != len(prompts)):
-        raise ValueError("sampled generation needs one seed per prompt")
-    prefix = shared_prefix_len(prompts)
     settings = Settings(max_new_tokens, finished, eos, do_sample, warpers(do_sample, **sampling))
-    decoder = Decoder(model, prompts[0][:prefix], max_rows, settings)
-    waiting = [Row(i, p[prefix:], generator=_generator(seeds[i]) if do_sample else None)
-               for i, p in enumerate(prompts)]
-    waiting.sort(key=lambda row: -len(row.rest))        # prompt blocks with little padding
-    out: dict[int, list[int]] = {}
+    return generate_groups(model, [Group(prompts, settings, seeds)], max_rows=max_rows)[0]
+
+
+@torch.inference_mode()
+def generate_groups(model, groups: list[Group], *, max_rows: int = 32) -> list[list[list[int]]]:
+    """``generate`` for several groups of prompts in one running batch: per group, the new tokens
+    of each of its prompts. Groups are admitted in order, so a group's rows join the batch as
+    the previous group's finish."""
+    for group in groups:
+        if group.settings.do_sample and (group.seeds is None or len(group.seeds) != len(group.prompts)):
+            raise ValueError("sampled generation needs one seed per prompt")
+    prefixes: dict[tuple, int] = {}
+    waiting: list[Row] = []
+    for g, group in enumerate(groups):
+        if group.prompts:
+            waiting += _rows(g, group, prefixes)
+    decoder = Decoder(model, [list(tokens) for tokens in prefixes], max_rows)
+    out: dict[tuple, list[int]] = {}
     refill = max(1, max_rows // 4)        # admit new rows once this many places are free
     with use(model):
         while waiting or decoder.rows:
@@ -219,15 +260,29 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
             out.update((row.index, row.new) for row in done)
             if decoder.rows:
                 decoder.step()
-    return [out[i] for i in range(len(prompts))]
+    return [[out[(g, i)] for i in range(len(group.prompts))] for g, group in enumerate(groups)]
 
 
-def _chunks(lengths: list[int], max_tokens: int) -> list[tuple[int, int]]:
+def _rows(number: int, group: Group, prefixes: dict[tuple, int]) -> list[Row]:
+    """The group's rows, longest prompt first (prompt blocks with little padding), each after
+    the group's shared prefix (numbered in ``prefixes``, identical prefixes once)."""
+    length = shared_prefix_len(group.prompts)
+    prefix = prefixes.setdefault(tuple(group.prompts[0][:length]), len(prefixes))
+    sampled = group.settings.do_sample
+    rows = [Row((number, i), p[length:], group.settings, prefix,
+                generator=_generator(group.seeds[i]) if sampled else None)
+            for i, p in enumerate(group.prompts)]
+    return sorted(rows, key=lambda row: -len(row.rest))
+
+
+def _chunks(lengths: list[int], max_tokens: int, keys: list | None = None) -> list[tuple[int, int]]:
     """``[(first, last)]`` runs of prompts (longest first) whose padded block stays within
-    ``max_tokens`` tokens (a longer prompt runs alone)."""
+    ``max_tokens`` tokens (a longer prompt runs alone) and whose ``keys`` (prefixes) are equal."""
+    keys = keys or [None] * len(lengths)
     out, first = [], 0
     for i in range(1, len(lengths) + 1):
-        if i == len(lengths) or (i - first + 1) * max(lengths[first:i + 1]) > max_tokens:
+        if (i == len(lengths) or keys[i] != keys[first]
+                or (i - first + 1) * max(lengths[first:i + 1]) > max_tokens):
             out.append((first, i))
             first = i
     return out

@@ -3,8 +3,9 @@
 Log-likelihood requests go to ``edgebuild.bench.prefix_scoring.PackedScorer`` (one row per context with
 all its continuations, one computation per shared few-shot prefix) when the model supports it
 (``packed=True``, the default); otherwise to lm-eval's own code, batched as below. Generation
-requests go to ``edgebuild.bench.decode.generate`` (the task's shared prompt prefix computed once,
-the batch refilled as rows finish, identical prompts run once, sampled rows seeded per row);
+requests go to ``edgebuild.bench.decode.generate_groups`` (the requests of every task lm-eval
+hands over at once in one running batch, each task's shared prompt prefix computed once, the
+batch refilled as rows finish, identical prompts run once, sampled rows seeded per row);
 other generation settings than greedy/temperature/top-k/top-p go to ``transformers``' ``generate``
 through lm-eval's own loop.
 
@@ -86,38 +87,60 @@ class HostLM(HFLM):
         return self._chunk_size
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Packed: each group of requests with the same generation settings through
-        ``decode.generate`` (see the module doc), answers cut at the first stop string as
-        lm-eval does; lm-eval's own loop otherwise (its batch-size notice goes to stderr)."""
+        """Packed: every group of requests with the same generation settings (one task's) in one
+        running batch through ``decode.generate_groups`` (see the module doc), answers cut at the
+        first stop string as lm-eval does; lm-eval's own loop otherwise (its batch-size notice
+        goes to stderr)."""
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
         out: list = [None] * len(requests)
+        packed = []
         for indices in groups.values():
             chosen = [requests[i] for i in indices]
-            for i, text in zip(indices, self._generate_group(chosen, disable_tqdm)):
+            plan = self._plan(chosen[0].args[1])
+            if plan is None:
+                with contextlib.redirect_stdout(sys.stderr):
+                    texts = super().generate_until(chosen, disable_tqdm=disable_tqdm)
+                for i, text in zip(indices, texts):
+                    out[i] = text
+            else:
+                packed.append((indices, chosen, plan))
+        for (indices, chosen, _), texts in zip(packed, self._generate_packed(packed)):
+            for i, text in zip(indices, texts):
                 out[i] = text
         return out
 
-    def _generate_group(self, requests, disable_tqdm: bool) -> list[str]:
-        gen_kwargs = requests[0].args[1]
+    def _plan(self, gen_kwargs: dict):
+        """``(stop strings, max new tokens, sampling kwargs)`` of packed generation, or None when
+        the settings need lm-eval's own loop."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         max_gen_toks = kwargs.pop("max_gen_toks")
         if not self.packed or not set(kwargs) <= decode.SUPPORTED or self.think_end_token is not None:
-            with contextlib.redirect_stdout(sys.stderr):
-                return super().generate_until(requests, disable_tqdm=disable_tqdm)
-        contexts = [request.args[0] for request in requests]
-        prompts = [self._prompt(context, self.max_length - max_gen_toks) for context in contexts]
-        seeds = _row_seeds(contexts) if kwargs.get("do_sample") else None
-        stops = StopStrings(self.tokenizer, until)
-        new = decode.generate(self.model, prompts, max_new_tokens=max_gen_toks, finished=stops.finished,
-                              eos=self._eos_ids(), max_rows=self.max_gen_rows, seeds=seeds, **kwargs)
-        texts = [postprocess_generated_text(self.tok_decode(tokens), until, None) for tokens in new]
-        for context, text in zip(contexts, texts):
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        return texts
+            return None
+        return until, max_gen_toks, kwargs
+
+    def _generate_packed(self, packed: list) -> list[list[str]]:
+        """Answers of every packed group, all decoded in one running batch."""
+        groups = []
+        for _, requests, (until, max_gen_toks, kwargs) in packed:
+            contexts = [request.args[0] for request in requests]
+            prompts = [self._prompt(context, self.max_length - max_gen_toks) for context in contexts]
+            seeds = _row_seeds(contexts) if kwargs.get("do_sample") else None
+            settings = decode.Settings(max_gen_toks, StopStrings(self.tokenizer, until).finished,
+                                       self._eos_ids(), bool(kwargs.get("do_sample")),
+                                       decode.warpers(**{"do_sample": False, **kwargs}))
+            groups.append(decode.Group(prompts, settings, seeds))
+        new = decode.generate_groups(self.model, groups, max_rows=self.max_gen_rows)
+        out = []
+        for (_, requests, (until, _, _)), tokens in zip(packed, new):
+            texts = [postprocess_generated_text(self.tok_decode(row), until, None) for row in tokens]
+            for request, text in zip(requests, texts):
+                self.cache_hook.add_partial("generate_until", request.args, text)
+            out.append(texts)
+        return out
 
     def _prompt(self, context: str, max_tokens: int) -> list[int]:
         """The prompt's tokens as lm-eval's batch encoding gives them, left-truncated."""

@@ -1,4 +1,4 @@
-"""Attention for many rows that continue one shared prefix, with the prefix stored once.
+"""Attention for many rows that continue shared prefixes, each prefix stored once.
 
 Given to a Hugging Face model as a cache, a shared prefix (the few-shot block of a task) is
 expanded to the batch, concatenated with the rows' own keys in every layer at every decoding
@@ -8,15 +8,16 @@ step and, for grouped-query attention, repeated per query head: per layer and st
 ``attention`` (registered with transformers' ``AttentionInterface`` as ``NAME``; ``use(model)``
 switches a model to it for a block) attends to
 
-- the shared prefix's keys and values (``RowCache.prefix``, batch 1), with one matrix product
-  per key/value head over all rows and query heads at once (nothing is copied), and
+- the row's shared prefix (``RowCache.prefixes``, batch 1 each; rows of several tasks may decode
+  together, each task with its own prefix), with one matrix product per prefix and key/value
+  head over all its rows and query heads at once (nothing is copied), and
 - each row's own keys and values, which ``RowCache`` keeps in preallocated per-layer buffers:
   a forward pass writes its new keys/values there (at each row's own length) and attends to
   the stored ones under the additive mask it is given (``[rows, 1, queries, stored keys]``),
 
 combined in one softmax. A forward pass without ``rows=`` (a ``RowCache``) runs PyTorch's
 scaled-dot-product attention, as the model had. Callers pass ``position_ids`` (rows start
-after the prefix) and a 4-D mask.
+after their prefix) and a 4-D mask.
 """
 from __future__ import annotations
 
@@ -41,20 +42,43 @@ class Span:
 
 class RowCache:
     """Keys and values of up to ``capacity`` rows, in slots ``0..capacity-1``, for every layer,
-    after an optional shared ``prefix`` (``[(keys, values)]`` per layer, each ``[1, kv heads,
-    prefix, dim]``). The caller sets ``span`` before each forward pass."""
+    each row after one of the shared ``prefixes`` (per prefix ``[(keys, values)]`` per layer,
+    each ``[1, kv heads, prefix, dim]``, or None: no prefix). ``owner[slot]`` is the prefix of
+    the row in that slot. The caller sets ``span`` (and, for a prompt pass, ``span_prefix``: the
+    prefix of every row it computes) before each forward pass."""
 
-    def __init__(self, capacity: int, prefix: list | None = None, store: bool = True):
+    def __init__(self, capacity: int, prefix: list | None = None, store: bool = True,
+                 prefixes: list | None = None):
         self.capacity, self.store = capacity, store
-        self.prefix = [(k[0], v[0]) for k, v in prefix] if prefix else None
+        given = prefixes if prefixes is not None else [prefix]
+        self.prefixes = [[(k[0], v[0]) for k, v in layers] if layers else None for layers in given]
+        self.owner = [0] * capacity
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.span = Span(0, 0)
+        self.span_prefix = 0
         self.width = 0          # stored positions the current pass attends to
+
+    def prefix_length(self, prefix: int) -> int:
+        layers = self.prefixes[prefix]
+        return 0 if layers is None else layers[0][0].shape[1]
 
     @property
     def prefix_len(self) -> int:
-        return 0 if self.prefix is None else self.prefix[0][0].shape[1]
+        """Length of the prefix of the current prompt pass."""
+        return self.prefix_length(self.span_prefix)
+
+    def lengths(self, count: int) -> torch.Tensor:
+        """Prefix length of the rows in slots ``0..count-1``."""
+        return torch.tensor([self.prefix_length(self.owner[slot]) for slot in range(count)])
+
+    def groups(self, count: int) -> list[tuple[int, torch.Tensor]]:
+        """``[(prefix, slots)]`` of the rows in slots ``0..count-1`` that have a prefix."""
+        slots: dict[int, list[int]] = {}
+        for slot in range(count):
+            if self.prefixes[self.owner[slot]] is not None:
+                slots.setdefault(self.owner[slot], []).append(slot)
+        return [(prefix, torch.tensor(members)) for prefix, members in slots.items()]
 
     def _buffers(self, layer: int, like: torch.Tensor, need: int):
         """The layer's key and value buffers, grown to at least ``need`` positions."""
@@ -89,6 +113,7 @@ class RowCache:
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source``'s stored keys and values into slot ``target``."""
+        self.owner[target] = self.owner[source]
         for layer in self.keys:
             self.keys[layer][target] = self.keys[layer][source]
             self.values[layer][target] = self.values[layer][source]
@@ -109,8 +134,9 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
         return _step(module, query, own_keys, own_values, attention_mask, scaling, rows), None
     # a prompt pass (its rows start empty): PyTorch's fused attention over [prefix; own keys],
     # the prefix expanded for this layer only
-    if rows.prefix is not None:
-        prefix_keys, prefix_values = rows.prefix[module.layer_idx]
+    layers = rows.prefixes[rows.span_prefix]
+    if layers is not None:
+        prefix_keys, prefix_values = layers[module.layer_idx]
         count, prefix = key.shape[0], prefix_keys.shape[1]
         key = torch.cat([prefix_keys.expand(count, -1, -1, -1), key], dim=2)
         value = torch.cat([prefix_values.expand(count, -1, -1, -1), value], dim=2)
@@ -121,7 +147,7 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
 
 
 def _step(module, query, own_keys, own_values, attention_mask, scaling: float, rows: RowCache):
-    """One new token per row: its attention over the prefix, in place, and its stored keys."""
+    """One new token per row: its attention over its prefix, in place, and its stored keys."""
     count, heads, length, dim = query.shape
     kv_heads = own_keys.shape[0] // count
     groups = heads // kv_heads
@@ -129,23 +155,36 @@ def _step(module, query, own_keys, own_values, attention_mask, scaling: float, r
     own = torch.bmm(q, own_keys.transpose(1, 2)).mul_(scaling)
     own = own.view(count, kv_heads, groups, -1).add_(attention_mask)     # mask [count, 1, 1, keys]
     top = own.amax(-1, keepdim=True)
-    shared = None
-    if rows.prefix is not None:
-        prefix_keys, prefix_values = rows.prefix[module.layer_idx]
-        flat = q.view(count, kv_heads, groups, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
-        shared = torch.bmm(flat, prefix_keys.transpose(1, 2)).mul_(scaling)
-        shared = shared.view(kv_heads, count, groups, -1).transpose(0, 1)
-        top = torch.maximum(top, shared.amax(-1, keepdim=True))
+    shared = [(slots, _prefix_scores(q.view(count, kv_heads, groups, dim)[slots],
+                                     rows.prefixes[prefix][module.layer_idx][0], scaling), prefix)
+              for prefix, slots in rows.groups(count)]
+    for slots, scores, _ in shared:
+        top[slots] = torch.maximum(top[slots], scores.amax(-1, keepdim=True))
     own = own.sub_(top).exp_()
     total = own.sum(-1, keepdim=True)
     out = torch.bmm(own.view(count * kv_heads, groups, -1), own_values).view(count, kv_heads, groups, dim)
-    if shared is not None:
-        shared = (shared - top).exp_()
-        total += shared.sum(-1, keepdim=True)
-        weights = shared.transpose(0, 1).reshape(kv_heads, -1, shared.shape[-1])
-        out += torch.bmm(weights, prefix_values).view(kv_heads, count, groups, dim).transpose(0, 1)
+    for slots, scores, prefix in shared:
+        weights = (scores - top[slots]).exp_()
+        total[slots] += weights.sum(-1, keepdim=True)
+        out[slots] += _prefix_values(weights, rows.prefixes[prefix][module.layer_idx][1])
     out /= total
     return out.reshape(count, 1, heads, dim)
+
+
+def _prefix_scores(q: torch.Tensor, prefix_keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scores ``[rows, kv heads, groups, prefix]`` of queries ``[rows, kv heads, groups, dim]``
+    against one prefix's keys ``[kv heads, prefix, dim]``: one product per key/value head."""
+    count, kv_heads, groups, dim = q.shape
+    flat = q.transpose(0, 1).reshape(kv_heads, -1, dim)
+    scores = torch.bmm(flat, prefix_keys.transpose(1, 2)).mul_(scaling)
+    return scores.view(kv_heads, count, groups, -1).transpose(0, 1)
+
+
+def _prefix_values(weights: torch.Tensor, prefix_values: torch.Tensor) -> torch.Tensor:
+    """``weights [rows, kv heads, groups, prefix]`` applied to one prefix's values."""
+    count, kv_heads, groups, _ = weights.shape
+    flat = weights.transpose(0, 1).reshape(kv_heads, -1, weights.shape[-1])
+    return torch.bmm(flat, prefix_values).view(kv_heads, count, groups, -1).transpose(0, 1)
 
 
 def register() -> None:

@@ -1,8 +1,9 @@
 """The host steps, on the host's torch model of a stage (the weights its runtime directory makes the
 device execute: ``StageModels.for_stage``): ``quality`` (KL divergence, top-1 agreement
 and perplexity ratio against the baseline: seconds, so it runs first and a broken stage stops
-there) and ``host`` (the benchmark suite and the eudaimonia scenarios, task by task, stopping as
-soon as the build's judge says the stage has failed whatever the remaining tasks give)."""
+there) and ``host`` (the benchmark suite and the eudaimonia scenarios, task by task, the generation tasks
+together as one unit, stopping as soon as the build's judge says the stage has failed whatever
+the remaining tasks give)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,22 +79,46 @@ class HostStep(Step):
             run.stopped = record["stopped"]
 
 
+def units(tasks: list[str]) -> list[list[str]]:
+    """``tasks`` as units of work, in order: each log-likelihood task alone, the generation tasks
+    together at the place of the first of them (their answers decode in one running batch, so
+    one task's long answers do not decode alone)."""
+    from edgebuild.bench import benchmarks
+
+    generation = [t for t in tasks if t in benchmarks.names() and benchmarks.get(t).generation is not None]
+    out: list[list[str]] = []
+    for task in tasks:
+        if task not in generation:
+            out.append([task])
+        elif task == generation[0]:
+            out.append(generation)
+    return out
+
+
 def _local_tasks(ctx: BuildContext, run: StageRun, model, tok):
-    """``(task, result)`` one task at a time, each computed only when asked for."""
-    tasks = ctx.config.tasks
+    """``(task, result)`` in the build's order, each unit (``units``) computed when its first task
+    is asked for."""
+    tasks, ready = ctx.config.tasks, {}
     for done, task in enumerate(tasks, start=1):
-        with ctx.progress.step(f"{run.stage}: {task} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
-            result = score_task(model, tok, task, *_shard_settings(ctx), progress=update)
-        yield task, result
+        if task not in ready:
+            unit = next(u for u in units(tasks) if task in u)
+            label = task if len(unit) == 1 else f"{', '.join(unit)} ({len(unit)} generation tasks together)"
+            with ctx.progress.step(f"{run.stage}: {label} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
+                ready.update(score_tasks(model, tok, unit, *_shard_settings(ctx), progress=update))
+        yield task, ready.pop(task)
 
 
 def _shards(ctx: BuildContext, run: StageRun, model, tok) -> list:
-    """``(task, result)`` of every task, each a shard on the build's executor."""
+    """``(task, result)`` of every task, each unit (``units``) a shard on the build's executor."""
     tasks, shared = ctx.config.tasks, ctx.executor.share(model)
-    calls = [(shared, tok, task, *_shard_settings(ctx)) for task in tasks]
-    with ctx.progress.step(f"{run.stage}: {len(tasks)} benchmarks as shards", total=len(tasks),
-                           unit="benchmarks") as update:
-        return list(zip(tasks, ctx.executor.map(score_task, calls, progress=update)))
+    parts = units(tasks)
+    calls = [(shared, tok, unit, *_shard_settings(ctx)) for unit in parts]
+    with ctx.progress.step(f"{run.stage}: {len(tasks)} benchmarks as shards", total=len(parts),
+                           unit="shards") as update:
+        merged = {}
+        for result in ctx.executor.map(score_tasks, calls, progress=update):
+            merged.update(result)
+    return [(task, merged[task]) for task in tasks]
 
 
 def _shard_settings(ctx: BuildContext) -> tuple:
@@ -101,11 +126,18 @@ def _shard_settings(ctx: BuildContext) -> tuple:
     return cfg.profile, ctx.data_dir, ctx.data_cache, cfg.seed
 
 
-def score_task(model, tok, task: str, profile: str, data_dir, data_cache, seed: int, progress=None) -> dict:
-    """One benchmark on ``model``: the task's result record (a shard of a stage's host step)."""
+def score_tasks(model, tok, tasks: list[str], profile: str, data_dir, data_cache, seed: int,
+                progress=None) -> dict:
+    """Benchmarks on ``model`` in one evaluation: ``{task: result record}`` (a shard of a stage's
+    host step)."""
     from edgebuild.bench.runner import run_host
-    result = run_host(model, tok, [task], profile, data_dir, data_cache, seed=seed, progress=progress)
-    return result[task].to_dict()
+    results = run_host(model, tok, tasks, profile, data_dir, data_cache, seed=seed, progress=progress)
+    return {task: results[task].to_dict() for task in tasks}
+
+
+def score_task(model, tok, task: str, profile: str, data_dir, data_cache, seed: int, progress=None) -> dict:
+    """One benchmark on ``model``: the task's result record."""
+    return score_tasks(model, tok, [task], profile, data_dir, data_cache, seed, progress)[task]
 
 
 def _eudaimonia(ctx: BuildContext, run: StageRun, model, tok) -> dict:

@@ -391,3 +391,14 @@ def test_measure_tools_give_one_line_errors(tmp_path, capsys, args, code):
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+
+
+def test_generation_tasks_are_one_unit_of_a_host_step():
+    """The generation tasks decode in one running batch, at the place of the first of them;
+    log-likelihood tasks stay one unit each, in the build's order."""
+    from edgebuild.bench.step import units
+
+    tasks = ["mmlu", "gsm8k", "humaneval", "hellaswag", "math", "mbpp", "piqa"]
+    assert units(tasks) == [["mmlu"], ["gsm8k", "humaneval", "math", "mbpp"], ["hellaswag"], ["piqa"]]
+    assert units(["piqa", "arc_easy"]) == [["piqa"], ["arc_easy"]]
+    assert units(["mbpp"]) == [["mbpp"]]

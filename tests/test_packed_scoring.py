@@ -225,9 +225,9 @@ def test_identical_prompts_run_once(model, monkeypatch):
     computed = []
     original = decode.Decoder._prefill
 
-    def spy(self, rests, start):
+    def spy(self, rests, *args):
         computed.append(len(rests))
-        return original(self, rests, start)
+        return original(self, rests, *args)
 
     monkeypatch.setattr(decode.Decoder, "_prefill", spy)
     got = decode.generate(lm_model, prompts, max_new_tokens=6, finished=lambda r: [False] * len(r),
@@ -251,6 +251,63 @@ def test_sampling_is_seeded_per_row(model):
     assert small[0] != small[3], "the same prompt with another seed draws another sample"
     with pytest.raises(ValueError, match="one seed per prompt"):
         generate(lm_model, prompts, **{**kwargs, "seeds": None})
+
+
+def test_packed_generation_of_several_tasks_runs_one_batch(model, monkeypatch):
+    """Requests of two settings (two tasks) decode in one running batch and answer as lm-eval's
+    own loop answers each."""
+    from edgebuild.bench import decode
+    from edgebuild.bench.hflm import HostLM
+
+    lm_model, tokenizer = model
+    lm = HostLM(lm_model, tokenizer, batch_size=4, max_batch_tokens=512, gen_batch_size=3)
+    shots = "".join(f"Q: {i} and {i + 1}?\nA: {2 * i + 1}.\n\n" for i in range(12))
+    first = _instances([shots + f"Q: {a} and {b}?\nA:" for a, b in ((3, 4), (100, 2000), (7, 7))],
+                       {"until": ["\n\n", "Q:"], "max_gen_toks": 12, "do_sample": False})
+    second = _instances(["def add(a, b):\n", "def mul(a, b):\n    return"],
+                        {"until": ["\ndef"], "max_gen_toks": 9, "do_sample": False})
+    calls = []
+    original = decode.generate_groups
+    monkeypatch.setattr(decode, "generate_groups",
+                        lambda model, groups, **kw: calls.append(len(groups)) or original(model, groups, **kw))
+    packed = lm.generate_until(first + second)
+    assert calls == [2]
+    lm.packed = False
+    assert packed == lm.generate_until(first, disable_tqdm=True) + lm.generate_until(second, disable_tqdm=True)
+
+
+def test_groups_decode_together_as_each_group_alone(model, monkeypatch):
+    """Rows of several groups (each with its own prefix, stop rule and sampling) in one running
+    batch get the tokens each group gets on its own."""
+    from edgebuild.bench import decode
+
+    lm_model, _ = model
+    a, b = few_shot_prompts(4, seed=1), few_shot_prompts(3, seed=2)
+    c = [p[40:] for p in few_shot_prompts(2, seed=3)]          # no shared prefix
+    never = lambda rows: [False] * len(rows)
+    stop3 = lambda rows: [len(r) >= 3 for r in rows]
+    sampled = dict(do_sample=True, temperature=0.8, top_p=0.95)
+    mixed = []
+    original = decode.Decoder.step
+
+    def spy(self):
+        mixed.append(len({row.prefix for row in self.rows}))
+        return original(self)
+
+    monkeypatch.setattr(decode.Decoder, "step", spy)
+    groups = [decode.Group(a, decode.Settings(8, never, set())),
+              decode.Group(b, decode.Settings(5, stop3, set(), True, decode.warpers(**sampled)), [1, 2, 3]),
+              decode.Group(c, decode.Settings(6, never, set()))]
+    together = decode.generate_groups(lm_model, groups, max_rows=4)
+    assert max(mixed) >= 2, "rows of two groups shared a step"
+    alone = [decode.generate(lm_model, a, max_new_tokens=8, finished=never, eos=set()),
+             decode.generate(lm_model, b, max_new_tokens=5, finished=stop3, eos=set(), seeds=[1, 2, 3],
+                             **sampled),
+             decode.generate(lm_model, c, max_new_tokens=6, finished=never, eos=set())]
+    assert together == alone
+    assert [len(r) for r in together[1]] == [3, 3, 3]
+    with torch.inference_mode():
+        assert together[0] == [reference_greedy(lm_model, p, 8) for p in a]
 
 
 def test_shared_attention_equals_attention_over_an_expanded_cache(model):
