@@ -65,7 +65,7 @@ class HostLM(HFLM):
 
     def __init__(self, model, tokenizer, *, batch_size: int, max_batch_tokens: int,
                  progress: Callable[[int, int], None] | None = None, packed: bool = True,
-                 gen_batch_size: int = 32):
+                 gen_batch_size: int = 64):
         super().__init__(pretrained=model, tokenizer=tokenizer, batch_size="auto")
         self.packed = packed and supports(model)
         self.max_batch = batch_size

@@ -15,13 +15,16 @@ reduced    200 (MMLU: 570, i.e. 10 in each of the 57 subjects); generation tasks
 full       all
 =========  ================================================================================
 
-Generation is what a ``reduced`` run spends much of its time on: on a 2-core CPU the 135M default
-model decodes about 22 tokens/s one sequence at a time (batches of 16 with finished rows dropped do
-much better), so generation samples stay small; the ``full`` profile runs everything. Few-shot
+Generation is costly on a CPU: the 135M default model decodes about 15 tokens/s one sequence
+at a time on 2 cores, every step reading all of its weights, so generation samples stay small and
+the generation tasks of a run decode together in one batch of up to 64 rows
+(``edgebuild.bench.decode.generate_groups``); the ``full`` profile runs everything. Few-shot
 prompts cost little beyond their first item: their shared examples are computed once per task
 (``edgebuild.bench.prefix_scoring``). The whole ``reduced`` suite (every core and expert benchmark,
-eudaimonia included) takes about 16 minutes on 2 CPU cores for the default model, of which about
-6 are generation.
+eudaimonia included) takes about 11 minutes on 2 CPU cores for the default model, of which about
+2.5 are generation. Its log-likelihood half computes about 245,000 tokens (about 56 TFLOP in
+float32, 5 minutes at the 185 GFLOP/s that a large float32 matrix product reaches on such a
+machine), so on 2 cores it cannot take less than that in float32.
 """
 from __future__ import annotations
 
