@@ -71,6 +71,11 @@ class Settings:
     chain: list = field(default_factory=list)
 
 
+def settings(max_new_tokens: int, finished, eos: set, do_sample: bool = False, **sampling) -> Settings:
+    """``Settings`` with transformers' warpers for the sampling settings (none for greedy)."""
+    return Settings(max_new_tokens, finished, eos, do_sample, warpers(do_sample, **sampling))
+
+
 @dataclass
 class Group:
     """Prompts answered with the same ``settings`` (one task's requests); ``seeds``, one per
@@ -230,8 +235,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
     ``finished(new tokens of each row)`` says which rows have reached a stop string; a row also
     ends at a token in ``eos`` or after ``max_new_tokens`` tokens. Sampling (``do_sample``,
     ``temperature``, ``top_p``, ``top_k``) draws row ``i`` from a generator seeded ``seeds[i]``."""
-    settings = Settings(max_new_tokens, finished, eos, do_sample, warpers(do_sample, **sampling))
-    return generate_groups(model, [Group(prompts, settings, seeds)], max_rows=max_rows)[0]
+    chosen = settings(max_new_tokens, finished, eos, do_sample, **sampling)
+    return generate_groups(model, [Group(prompts, chosen, seeds)], max_rows=max_rows)[0]
 
 
 @torch.inference_mode()

@@ -129,9 +129,8 @@ class HostLM(HFLM):
             contexts = [request.args[0] for request in requests]
             prompts = [self._prompt(context, self.max_length - max_gen_toks) for context in contexts]
             seeds = _row_seeds(contexts) if kwargs.get("do_sample") else None
-            settings = decode.Settings(max_gen_toks, StopStrings(self.tokenizer, until).finished,
-                                       self._eos_ids(), bool(kwargs.get("do_sample")),
-                                       decode.warpers(**{"do_sample": False, **kwargs}))
+            settings = decode.settings(max_gen_toks, StopStrings(self.tokenizer, until).finished,
+                                       self._eos_ids(), **kwargs)
             groups.append(decode.Group(prompts, settings, seeds))
         new = decode.generate_groups(self.model, groups, max_rows=self.max_gen_rows)
         out = []

@@ -99,9 +99,10 @@ def _local_tasks(ctx: BuildContext, run: StageRun, model, tok):
     """``(task, result)`` in the build's order, each unit (``units``) computed when its first task
     is asked for."""
     tasks, ready = ctx.config.tasks, {}
+    unit_of = {task: unit for unit in units(tasks) for task in unit}
     for done, task in enumerate(tasks, start=1):
         if task not in ready:
-            unit = next(u for u in units(tasks) if task in u)
+            unit = unit_of[task]
             label = task if len(unit) == 1 else f"{', '.join(unit)} ({len(unit)} generation tasks together)"
             with ctx.progress.step(f"{run.stage}: {label} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
                 ready.update(score_tasks(model, tok, unit, *_shard_settings(ctx), progress=update))
