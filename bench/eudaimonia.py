@@ -225,16 +225,18 @@ def _result(scenarios: list[Scenario], picks: list[int], metric: str) -> Eudaimo
 
 
 def run(model, tokenizer, path=None, *, metric: str = "acc_norm", batch_size: int = 16,
-        max_batch_tokens: int = 4096,
+        max_batch_tokens: int | None = None,
         progress: Callable[[int, int], None] | None = None) -> EudaimoniaResult:
     """Score an in-memory Hugging Face causal LM on the scenarios at ``path`` (default: shipped).
 
     ``progress(done, total)`` is called as requests complete (and replaces lm-eval's bars).
     """
     from edgebuild.bench.hflm import HostLM
+    from edgebuild.bench.runner import MAX_BATCH_TOKENS
 
     scenarios = load_scenarios(path)
-    lm = HostLM(model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+    lm = HostLM(model, tokenizer, batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens or MAX_BATCH_TOKENS,
                 progress=progress)
     result = score(lm, scenarios, metric)
     log.info("eudaimonia: %.3f overall on %d scenarios (%s)", result.score, result.n,

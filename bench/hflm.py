@@ -189,7 +189,7 @@ class HostLM(HFLM):
             self._done = start + done
             self._report()
 
-        scorer = PackedScorer(self.model, max_rows=self.max_batch, max_tokens=self.max_batch_tokens,
+        scorer = PackedScorer(self.model, max_tokens=self.max_batch_tokens,
                               max_length=self.max_length, progress=report)
         results = scorer.score([(context, continuation) for _, context, continuation in requests])
         for (request, _, _), answer in zip(requests, results):

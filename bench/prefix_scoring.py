@@ -2,22 +2,26 @@
 
 lm-eval's ``HFLM`` runs one padded row per request: for a four-choice question it computes the
 question four times, and for a 25-shot prompt it computes the 25 examples again for every choice
-of every item. ``PackedScorer`` computes the same log-likelihoods (up to float rounding) with two
+of every item. ``PackedScorer`` computes the same log-likelihoods (up to float rounding) with three
 kinds of sharing:
 
-- **One row per context.** A context and all of its continuations go into one row; a 4-D
-  attention mask lets each continuation see the context and itself, never another
-  continuation, and position ids restart after the context for each continuation. A
-  one-token continuation adds no token at all (it is scored from the context's last position).
+- **One row per context.** A context and all of its continuations go into one row; each
+  continuation sees the context and itself, never another continuation, and position ids restart
+  after the context for each continuation. A one-token continuation adds no token at all (it is
+  scored from the context's last position).
 - **One prefix per family.** Contexts are sorted by their tokens; neighbours that share at least
   ``min_prefix`` leading tokens form a family (the requests of one few-shot task share their
   examples and instructions). The family's common prefix runs once; its keys and values are
-  given to every batch of the family as a cache.
+  given to every batch of the family.
+- **No padding.** The rows of a batch lie end to end in one sequence of at most ``max_tokens``
+  tokens, so the linear layers compute real tokens only, and each row attends to the prefix and
+  to itself only (``edgebuild.bench.packed_attention``).
 
-Only the positions that predict a continuation token go through the output layer and a float32
-log-softmax (``HFLM`` takes the log-softmax of every position over the whole vocabulary).
-Requires a decoder-only Hugging Face model whose attention takes a 4-D mask (LLaMA-style models
-with full attention); ``supports(model)`` tells.
+Only the positions that predict a continuation token go through the output layer (each once,
+however many one-token continuations it predicts) and a float32 log-softmax (``HFLM`` takes the
+log-softmax of every position over the whole vocabulary). Requires a decoder-only Hugging Face
+model with full attention that takes transformers' pluggable attention functions; ``supports(model)``
+tells.
 """
 from __future__ import annotations
 
@@ -26,9 +30,12 @@ from typing import Callable
 
 import torch
 
-from edgebuild.core.models import cache_arg, returned_cache
+from edgebuild.bench import packed_attention
+from edgebuild.bench.packed_attention import Packing
+from edgebuild.core.models import returned_cache
 
 MIN_PREFIX = 32
+HEAD_CHUNK = 128          # states through the output layer at a time (128 x 49,152 logits: 25 MB)
 
 
 @dataclass
@@ -44,11 +51,14 @@ class Row:
 
 
 def supports(model) -> bool:
-    """Whether ``model`` can be scored packed: decoder-only, full attention, a decoder module."""
+    """Whether ``model`` can be scored packed: decoder-only, full attention, a decoder module,
+    attention through transformers' pluggable attention functions."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None):
+        return False
+    if not getattr(model, "_supports_attention_backend", False):
         return False
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
@@ -100,43 +110,24 @@ def families(rows: list[Row], min_prefix: int = MIN_PREFIX) -> list[tuple[int, l
     return ([(0, loose)] if loose else []) + shared_runs
 
 
-def lines(rows: list[Row], prefix: int) -> list[list[Row]]:
-    """Rows of one family packed into lines no wider than the widest row (first fit, longest
-    first): the short contexts of a task fill the space a long one leaves, instead of padding."""
-    width = max(row.packed_len(prefix) for row in rows)
-    packed: list[list] = []                  # [free tokens, rows]
-    for row in sorted(rows, key=lambda r: -r.packed_len(prefix)):
-        size = row.packed_len(prefix)
-        line = next((line for line in packed if line[0] >= size), None)
-        if line is None:
-            line = [width, []]
-            packed.append(line)
-        line[0] -= size
-        line[1].append(row)
-    return [line for _, line in packed]
-
-
-def line_len(line: list[Row], prefix: int) -> int:
-    return sum(row.packed_len(prefix) for row in line)
-
-
-def batches(lines_: list[list[Row]], prefix: int, max_rows: int, max_tokens: int) -> list[list[list[Row]]]:
-    """Lines, longest first, in batches of at most ``max_rows`` lines and ``max_tokens`` padded
-    tokens (the shared prefix counts an eighth: it is only attended to, not computed)."""
-    ordered = sorted(lines_, key=lambda line: -line_len(line, prefix))
-    out: list[list] = []
-    for line in ordered:
-        if out:
-            width = line_len(out[-1][0], prefix) + prefix // 8
-            if len(out[-1]) < max_rows and (len(out[-1]) + 1) * width <= max_tokens:
-                out[-1].append(line)
-                continue
-        out.append([line])
+def batches(rows: list[Row], prefix: int, max_tokens: int) -> list[list[Row]]:
+    """Rows of one family, in order, in batches of at most ``max_tokens`` packed tokens (a longer
+    row is a batch of its own)."""
+    out: list[list[Row]] = []
+    size = 0
+    for row in rows:
+        tokens = row.packed_len(prefix)
+        if out and size + tokens <= max_tokens:
+            out[-1].append(row)
+            size += tokens
+        else:
+            out.append([row])
+            size = tokens
     return out
 
 
 def layout(line: list[Row], prefix: int) -> tuple[list, list, list, list]:
-    """Tokens, positions, segment ids and targets of a line of rows.
+    """Tokens, positions, segment ids and targets of rows laid end to end in one sequence.
 
     A segment id is ``(row number in the line, part)``, part 0 for the row's context and i for
     its continuation i (from 1). Positions restart after the prefix for every row and after its
@@ -160,25 +151,6 @@ def layout(line: list[Row], prefix: int) -> tuple[list, list, list, list]:
     return tokens, positions, segments, targets
 
 
-def attention_mask(rows: torch.Tensor, parts: torch.Tensor, prefix: int, dtype) -> torch.Tensor:
-    """Additive ``[batch, 1, L, prefix + L]`` mask from ``[batch, L]`` row numbers (-1: padding)
-    and parts (0: context, i: continuation i).
-
-    A token sees the prefix, earlier context tokens of its row and earlier tokens of its own
-    part; a padding token sees only itself."""
-    batch, length = rows.shape
-    same_row = rows[:, :, None] == rows[:, None, :]
-    q, k = parts[:, :, None], parts[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    real = rows >= 0
-    allowed = causal & same_row & ((k == 0) | (k == q)) & real[:, :, None] & real[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool)
-    seen = torch.cat([real[:, :, None].expand(batch, length, prefix), allowed], dim=2)
-    mask = torch.zeros(seen.shape, dtype=dtype)
-    mask.masked_fill_(~seen, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
 @torch.inference_mode()
 def prefix_cache(decoder, tokens, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of every layer of ``decoder`` for ``tokens`` (a batch of one)."""
@@ -187,26 +159,16 @@ def prefix_cache(decoder, tokens, device) -> list[tuple[torch.Tensor, torch.Tens
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def expanded_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
-    """A fresh ``DynamicCache`` holding ``prefix_cache`` output for ``batch`` rows (views, no copy;
-    the cache's own updates concatenate new tensors and leave ``layers`` untouched)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                        for k, v in layers])
-
-
 class PackedScorer:
     """Scores ``[(context tokens, continuation tokens)]`` as ``[(log-likelihood, is_greedy)]``.
 
-    ``max_rows`` and ``max_tokens`` bound a batch; ``progress(done, total)`` is called as
-    requests finish."""
+    ``max_tokens`` bounds a batch; ``progress(done, total)`` is called as requests finish."""
 
-    def __init__(self, model, *, max_rows: int, max_tokens: int, max_length: int,
-                 min_prefix: int = MIN_PREFIX, progress: Callable[[int, int], None] | None = None):
+    def __init__(self, model, *, max_tokens: int, max_length: int, min_prefix: int = MIN_PREFIX,
+                 progress: Callable[[int, int], None] | None = None):
         self.model, self.decoder = model, model.get_decoder()
         self.head = model.get_output_embeddings()
-        self.max_rows, self.max_tokens, self.max_length = max_rows, max_tokens, max_length
+        self.max_tokens, self.max_length = max_tokens, max_length
         self.min_prefix, self.progress = min_prefix, progress
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -219,7 +181,7 @@ class PackedScorer:
         done = 0
         for prefix, rows in families(group_rows(pairs, self.max_length), self.min_prefix):
             cache = self._prefix(rows[0].context[:prefix]) if prefix else None
-            for batch in batches(lines(rows, prefix), prefix, self.max_rows, self.max_tokens):
+            for batch in batches(rows, prefix, self.max_tokens):
                 for index, value in self._batch(batch, prefix, cache):
                     results[index] = value
                     done += 1
@@ -230,45 +192,46 @@ class PackedScorer:
     def _prefix(self, tokens: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return prefix_cache(self.decoder, tokens, self.device)
 
-    def _batch(self, batch: list[list[Row]], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
-        """Run one batch of packed lines and score every request in it."""
-        laid = [layout(line, prefix) for line in batch]
-        width = max(len(tokens) for tokens, _, _, _ in laid)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        pos = torch.zeros(len(batch), width, dtype=torch.long)
-        rows = torch.full((len(batch), width), -1, dtype=torch.long)
-        parts = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (tokens, positions, segments, _) in enumerate(laid):
-            n = len(tokens)
-            ids[i, :n], pos[i, :n] = torch.tensor(tokens), torch.tensor(positions)
-            rows[i, :n], parts[i, :n] = torch.tensor(segments).T
-        past = expanded_cache(cache, len(batch)) if cache is not None else None
-        mask = attention_mask(rows, parts, prefix, self.dtype).to(self.device)
-        hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                              attention_mask=mask, use_cache=past is not None,
-                              **{cache_arg(self.decoder): past}).last_hidden_state
-        return self._read(hidden, [targets for _, _, _, targets in laid])
+    def _batch(self, batch: list[Row], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
+        """Run one batch of rows, end to end in one sequence, and score every request in it."""
+        tokens, positions, segments, targets = layout(batch, prefix)
+        packing = Packing.of(segments, cache, self.dtype)
+        with packed_attention.use(self.model):
+            hidden = self.decoder(input_ids=torch.tensor([tokens], device=self.device),
+                                  position_ids=torch.tensor([positions], device=self.device),
+                                  packing=packing, use_cache=False).last_hidden_state
+        return self._read(hidden[0], targets)
 
     def _read(self, hidden: torch.Tensor, targets: list) -> list[tuple[int, tuple[float, bool]]]:
-        """Log-likelihoods of the target tokens, from the hidden states at their predictors."""
-        rows, cols, tokens, owners = [], [], [], []
-        for r, row_targets in enumerate(targets):
-            for index, pairs in row_targets:
-                for position, token in pairs:
-                    rows.append(r), cols.append(position), tokens.append(token), owners.append(index)
-        device = hidden.device
-        logits = self.head(hidden[torch.tensor(rows, device=device),
-                                  torch.tensor(cols, device=device)]).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logprobs = torch.log_softmax(logits, dim=-1)
-        wanted = torch.tensor(tokens, device=logprobs.device)
-        picked = logprobs.gather(1, wanted[:, None])[:, 0].tolist()
-        greedy = (logprobs.argmax(dim=-1) == wanted).tolist()
+        """Log-likelihoods of the target tokens, from the hidden states at their predictors (each
+        predicting position through the output layer once)."""
+        cols = torch.tensor([position for _, pairs in targets for position, _ in pairs])
+        tokens = torch.tensor([token for _, pairs in targets for _, token in pairs])
+        owners = [index for index, pairs in targets for _ in pairs]
+        unique, inverse = torch.unique(cols, return_inverse=True)
+        picked, best = self._log_probs(hidden[unique.to(hidden.device)], inverse, tokens)
+        greedy = (best[inverse] == tokens).tolist()
         totals: dict[int, list] = {}
-        for owner, value, hit in zip(owners, picked, greedy):
+        for owner, value, hit in zip(owners, picked.tolist(), greedy):
             total = totals.setdefault(owner, [0.0, True])
             total[0] += value
             total[1] = total[1] and hit
         return [(owner, (total[0], bool(total[1]))) for owner, total in totals.items()]
+
+    def _log_probs(self, states: torch.Tensor, inverse: torch.Tensor, tokens: torch.Tensor):
+        """``(log-probability of tokens[i] at states[inverse[i]], argmax token of every state)``,
+        in float32, the output layer applied ``HEAD_CHUNK`` states at a time (a full-vocabulary
+        log-softmax of every state would write, and read back, states x vocabulary floats)."""
+        picked = torch.empty(len(tokens), dtype=torch.float32)
+        best = torch.empty(len(states), dtype=torch.long)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        for start in range(0, len(states), HEAD_CHUNK):
+            logits = self.head(states[start:start + HEAD_CHUNK]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            top, best[start:start + len(logits)] = (t.cpu() for t in logits.max(dim=-1))
+            norm = (logits - top[:, None].to(logits.device)).exp_().sum(dim=-1).log_().cpu() + top
+            mine = ((inverse >= start) & (inverse < start + len(logits))).nonzero()[:, 0]
+            local = (inverse[mine] - start).to(logits.device)
+            picked[mine] = logits[local, tokens[mine].to(logits.device)].cpu() - norm[inverse[mine] - start]
+        return picked, best

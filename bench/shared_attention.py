@@ -194,15 +194,20 @@ def register() -> None:
     AttentionInterface.register(NAME, attention)
 
 
-@contextlib.contextmanager
 def use(model):
     """``model`` attends through ``attention`` inside the block (every config it holds)."""
     register()
+    return switched(model, NAME)
+
+
+@contextlib.contextmanager
+def switched(model, name: str):
+    """``model`` attends through the registered attention ``name`` inside the block."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     saved = {key: config._attn_implementation for key, config in configs.items()}
     try:
         for config in configs.values():
-            config._attn_implementation = NAME
+            config._attn_implementation = name
         yield
     finally:
         for key, config in configs.items():

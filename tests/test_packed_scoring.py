@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, Row, attention_mask, families,
-                                            group_rows, layout, lines, supports)
+from edgebuild.bench.packed_attention import Packing
+from edgebuild.bench.prefix_scoring import (MIN_PREFIX, PackedScorer, Row, batches, families, group_rows,
+                                            layout, supports)
 from edgebuild.core.models import cache_arg, returned_cache
 
 from conftest import tiny_llama
@@ -48,8 +49,13 @@ def requests(seed=0):
 def test_packed_scores_equal_plain_forwards(model):
     lm, _ = model
     pairs = requests()
-    got = PackedScorer(lm, max_rows=3, max_tokens=256, max_length=2048).score(pairs)
+    scorer = PackedScorer(lm, max_tokens=256, max_length=2048)
+    calls = []
+    original = scorer._batch
+    scorer._batch = lambda batch, *args: calls.append(len(batch)) or original(batch, *args)
+    got = scorer.score(pairs)
     want = reference(lm, pairs)
+    assert max(calls) > 1, "several contexts shared a batch"
     assert len(got) == len(want)
     for (g, g_greedy), (w, w_greedy) in zip(got, want):
         assert g == pytest.approx(w, abs=1e-4)
@@ -61,7 +67,7 @@ def test_greedy_flag_is_true_for_the_argmax_continuation(model):
     context = list(range(100, 140))
     with torch.inference_mode():
         best = int(lm(torch.tensor([context])).logits[0, -1].argmax())
-    (_, greedy), (_, other) = PackedScorer(lm, max_rows=4, max_tokens=512, max_length=2048).score(
+    (_, greedy), (_, other) = PackedScorer(lm, max_tokens=512, max_length=2048).score(
         [(context, [best]), (context, [best + 1])])
     assert greedy and not other
 
@@ -87,24 +93,32 @@ def test_layout_masks_continuations_from_each_other():
     assert targets == [(0, [(1, 1), (2, 2), (3, 3)]), (1, [(1, 4)])]
 
 
-def test_a_line_holds_several_contexts_that_never_see_each_other():
+def test_a_batch_holds_several_contexts_that_never_see_each_other():
     first, second = Row((5, 6, 7), [(0, [1, 2])]), Row((5, 9), [(1, [3]), (2, [4])])
     tokens, positions, segments, targets = layout([first, second], prefix=1)
     assert tokens == [6, 7, 1, 9]
     assert positions == [1, 2, 3, 1]              # the second context restarts after the prefix
     assert targets == [(0, [(1, 1), (2, 2)]), (1, [(3, 3)]), (2, [(3, 4)])]
-    rows, parts = torch.tensor([[r for r, _ in segments] + [-1]]), torch.tensor([[p for _, p in segments] + [0]])
-    seen = attention_mask(rows, parts, 1, torch.float32)[0, 0] == 0
-    assert seen[:, 0].tolist() == [True] * 4 + [False]          # the prefix, except from padding
-    assert seen[3, 1:].tolist() == [False, False, False, True, False]
-    assert seen[2, 1:].tolist() == [True, True, True, False, False]
+    packing = Packing.of(segments)
+    assert packing.spans == [(0, 3), (3, 4)]      # each row attends within its own span only
+    assert (packing.masks[0] == 0).tolist() == [[True, False, False],
+                                                [True, True, False],
+                                                [True, True, True]]
+    assert packing.masks[1] is None               # all context: plain causal over its own keys
 
 
-def test_lines_fill_the_width_of_the_widest_context():
-    rows = [Row(tuple(range(n)), [(i, [1])]) for i, n in enumerate([10, 6, 4, 3, 3, 1])]
-    packed = lines(rows, prefix=0)
-    assert [sum(len(r.context) for r in line) for line in packed] == [10, 10, 7]
-    assert sorted(r.requests[0][0] for line in packed for r in line) == list(range(6))
+def test_continuations_of_a_row_see_the_context_not_each_other():
+    _, _, segments, _ = layout([Row((5, 6), [(0, [1, 2, 3]), (1, [4, 5])])], prefix=0)
+    assert segments == [(0, 0), (0, 0), (0, 1), (0, 1), (0, 2)]
+    (mask,) = Packing.of(segments).masks
+    assert (mask[4] == 0).tolist() == [True, True, False, False, True]
+    assert (mask[3] == 0).tolist() == [True, True, True, True, False]
+
+
+def test_batches_hold_rows_up_to_the_token_budget():
+    rows = [Row(tuple(range(n)), [(i, [1])]) for i, n in enumerate([10, 6, 4, 3, 3, 12, 1])]
+    packed = batches(rows, prefix=0, max_tokens=10)
+    assert [[len(r.context) for r in batch] for batch in packed] == [[10], [6, 4], [3, 3], [12], [1]]
 
 
 def test_long_requests_lose_context_from_the_left():
@@ -313,7 +327,8 @@ def test_groups_decode_together_as_each_group_alone(model, monkeypatch):
 def test_shared_attention_equals_attention_over_an_expanded_cache(model):
     """Rows attending to a shared prefix in place: the hidden states of the plain cache path."""
     from edgebuild.bench import shared_attention
-    from edgebuild.bench.prefix_scoring import expanded_cache, prefix_cache
+    from edgebuild.bench.prefix_scoring import prefix_cache
+    from transformers import DynamicCache
 
     lm_model, _ = model
     decoder = lm_model.get_decoder()
@@ -326,7 +341,9 @@ def test_shared_attention_equals_attention_over_an_expanded_cache(model):
     with torch.inference_mode():
         want = decoder(input_ids=ids, position_ids=positions, use_cache=True,
                        attention_mask=torch.cat([torch.zeros(width, prefix), causal], 1).expand(rows, 1, -1, -1),
-                       **{cache_arg(decoder): expanded_cache(layers, rows)}).last_hidden_state
+                       **{cache_arg(decoder): DynamicCache(ddp_cache_data=[
+                           (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])}
+                       ).last_hidden_state
         cache = shared_attention.RowCache(rows, layers)
         cache.span, cache.width = shared_attention.Span(0, rows), width
         with shared_attention.use(lm_model):
@@ -375,3 +392,18 @@ def test_generate_matches_transformers_on_the_default_model():
     got = generate(lm_model, prompts, max_new_tokens=16, finished=lambda rows: [False] * len(rows),
                    eos=set(), max_rows=3)
     assert got == want
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_off_the_cpu_kernel_gives_the_kernels_numbers(causal):
+    """The spelled-out attention (used on other devices) equals PyTorch's fused CPU kernel, with
+    grouped-query keys, a causal or an additive mask, and its log-sum-exp."""
+    from edgebuild.bench.packed_attention import _fused, _spelled_out, row_mask
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 6, 7, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    mask = None if causal else row_mask(torch.tensor([0, 0, 0, 1, 1, 2, 2]))
+    want = _fused(query, key, value, 0.3, causal=causal, mask=mask)
+    got = _spelled_out(query, key, value, 0.3, causal=causal, mask=mask)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
