@@ -2,8 +2,9 @@
 
 ``PackedScorer`` puts the contexts of a batch, each followed by its continuations, one after the
 other in a single sequence. The model's linear layers then compute only real tokens (no padding),
-and this attention (registered with transformers' ``AttentionInterface`` as ``NAME``; ``use(model)``
-switches a model to it for a block) computes, in two parts joined by their log-sum-exps:
+and this attention (registered with transformers' ``AttentionInterface`` as ``NAME`` by
+``use(model)``, which switches a model to it for a block) computes, in two parts joined by their
+log-sum-exps:
 
 - every query of the batch against the family's shared prefix (keys and values computed once,
   batch 1), in one fused attention call without a mask, and
@@ -41,13 +42,16 @@ class Packing:
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
-    def of(cls, segments: list[tuple[int, int]], layers=None, dtype=torch.float32) -> "Packing":
-        """From the ``(row, part)`` segment id of every token (see ``prefix_scoring.layout``)."""
+    def of(cls, segments: list[tuple[int, int]], layers=None, dtype=torch.float32,
+           device="cpu") -> "Packing":
+        """From the ``(row, part)`` segment id of every token (see ``prefix_scoring.layout``),
+        the masks made on ``device``."""
         rows = torch.tensor([row for row, _ in segments])
         parts = torch.tensor([part for _, part in segments])
         bounds = torch.searchsorted(rows, torch.arange(int(rows[-1]) + 2)).tolist()
         spans = list(zip(bounds[:-1], bounds[1:]))
         masks = [row_mask(parts[start:stop], dtype) for start, stop in spans]
+        masks = [None if mask is None else mask.to(device) for mask in masks]
         return cls(spans, masks, layers)
 
 
@@ -112,18 +116,10 @@ def _own(query, key, value, packing: Packing, scaling: float):
         rows = slice(start, stop)
         out[:, :, rows], lse[:, :, rows] = _fused(
             query[:, :, rows], key[:, :, rows], value[:, :, rows], scaling, causal=mask is None,
-            mask=None if mask is None else mask.to(query.device))
+            mask=mask)
     return out, lse
-
-
-def register() -> None:
-    """Make ``NAME`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, attention)
 
 
 def use(model):
     """``model`` attends through ``attention`` inside the block (every config it holds)."""
-    register()
-    return switched(model, NAME)
+    return switched(model, NAME, attention)

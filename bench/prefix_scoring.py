@@ -18,8 +18,8 @@ kinds of sharing:
   to itself only (``edgebuild.bench.packed_attention``).
 
 Only the positions that predict a continuation token go through the output layer (each once,
-however many one-token continuations it predicts) and a float32 log-softmax (``HFLM`` takes the
-log-softmax of every position over the whole vocabulary). Requires a decoder-only Hugging Face
+however many one-token continuations it predicts) and a float32 normaliser, in chunks (``HFLM``
+takes the log-softmax of every position over the whole vocabulary). Requires a decoder-only Hugging Face
 model with full attention that takes transformers' pluggable attention functions; ``supports(model)``
 tells.
 """
@@ -126,15 +126,15 @@ def batches(rows: list[Row], prefix: int, max_tokens: int) -> list[list[Row]]:
     return out
 
 
-def layout(line: list[Row], prefix: int) -> tuple[list, list, list, list]:
+def layout(rows: list[Row], prefix: int) -> tuple[list, list, list, list]:
     """Tokens, positions, segment ids and targets of rows laid end to end in one sequence.
 
-    A segment id is ``(row number in the line, part)``, part 0 for the row's context and i for
+    A segment id is ``(row number in the batch, part)``, part 0 for the row's context and i for
     its continuation i (from 1). Positions restart after the prefix for every row and after its
     context for every continuation. ``targets`` holds, per request, ``(request index,
-    [(line position, target token), ...])``."""
+    [(sequence position, target token), ...])``."""
     tokens, positions, segments, targets = [], [], [], []
-    for number, row in enumerate(line):
+    for number, row in enumerate(rows):
         rest = list(row.context[prefix:])
         end = len(tokens) + len(rest)
         tokens += rest
@@ -195,7 +195,7 @@ class PackedScorer:
     def _batch(self, batch: list[Row], prefix: int, cache) -> list[tuple[int, tuple[float, bool]]]:
         """Run one batch of rows, end to end in one sequence, and score every request in it."""
         tokens, positions, segments, targets = layout(batch, prefix)
-        packing = Packing.of(segments, cache, self.dtype)
+        packing = Packing.of(segments, cache, self.dtype, self.device)
         with packed_attention.use(self.model):
             hidden = self.decoder(input_ids=torch.tensor([tokens], device=self.device),
                                   position_ids=torch.tensor([positions], device=self.device),
@@ -222,16 +222,17 @@ class PackedScorer:
         """``(log-probability of tokens[i] at states[inverse[i]], argmax token of every state)``,
         in float32, the output layer applied ``HEAD_CHUNK`` states at a time (a full-vocabulary
         log-softmax of every state would write, and read back, states x vocabulary floats)."""
-        picked = torch.empty(len(tokens), dtype=torch.float32)
-        best = torch.empty(len(states), dtype=torch.long)
+        inverse, tokens = inverse.to(states.device), tokens.to(states.device)
+        picked = torch.empty(len(tokens), dtype=torch.float32, device=states.device)
+        best = torch.empty(len(states), dtype=torch.long, device=states.device)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         for start in range(0, len(states), HEAD_CHUNK):
             logits = self.head(states[start:start + HEAD_CHUNK]).float()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            top, best[start:start + len(logits)] = (t.cpu() for t in logits.max(dim=-1))
-            norm = (logits - top[:, None].to(logits.device)).exp_().sum(dim=-1).log_().cpu() + top
+            top, best[start:start + len(logits)] = logits.max(dim=-1)
+            norm = (logits - top[:, None]).exp_().sum(dim=-1).log_() + top
             mine = ((inverse >= start) & (inverse < start + len(logits))).nonzero()[:, 0]
-            local = (inverse[mine] - start).to(logits.device)
-            picked[mine] = logits[local, tokens[mine].to(logits.device)].cpu() - norm[inverse[mine] - start]
-        return picked, best
+            local = inverse[mine] - start
+            picked[mine] = logits[local, tokens[mine]] - norm[local]
+        return picked.cpu(), best.cpu()

@@ -5,8 +5,8 @@ expanded to the batch, concatenated with the rows' own keys in every layer at ev
 step and, for grouped-query attention, repeated per query head: per layer and step that copies
 ``rows x heads x prefix`` keys and values, more work than the attention itself on a CPU.
 
-``attention`` (registered with transformers' ``AttentionInterface`` as ``NAME``; ``use(model)``
-switches a model to it for a block) attends to
+``attention`` (registered with transformers' ``AttentionInterface`` as ``NAME`` by ``use(model)``,
+which switches a model to it for a block) attends to
 
 - the row's shared prefix (``RowCache.prefixes``, batch 1 each; rows of several tasks may decode
   together, each task with its own prefix), with one matrix product per prefix and key/value
@@ -187,22 +187,18 @@ def _prefix_values(weights: torch.Tensor, prefix_values: torch.Tensor) -> torch.
     return torch.bmm(flat, prefix_values).view(kv_heads, count, groups, -1).transpose(0, 1)
 
 
-def register() -> None:
-    """Make ``NAME`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, attention)
-
-
 def use(model):
     """``model`` attends through ``attention`` inside the block (every config it holds)."""
-    register()
-    return switched(model, NAME)
+    return switched(model, NAME, attention)
 
 
 @contextlib.contextmanager
-def switched(model, name: str):
-    """``model`` attends through the registered attention ``name`` inside the block."""
+def switched(model, name: str, function):
+    """``model`` attends through ``function``, registered with transformers as ``name``
+    (idempotent), inside the block."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     saved = {key: config._attn_implementation for key, config in configs.items()}
     try:
