@@ -93,7 +93,10 @@ class Benchmark:
     set exactly for the metrics in ``GENERATION_METRICS``. ``inline_fewshot`` writes the few-shot
     documents into the YAML's ``fewshot_config.samples`` (as some built-ins list theirs) instead
     of a ``dev`` split: needed when their fields differ from the evaluated documents' (MBPP's
-    examples carry ``is_fewshot``), which one JSON dataset cannot hold.
+    examples carry ``is_fewshot``), which one JSON dataset cannot hold. Benchmarks with the same
+    ``sample_key`` (default: their name) draw the same items: TruthfulQA MC1 and MC2 ask the same
+    questions, so their results pair item by item and a host run scores them together
+    (``edgebuild.bench.step.units``), each shared answer once.
     """
 
     name: str
@@ -107,6 +110,12 @@ class Benchmark:
     strata_key: str | None = None
     generation: Generation | None = None
     inline_fewshot: bool = False
+    sample_key: str | None = None
+
+    @property
+    def sample_name(self) -> str:
+        """The name whose seeded draw picks this benchmark's items."""
+        return self.sample_key or self.name
 
     def __post_init__(self):
         if self.kind not in KINDS:

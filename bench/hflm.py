@@ -76,6 +76,7 @@ class HostLM(HFLM):
         self._chunk_size = batch_size
         self._done = 0
         self._total = 0
+        self._encodings: dict | None = None
 
     def _batch_scheduler(self, pos, n_reordered_requests):
         """Size of the batch starting at ``pos`` (called for every request, longest first)."""
@@ -172,11 +173,25 @@ class HostLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._total += len(requests)
         self._report()
-        # our own progress display replaces lm-eval's bars
-        result = super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress is not None)
+        # our own progress display replaces lm-eval's bars; each distinct text tokenized once
+        self._encodings = {}
+        try:
+            result = super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress is not None)
+        finally:
+            self._encodings = None
         self._done = self._total
         self._report()
         return result
+
+    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        """lm-eval's encoding, remembered during a ``loglikelihood`` call: it encodes every
+        request's context, and the choices of one question share theirs."""
+        if self._encodings is None or kwargs:
+            return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+        key = (string, add_special_tokens, left_truncate_len)
+        if key not in self._encodings:
+            self._encodings[key] = super().tok_encode(string, add_special_tokens, left_truncate_len)
+        return list(self._encodings[key])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """Packed scoring (see module doc) when enabled; lm-eval's row-per-request otherwise."""

@@ -81,7 +81,7 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
         shared, shared_lse = _fused(query, keys, values, scaling)
         total = torch.logaddexp(lse, shared_lse)
         out = out * (lse - total).exp_()[..., None] + shared * (shared_lse - total).exp_()[..., None]
-    return out.transpose(1, 2), None
+    return out.transpose(1, 2).to(query.dtype), None
 
 
 def _fused(query, key, value, scaling: float, causal: bool = False, mask=None):
@@ -105,13 +105,13 @@ def _spelled_out(query, key, value, scaling: float, causal: bool = False, mask=N
         scores = scores + mask
     lse = torch.logsumexp(scores.float(), dim=-1)
     weights = (scores.float() - lse[..., None]).exp_().to(value.dtype)
-    return torch.matmul(weights, value), lse.to(query.dtype)
+    return torch.matmul(weights, value), lse
 
 
 def _own(query, key, value, packing: Packing, scaling: float):
     """Each row's queries against its own keys: output and log-sum-exp for every token."""
     out = query.new_empty(query.shape)
-    lse = query.new_empty(query.shape[:3])
+    lse = query.new_empty(query.shape[:3], dtype=torch.float32)
     for (start, stop), mask in zip(packing.spans, packing.masks):
         rows = slice(start, stop)
         out[:, :, rows], lse[:, :, rows] = _fused(

@@ -63,6 +63,19 @@ def supports(model) -> bool:
     return hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
+def distinct(pairs: list[tuple[list, list]]) -> tuple[list, list[int]]:
+    """``(distinct pairs in first-seen order, position of each pair among them)``."""
+    positions: dict[tuple, int] = {}
+    out, which = [], []
+    for context, continuation in pairs:
+        key = (tuple(context), tuple(continuation))
+        if key not in positions:
+            positions[key] = len(out)
+            out.append((context, continuation))
+        which.append(positions[key])
+    return out, which
+
+
 def group_rows(pairs: list[tuple[list, list]], max_length: int) -> list[Row]:
     """Requests grouped by context, sorted by context tokens (shared prefixes end up adjacent).
 
@@ -162,7 +175,8 @@ def prefix_cache(decoder, tokens, device) -> list[tuple[torch.Tensor, torch.Tens
 class PackedScorer:
     """Scores ``[(context tokens, continuation tokens)]`` as ``[(log-likelihood, is_greedy)]``.
 
-    ``max_tokens`` bounds a batch; ``progress(done, total)`` is called as requests finish."""
+    ``max_tokens`` bounds a batch; ``progress(done, total)`` is called as distinct requests finish
+    (a request repeated in ``pairs``, as when two tasks ask the same question, runs once)."""
 
     def __init__(self, model, *, max_tokens: int, max_length: int, min_prefix: int = MIN_PREFIX,
                  progress: Callable[[int, int], None] | None = None):
@@ -177,17 +191,15 @@ class PackedScorer:
     def score(self, pairs: list[tuple[list, list]]) -> list[tuple[float, bool]]:
         """Log-likelihood of each continuation given its context, and whether greedy decoding
         would have produced it, in the order of ``pairs``."""
-        results: list = [None] * len(pairs)
-        done = 0
-        for prefix, rows in families(group_rows(pairs, self.max_length), self.min_prefix):
+        unique, which = distinct(pairs)            # a repeated request runs once
+        results: dict = {}
+        for prefix, rows in families(group_rows(unique, self.max_length), self.min_prefix):
             cache = self._prefix(rows[0].context[:prefix]) if prefix else None
             for batch in batches(rows, prefix, self.max_tokens):
-                for index, value in self._batch(batch, prefix, cache):
-                    results[index] = value
-                    done += 1
+                results.update(self._batch(batch, prefix, cache))
                 if self.progress is not None:
-                    self.progress(done, len(pairs))
-        return results
+                    self.progress(len(results), len(unique))
+        return [results[i] for i in which]
 
     def _prefix(self, tokens: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return prefix_cache(self.decoder, tokens, self.device)

@@ -17,13 +17,12 @@ import contextlib
 import logging
 import math
 import os
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from edgebuild.bench import benchmarks
+from edgebuild.bench import benchmarks, harness
 from edgebuild.bench.base import Benchmark, Converted
 from edgebuild.bench.codeexec import FILTER_NAME, summarize
 from edgebuild.bench.data import lm_eval_tasks_dir, read_task_yaml, write_task
@@ -203,9 +202,9 @@ def _sample(bench: Benchmark, converted: Converted, size: int | None, seed: int,
     """The profile's doc ids: all for ``size`` None, else a seeded sample of the sample pool."""
     pool = converted.sample_pool
     if size is None or pool is None:
-        return sample_indices(bench.name, len(converted.eval_docs), size, seed, strata)
+        return sample_indices(bench.sample_name, len(converted.eval_docs), size, seed, strata)
     pool_strata = None if strata is None else [strata[i] for i in pool]
-    return [pool[i] for i in sample_indices(bench.name, len(pool), size, seed, pool_strata)]
+    return [pool[i] for i in sample_indices(bench.sample_name, len(pool), size, seed, pool_strata)]
 
 
 def _overrides(bench: Benchmark, yaml_path: Path, max_gen_toks: int | None) -> dict:
@@ -244,7 +243,7 @@ def _evaluate(lm, prepared: list[PreparedTask], task_dir: Path, seed: int) -> di
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    _quiet_git_hash()
+    harness.adjust()
     parts = [part for p in prepared for part in p.parts]
     # lm-eval maps the k-th evaluated document to samples[k], so the lists must be sorted; a task
     # evaluated in full is left out (lm-eval's membership test is linear in the list length).
@@ -262,26 +261,6 @@ def _evaluate(lm, prepared: list[PreparedTask], task_dir: Path, seed: int) -> di
                                samples=samples or None, log_samples=True, task_manager=manager,
                                bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
                                torch_random_seed=None, confirm_run_unsafe_code=True)
-
-
-def _quiet_git_hash() -> None:
-    """lm-eval records ``git describe --always`` of the working directory in its results and
-    lets git's stderr through: outside a git checkout every run printed "fatal: not a git
-    repository". Its lookup is replaced by the same one with git's stderr discarded."""
-    import lm_eval.evaluator
-    from lm_eval.loggers.utils import get_commit_from_path
-
-    def git_commit_hash() -> str | None:
-        try:
-            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
-                                  timeout=30, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.SubprocessError):
-            done = None
-        if done is not None and done.returncode == 0:
-            return done.stdout.strip()
-        return get_commit_from_path(os.getcwd())
-
-    lm_eval.evaluator.get_git_commit_hash = git_commit_hash
 
 
 def _part_rows(part: TaskPart, logged: list[dict], docs: list[dict], name: str) -> list[dict]:

@@ -80,19 +80,22 @@ class HostStep(Step):
 
 
 def units(tasks: list[str]) -> list[list[str]]:
-    """``tasks`` as units of work, in order: each log-likelihood task alone, the generation tasks
-    together at the place of the first of them (their answers decode in one running batch, so
-    one task's long answers do not decode alone)."""
+    """``tasks`` as units of work, in order, each at the place of its first task: the generation
+    tasks together (their answers decode in one running batch, so one task's long answers do not
+    decode alone), log-likelihood tasks that draw the same items together (``Benchmark.sample_key``:
+    their shared answers are scored once), every other task alone."""
     from edgebuild.bench import benchmarks
 
-    generation = [t for t in tasks if t in benchmarks.names() and benchmarks.get(t).generation is not None]
-    out: list[list[str]] = []
+    def unit_key(task: str):
+        if task not in benchmarks.names():
+            return ("task", task)
+        bench = benchmarks.get(task)
+        return ("generation",) if bench.generation is not None else ("sample", bench.sample_name)
+
+    grouped: dict[tuple, list[str]] = {}
     for task in tasks:
-        if task not in generation:
-            out.append([task])
-        elif task == generation[0]:
-            out.append(generation)
-    return out
+        grouped.setdefault(unit_key(task), []).append(task)
+    return list(grouped.values())
 
 
 def _local_tasks(ctx: BuildContext, run: StageRun, model, tok):
@@ -103,7 +106,7 @@ def _local_tasks(ctx: BuildContext, run: StageRun, model, tok):
     for done, task in enumerate(tasks, start=1):
         if task not in ready:
             unit = unit_of[task]
-            label = task if len(unit) == 1 else f"{', '.join(unit)} ({len(unit)} generation tasks together)"
+            label = task if len(unit) == 1 else f"{', '.join(unit)} ({len(unit)} tasks together)"
             with ctx.progress.step(f"{run.stage}: {label} ({done}/{len(tasks)} benchmarks)", unit="requests") as update:
                 ready.update(score_tasks(model, tok, unit, *_shard_settings(ctx), progress=update))
         yield task, ready.pop(task)

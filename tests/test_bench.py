@@ -402,3 +402,27 @@ def test_generation_tasks_are_one_unit_of_a_host_step():
     assert units(tasks) == [["mmlu"], ["gsm8k", "humaneval", "math", "mbpp"], ["hellaswag"], ["piqa"]]
     assert units(["piqa", "arc_easy"]) == [["piqa"], ["arc_easy"]]
     assert units(["mbpp"]) == [["mbpp"]]
+    tasks = ["truthfulqa_mc1", "piqa", "truthfulqa_mc2", "gsm8k"]
+    assert units(tasks) == [["truthfulqa_mc1", "truthfulqa_mc2"], ["piqa"], ["gsm8k"]]
+
+
+def test_benchmarks_over_the_same_questions_share_items_and_answers(tiny_model, tmp_path, monkeypatch):
+    """TruthfulQA MC1 and MC2 draw the same questions; run together, every MC1 answer is one of
+    MC2's and is scored once, and MC1's results are those it gets alone."""
+    from edgebuild.bench.prefix_scoring import PackedScorer
+    from edgebuild.bench.runner import run_host
+
+    model, tokenizer = tiny_model
+    scored = []
+    original = PackedScorer._batch
+    monkeypatch.setattr(PackedScorer, "_batch", lambda self, batch, *args: scored.extend(
+        r for row in batch for r in row.requests) or original(self, batch, *args))
+    both = run_host(model, tokenizer, ["truthfulqa_mc1", "truthfulqa_mc2"], "smoke", DATA_DIR, tmp_path)
+    mc1, mc2 = both["truthfulqa_mc1"], both["truthfulqa_mc2"]
+    assert [d for d, _ in mc1.items] == [d for d, _ in mc2.items]
+    assert len(scored) == sum(len(answers) for answers in mc2.responses.values())
+    alone = run_host(model, tokenizer, ["truthfulqa_mc1"], "smoke", DATA_DIR, tmp_path)["truthfulqa_mc1"]
+    assert alone.items == mc1.items
+    for doc_id, answers in alone.responses.items():
+        for (want, want_greedy, _), (got, got_greedy, _) in zip(answers, mc1.responses[doc_id]):
+            assert got == pytest.approx(want, abs=1e-4) and got_greedy == want_greedy

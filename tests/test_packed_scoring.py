@@ -62,6 +62,20 @@ def test_packed_scores_equal_plain_forwards(model):
         assert g_greedy == w_greedy
 
 
+def test_a_repeated_request_runs_once(model):
+    lm, _ = model
+    pairs = requests()
+    scorer = PackedScorer(lm, max_tokens=256, max_length=2048)
+    once = scorer.score(pairs)
+    scored = []
+    original = scorer._batch
+    scorer._batch = lambda batch, *args: scored.extend(
+        r for row in batch for r in row.requests) or original(batch, *args)
+    again = scorer.score(pairs + pairs[3:9] + pairs[:2])
+    assert len(scored) == len(pairs)
+    assert again == once + once[3:9] + once[:2]
+
+
 def test_greedy_flag_is_true_for_the_argmax_continuation(model):
     lm, _ = model
     context = list(range(100, 140))

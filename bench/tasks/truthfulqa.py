@@ -6,7 +6,8 @@ revision that changes about 200 items. Each item maps answer text to a 0/1 label
 tasks expect ``{"question", "mc1_targets": {"choices", "labels"}, "mc2_targets": {...}}`` with
 the single true MC1 answer first (``doc_to_target: 0``), which the release already does.
 Metric: ``acc``; MC2's per-item value is the normalised probability of the true answers, and its
-chance level the share of true answers.
+chance level the share of true answers. Both draw the same questions (``SAMPLE``): every MC1 answer
+is also an MC2 answer, so scored together they cost about what MC2 costs alone.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from edgebuild.bench.base import Benchmark, Converted, uniform_chance
 from edgebuild.bench.data import convert_records, data_file, read_json
 
 SOURCE = "truthfulqa/v0/mc_task.json"
+SAMPLE = "truthfulqa"
 
 
 def _targets(answers: dict) -> dict:
@@ -50,11 +52,11 @@ def mc2_chance(doc: dict) -> float:
 TRUTHFULQA_MC1 = Benchmark(
     name="truthfulqa_mc1", lm_eval_task="truthfulqa_mc1",
     lm_eval_yaml="truthfulqa/truthfulqa_mc1.yaml", kind="core", metric="acc", num_fewshot=0,
-    convert=convert, chance_of=uniform_chance("mc1_targets.choices"),
+    convert=convert, chance_of=uniform_chance("mc1_targets.choices"), sample_key=SAMPLE,
 )
 
 TRUTHFULQA_MC2 = Benchmark(
     name="truthfulqa_mc2", lm_eval_task="truthfulqa_mc2",
     lm_eval_yaml="truthfulqa/truthfulqa_mc2.yaml", kind="core", metric="acc", num_fewshot=0,
-    convert=convert, chance_of=mc2_chance,
+    convert=convert, chance_of=mc2_chance, sample_key=SAMPLE,
 )
