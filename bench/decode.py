@@ -17,37 +17,25 @@ so that one task's long answers decode alongside the next task's rows instead of
   group's settings.
 
 Greedy rows give the tokens ``transformers``' ``generate`` gives (up to float rounding in the
-batch). Sampled rows use transformers' temperature / top-k / top-p warpers and draw from their
-own ``torch.Generator``, seeded per row (``seeds``): a row's sample does not depend on which rows
-share its batch, so results are reproducible whatever the batch size.
+batch). Sampled rows follow transformers' temperature / top-k / top-p rules and draw from their
+own ``torch.Generator``, seeded per row (``seeds``), without sorting the vocabulary
+(``edgebuild.bench.sampling``): a row's sample does not depend on which rows share its batch, so
+results are reproducible whatever the batch size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from edgebuild.bench import packed_attention, sampling
+from edgebuild.bench.packed_attention import Packing
 from edgebuild.bench.shared_attention import RowCache, Span, use
 
 SUPPORTED = {"do_sample", "temperature", "top_p", "top_k"}
 MIN_PREFIX = 32
-
-
-def warpers(do_sample: bool, temperature=None, top_p=None, top_k=None) -> list:
-    """transformers' logits warpers for the given sampling settings (none for greedy)."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    if not do_sample:
-        return []
-    out = []
-    if temperature not in (None, 1.0):
-        out.append(TemperatureLogitsWarper(float(temperature)))
-    if top_k:
-        out.append(TopKLogitsWarper(int(top_k)))
-    if top_p not in (None, 1.0):
-        out.append(TopPLogitsWarper(float(top_p)))
-    return out
 
 
 def shared_prefix_len(prompts: list[list[int]], min_prefix: int = MIN_PREFIX) -> int:
@@ -69,11 +57,16 @@ class Settings:
     eos: set
     do_sample: bool = False
     chain: list = field(default_factory=list)
+    top_p: float | None = None
 
 
-def settings(max_new_tokens: int, finished, eos: set, do_sample: bool = False, **sampling) -> Settings:
-    """``Settings`` with transformers' warpers for the sampling settings (none for greedy)."""
-    return Settings(max_new_tokens, finished, eos, do_sample, warpers(do_sample, **sampling))
+def settings(max_new_tokens: int, finished, eos: set, do_sample: bool = False, temperature=None,
+             top_k=None, top_p=None) -> Settings:
+    """``Settings`` with transformers' temperature and top-k warpers and the nucleus size for
+    the sampling settings (none for greedy)."""
+    nucleus = float(top_p) if do_sample and top_p not in (None, 1.0) else None
+    return Settings(max_new_tokens, finished, eos, do_sample,
+                    sampling.warpers(do_sample, temperature, top_k), nucleus)
 
 
 @dataclass
@@ -112,7 +105,7 @@ class Row:
 class Decoder:
     """The running batch of one ``generate_groups`` call (see the module doc)."""
 
-    def __init__(self, model, prefixes: list[list[int]], max_rows: int, max_tokens: int = 4096):
+    def __init__(self, model, prefixes: list[list[int]], max_rows: int, max_tokens: int = 2048):
         from edgebuild.bench.prefix_scoring import prefix_cache
 
         self.model, self.decoder, self.head = model, model.get_decoder(), model.get_output_embeddings()
@@ -125,7 +118,7 @@ class Decoder:
 
     def admit(self, waiting: list[Row]) -> None:
         """Move waiting rows into the free slots; their prompts run once per distinct prompt, in
-        blocks of one prefix and at most ``max_tokens`` padded tokens."""
+        blocks of one prefix and at most ``max_tokens`` tokens."""
         free = self.cache.capacity - len(self.rows)
         taken, waiting[:] = waiting[:free], waiting[free:]
         first: dict[tuple, Row] = {}
@@ -146,22 +139,23 @@ class Decoder:
         self._append(start, logits[torch.tensor(sources, device=logits.device)])
 
     def _prefill(self, rests: list[list[int]], start: int, prefix: int) -> torch.Tensor:
-        """Run distinct prompts of one prefix into slots ``start...``; the logits after each."""
-        width = max(len(rest) for rest in rests)
-        ids = torch.zeros(len(rests), width, dtype=torch.long)
-        for i, rest in enumerate(rests):
-            ids[i, :len(rest)] = torch.tensor(rest)
-        lengths = torch.tensor([len(rest) for rest in rests])
-        keys = torch.arange(width)
-        allowed = (keys[None, :] <= keys[:, None])[None] & (keys[None, None, :] < lengths[:, None, None])
-        allowed |= torch.eye(width, dtype=torch.bool)
+        """Run distinct prompts of one prefix into slots ``start...``, end to end in one sequence
+        (no padding; each attends to the prefix and to itself); the logits after each."""
+        layers = self.cache.prefixes[prefix]
+        tokens = [token for rest in rests for token in rest]
+        segments = [(number, 0) for number, rest in enumerate(rests) for _ in rest]
+        positions = [self.cache.prefix_length(prefix) + i for rest in rests for i in range(len(rest))]
+        packing = Packing.of(segments, None if layers is None else [(k[None], v[None]) for k, v in layers],
+                             self.dtype, self.device)
+        packing.store = functools.partial(self.cache.keep, start=start, spans=packing.spans)
         for slot in range(start, start + len(rests)):
             self.cache.owner[slot] = prefix
-        self.cache.span_prefix = prefix
-        positions = self.cache.prefix_len + keys.expand(len(rests), width)
-        self.cache.span, self.cache.width = Span(start, start + len(rests)), width
-        hidden = self._forward(ids, positions, allowed)
-        return self._logits(hidden[torch.arange(len(rests)), lengths - 1])
+        with packed_attention.use(self.model):
+            hidden = self.decoder(input_ids=torch.tensor([tokens], device=self.device),
+                                  position_ids=torch.tensor([positions], device=self.device),
+                                  packing=packing, use_cache=False).last_hidden_state
+        ends = torch.tensor([stop - 1 for _, stop in packing.spans], device=self.device)
+        return self._logits(hidden[0, ends])
 
     def step(self) -> None:
         """One new token for every row in the batch."""
@@ -193,9 +187,9 @@ class Decoder:
             warped = logits[torch.tensor(members, device=logits.device)]
             for warp in settings.chain:
                 warped = warp(None, warped)
-            probs = torch.softmax(warped, dim=-1)
-            for p, i in zip(probs, members):
-                tokens[i] = int(torch.multinomial(p, 1, generator=rows[i].generator))
+            drawn = sampling.draw(warped, settings.top_p, [rows[i].generator for i in members])
+            for i, token in zip(members, drawn):
+                tokens[i] = token
         for row, token in zip(rows, tokens):
             row.new.append(int(token))
 
@@ -229,13 +223,13 @@ def _by_settings(rows: list[Row], keep=lambda settings: True) -> list[tuple[Sett
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int,
              finished: Callable[[list[list[int]]], list[bool]], eos: set, max_rows: int = 32,
-             do_sample: bool = False, seeds: list[int] | None = None, **sampling) -> list[list[int]]:
+             do_sample: bool = False, seeds: list[int] | None = None, **options) -> list[list[int]]:
     """The new tokens of every prompt (up to and including the token that ended it).
 
     ``finished(new tokens of each row)`` says which rows have reached a stop string; a row also
     ends at a token in ``eos`` or after ``max_new_tokens`` tokens. Sampling (``do_sample``,
     ``temperature``, ``top_p``, ``top_k``) draws row ``i`` from a generator seeded ``seeds[i]``."""
-    chosen = settings(max_new_tokens, finished, eos, do_sample, **sampling)
+    chosen = settings(max_new_tokens, finished, eos, do_sample, **options)
     return generate_groups(model, [Group(prompts, chosen, seeds)], max_rows=max_rows)[0]
 
 
@@ -281,15 +275,17 @@ def _rows(number: int, group: Group, prefixes: dict[tuple, int]) -> list[Row]:
 
 
 def _chunks(lengths: list[int], max_tokens: int, keys: list | None = None) -> list[tuple[int, int]]:
-    """``[(first, last)]`` runs of prompts (longest first) whose padded block stays within
-    ``max_tokens`` tokens (a longer prompt runs alone) and whose ``keys`` (prefixes) are equal."""
+    """``[(first, last)]`` runs of prompts of at most ``max_tokens`` tokens in all (a longer
+    prompt runs alone) whose ``keys`` (prefixes) are equal."""
     keys = keys or [None] * len(lengths)
-    out, first = [], 0
-    for i in range(1, len(lengths) + 1):
-        if (i == len(lengths) or keys[i] != keys[first]
-                or (i - first + 1) * max(lengths[first:i + 1]) > max_tokens):
+    out, first, size = [], 0, 0
+    for i, length in enumerate(lengths):
+        if i > first and (keys[i] != keys[first] or size + length > max_tokens):
             out.append((first, i))
-            first = i
+            first, size = i, 0
+        size += length
+    if lengths:
+        out.append((first, len(lengths)))
     return out
 
 

@@ -22,6 +22,7 @@ attention, as the model had.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,11 +36,13 @@ class Packing:
     """Rows of one packed sequence: ``spans[i]`` is row i's ``(start, stop)`` in it and
     ``masks[i]`` its additive ``[tokens, tokens]`` mask over its own keys (None: plain causal);
     ``prefix`` is the shared prefix's ``[(keys, values)]`` per layer, each ``[1, kv heads, prefix,
-    dim]``, or None."""
+    dim]``, or None. ``store(layer, keys, values)``, when set, receives every layer's new keys and
+    values (``[1, kv heads, tokens, dim]``): a prompt pass keeps them for decoding."""
 
     spans: list[tuple[int, int]]
     masks: list[torch.Tensor | None]
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    store: Callable | None = None
 
     @classmethod
     def of(cls, segments: list[tuple[int, int]], layers=None, dtype=torch.float32,
@@ -75,6 +78,8 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
     if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    if packing.store is not None:
+        packing.store(module.layer_idx, key, value)
     out, lse = _own(query, key, value, packing, scaling)
     if packing.prefix is not None:
         keys, values = packing.prefix[module.layer_idx]

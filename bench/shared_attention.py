@@ -12,12 +12,13 @@ which switches a model to it for a block) attends to
   together, each task with its own prefix), with one matrix product per prefix and key/value
   head over all its rows and query heads at once (nothing is copied), and
 - each row's own keys and values, which ``RowCache`` keeps in preallocated per-layer buffers:
-  a forward pass writes its new keys/values there (at each row's own length) and attends to
-  the stored ones under the additive mask it is given (``[rows, 1, queries, stored keys]``),
+  a decoding step writes its new keys/values there (at each row's own length) and attends to
+  the stored ones under the additive mask it is given (``[rows, 1, 1, stored keys]``),
 
 combined in one softmax. A forward pass without ``rows=`` (a ``RowCache``) runs PyTorch's
 scaled-dot-product attention, as the model had. Callers pass ``position_ids`` (rows start
-after their prefix) and a 4-D mask.
+after their prefix) and a 4-D mask. Prompts enter the buffers from a prompt pass laid end to end
+(``edgebuild.bench.packed_attention``, which hands its keys and values to ``RowCache.keep``).
 """
 from __future__ import annotations
 
@@ -31,42 +32,32 @@ NAME = "edgebuild_shared_prefix"
 
 @dataclass
 class Span:
-    """The rows a forward pass computes (``RowCache`` slots ``start:stop``) and where in each
-    row's buffer its new tokens go: at ``at`` (one position per row, one new token each), or
-    from position 0 (``at`` None: rows that start empty)."""
+    """The rows a decoding step computes (``RowCache`` slots ``start:stop``) and where in each
+    row's buffer its new token goes (``at``, one position per row)."""
 
     start: int
     stop: int
-    at: torch.Tensor | None = None
+    at: torch.Tensor
 
 
 class RowCache:
     """Keys and values of up to ``capacity`` rows, in slots ``0..capacity-1``, for every layer,
     each row after one of the shared ``prefixes`` (per prefix ``[(keys, values)]`` per layer,
     each ``[1, kv heads, prefix, dim]``, or None: no prefix). ``owner[slot]`` is the prefix of
-    the row in that slot. The caller sets ``span`` (and, for a prompt pass, ``span_prefix``: the
-    prefix of every row it computes) before each forward pass."""
+    the row in that slot. The caller sets ``span`` and ``width`` before each decoding step."""
 
-    def __init__(self, capacity: int, prefix: list | None = None, store: bool = True,
-                 prefixes: list | None = None):
-        self.capacity, self.store = capacity, store
-        given = prefixes if prefixes is not None else [prefix]
-        self.prefixes = [[(k[0], v[0]) for k, v in layers] if layers else None for layers in given]
+    def __init__(self, capacity: int, prefixes: list):
+        self.capacity = capacity
+        self.prefixes = [[(k[0], v[0]) for k, v in layers] if layers else None for layers in prefixes]
         self.owner = [0] * capacity
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.span = Span(0, 0)
-        self.span_prefix = 0
-        self.width = 0          # stored positions the current pass attends to
+        self.span: Span | None = None
+        self.width = 0          # stored positions the current step attends to
 
     def prefix_length(self, prefix: int) -> int:
         layers = self.prefixes[prefix]
         return 0 if layers is None else layers[0][0].shape[1]
-
-    @property
-    def prefix_len(self) -> int:
-        """Length of the prefix of the current prompt pass."""
-        return self.prefix_length(self.span_prefix)
 
     def lengths(self, count: int) -> torch.Tensor:
         """Prefix length of the rows in slots ``0..count-1``."""
@@ -94,22 +85,25 @@ class RowCache:
         return self.keys[layer], self.values[layer]
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        """Store the span's new ``key``/``value`` (``[rows, kv heads, new, dim]``); return the
+        """Store the span's new ``key``/``value`` (``[rows, kv heads, 1, dim]``); return the
         stored keys and values it attends to, as ``[rows * kv heads, width, dim]`` views."""
-        span, new = self.span, key.shape[2]
-        if not self.store:                       # a single pass: its own keys are all it sees
-            shape = (key.shape[0] * key.shape[1], new, key.shape[3])
-            return key.reshape(shape), value.reshape(shape)
+        span = self.span
         keys, values = self._buffers(layer, key, self.width)
         rows = slice(span.start, span.stop)
-        if span.at is None:
-            keys[rows, :, :new], values[rows, :, :new] = key, value
-        else:
-            index = torch.arange(span.start, span.stop, device=key.device)
-            keys[index, :, span.at], values[index, :, span.at] = key[:, :, 0], value[:, :, 0]
+        index = torch.arange(span.start, span.stop, device=key.device)
+        keys[index, :, span.at], values[index, :, span.at] = key[:, :, 0], value[:, :, 0]
         count = (span.stop - span.start) * key.shape[1]
         shape = (count, self.width, key.shape[3])
         return (keys[rows, :, :self.width].reshape(shape), values[rows, :, :self.width].reshape(shape))
+
+    def keep(self, layer: int, key: torch.Tensor, value: torch.Tensor, *, start: int,
+             spans: list[tuple[int, int]]) -> None:
+        """Keep the keys and values of prompts laid end to end (``[1, kv heads, tokens, dim]``,
+        prompt i at ``spans[i]``) in slots ``start...``, from position 0."""
+        keys, values = self._buffers(layer, key, max(stop - first for first, stop in spans))
+        for slot, (first, stop) in enumerate(spans, start=start):
+            keys[slot, :, :stop - first] = key[0, :, first:stop]
+            values[slot, :, :stop - first] = value[0, :, first:stop]
 
     def move(self, source: int, target: int) -> None:
         """Copy slot ``source``'s stored keys and values into slot ``target``."""
@@ -121,29 +115,18 @@ class RowCache:
 
 def attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
               rows: RowCache | None = None, **kwargs):
-    """``(output [rows, queries, heads, dim], None)``: softmax attention of ``query`` over the
-    shared prefix and the rows' own keys (masked by ``attention_mask``, which covers the own
-    keys only). Without ``rows``: PyTorch's scaled-dot-product attention."""
+    """``(output [rows, 1, heads, dim], None)``: softmax attention of each row's new token over
+    its shared prefix and its own keys (masked by ``attention_mask``, which covers the own keys
+    only). Without ``rows``: PyTorch's scaled-dot-product attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    if query.shape[2] != 1:
+        raise ValueError("a RowCache takes one new token per row; prompts enter through RowCache.keep")
     own_keys, own_values = rows.update(module.layer_idx, key, value)
-    if query.shape[2] == 1:
-        return _step(module, query, own_keys, own_values, attention_mask, scaling, rows), None
-    # a prompt pass (its rows start empty): PyTorch's fused attention over [prefix; own keys],
-    # the prefix expanded for this layer only
-    layers = rows.prefixes[rows.span_prefix]
-    if layers is not None:
-        prefix_keys, prefix_values = layers[module.layer_idx]
-        count, prefix = key.shape[0], prefix_keys.shape[1]
-        key = torch.cat([prefix_keys.expand(count, -1, -1, -1), key], dim=2)
-        value = torch.cat([prefix_values.expand(count, -1, -1, -1), value], dim=2)
-        attention_mask = torch.cat([attention_mask.new_zeros(*attention_mask.shape[:3], prefix),
-                                    attention_mask], dim=3)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                  dropout=dropout)
+    return _step(module, query, own_keys, own_values, attention_mask, scaling, rows), None
 
 
 def _step(module, query, own_keys, own_values, attention_mask, scaling: float, rows: RowCache):

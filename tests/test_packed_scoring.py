@@ -324,7 +324,7 @@ def test_groups_decode_together_as_each_group_alone(model, monkeypatch):
 
     monkeypatch.setattr(decode.Decoder, "step", spy)
     groups = [decode.Group(a, decode.Settings(8, never, set())),
-              decode.Group(b, decode.Settings(5, stop3, set(), True, decode.warpers(**sampled)), [1, 2, 3]),
+              decode.Group(b, decode.settings(5, stop3, set(), **sampled), [1, 2, 3]),
               decode.Group(c, decode.Settings(6, never, set()))]
     together = decode.generate_groups(lm_model, groups, max_rows=4)
     assert max(mixed) >= 2, "rows of two groups shared a step"
@@ -338,33 +338,51 @@ def test_groups_decode_together_as_each_group_alone(model, monkeypatch):
         assert together[0] == [reference_greedy(lm_model, p, 8) for p in a]
 
 
-def test_shared_attention_equals_attention_over_an_expanded_cache(model):
-    """Rows attending to a shared prefix in place: the hidden states of the plain cache path."""
-    from edgebuild.bench import shared_attention
+def test_prompt_pass_and_step_over_a_shared_prefix_equal_the_plain_cache_path(model):
+    """Prompts of several lengths laid end to end after a shared prefix, their keys kept in a
+    RowCache, then one decoding step attending to the prefix in place: the hidden states of
+    each row run alone over an expanded cache."""
+    import functools
+
+    from edgebuild.bench import packed_attention, shared_attention
     from edgebuild.bench.prefix_scoring import prefix_cache
     from transformers import DynamicCache
 
     lm_model, _ = model
     decoder = lm_model.get_decoder()
     torch.manual_seed(1)
-    prefix, rows, width = 40, 3, 9
+    prefix, lengths = 40, [9, 4, 7]
     layers = prefix_cache(decoder, torch.randint(10, 4000, (prefix,)).tolist(), "cpu")
-    ids = torch.randint(10, 4000, (rows, width))
-    positions = torch.arange(prefix, prefix + width).expand(rows, width)
-    causal = torch.full((width, width), torch.finfo(torch.float32).min).triu(1)
+    prompts = [torch.randint(10, 4000, (n,)).tolist() for n in lengths]
+    following = torch.randint(10, 4000, (len(prompts), 1))
+    want_prompt, want_step = [], []
     with torch.inference_mode():
-        want = decoder(input_ids=ids, position_ids=positions, use_cache=True,
-                       attention_mask=torch.cat([torch.zeros(width, prefix), causal], 1).expand(rows, 1, -1, -1),
-                       **{cache_arg(decoder): DynamicCache(ddp_cache_data=[
-                           (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])}
-                       ).last_hidden_state
-        cache = shared_attention.RowCache(rows, layers)
-        cache.span, cache.width = shared_attention.Span(0, rows), width
+        for prompt, token in zip(prompts, following):
+            cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+            out = decoder(input_ids=torch.tensor([prompt]), position_ids=torch.arange(prefix, prefix + len(prompt))[None],
+                          use_cache=True, **{cache_arg(decoder): cache})
+            want_prompt.append(out.last_hidden_state[0])
+            step = decoder(input_ids=token[None], position_ids=torch.tensor([[prefix + len(prompt)]]),
+                           use_cache=True, **{cache_arg(decoder): returned_cache(out)})
+            want_step.append(step.last_hidden_state[0, 0])
+        rows = shared_attention.RowCache(len(prompts), prefixes=[layers])
+        packing = Packing.of([(i, 0) for i, p in enumerate(prompts) for _ in p], layers)
+        packing.store = functools.partial(rows.keep, start=0, spans=packing.spans)
+        with packed_attention.use(lm_model):
+            got = decoder(input_ids=torch.tensor([sum(prompts, [])]),
+                          position_ids=torch.tensor([[prefix + i for p in prompts for i in range(len(p))]]),
+                          packing=packing, use_cache=False).last_hidden_state[0]
+        at = torch.tensor(lengths)
+        rows.span, rows.width = shared_attention.Span(0, len(prompts), at), max(lengths) + 1
+        allowed = torch.arange(rows.width)[None, :] <= at[:, None]
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
         with shared_attention.use(lm_model):
-            got = decoder(input_ids=ids, position_ids=positions, attention_mask=causal.expand(rows, 1, -1, -1),
-                          rows=cache, use_cache=False).last_hidden_state
-    assert torch.allclose(got, want, atol=1e-5)
-    assert lm_model.config._attn_implementation != shared_attention.NAME, "restored after the block"
+            step = decoder(input_ids=following, position_ids=(prefix + at)[:, None],
+                           attention_mask=mask[:, None, None], rows=rows, use_cache=False).last_hidden_state
+    for (first, stop), want in zip(packing.spans, want_prompt):
+        assert torch.allclose(got[first:stop], want, atol=1e-5)
+    assert torch.allclose(step[:, 0], torch.stack(want_step), atol=1e-5)
+    assert lm_model.config._attn_implementation not in (shared_attention.NAME, packed_attention.NAME)
 
 
 def test_cache_keyword_follows_the_installed_transformers(model):
