@@ -21,11 +21,12 @@ the generation tasks of a run decode together in one batch of up to 64 rows
 (``edgebuild.bench.decode.generate_groups``); the ``full`` profile runs everything. Few-shot
 prompts cost little beyond their first item: their shared examples are computed once per task
 (``edgebuild.bench.prefix_scoring``). The whole ``reduced`` suite (every core and expert benchmark,
-eudaimonia included) takes about 10 minutes on 2 CPU cores for the default model, of which about
-2.5 are generation. Its log-likelihood half computes about 232,000 tokens without padding (about
-52 TFLOP in float32 linear layers, 4.8 minutes at the 180 GFLOP/s that a large float32 matrix
-product reaches on such a machine), plus the attention of every token to its few-shot prefix, so
-on 2 cores it cannot take much less than that in float32.
+eudaimonia included) takes about 8.5 minutes on 2 CPU cores for the default model, of which about
+2 are generation. Its log-likelihood half computes about 220,000 tokens without padding (about
+46 TFLOP in float32 linear layers, 4.3 minutes at the 180 GFLOP/s that a large float32 matrix
+product reaches on such a machine), plus the attention of every token to its few-shot prefix;
+generation reads all weights, and every row's keys and values, at each step, at the speed of the
+memory. On 2 cores it cannot take much less than that in float32.
 """
 from __future__ import annotations
 
