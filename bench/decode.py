@@ -32,7 +32,7 @@ import torch
 
 from edgebuild.bench import packed_attention, sampling
 from edgebuild.bench.packed_attention import Packing
-from edgebuild.bench.shared_attention import RowCache, Span, use
+from edgebuild.bench.shared_attention import RowCache, use
 
 SUPPORTED = {"do_sample", "temperature", "top_p", "top_k"}
 MIN_PREFIX = 32
@@ -159,20 +159,13 @@ class Decoder:
 
     def step(self) -> None:
         """One new token for every row in the batch."""
-        count = len(self.rows)
         at = torch.tensor([row.length for row in self.rows])
         ids = torch.tensor([[row.new[-1]] for row in self.rows])
-        self.cache.span, self.cache.width = Span(0, count, at.to(self.device)), int(at.max()) + 1
-        allowed = (torch.arange(self.cache.width)[None, :] <= at[:, None])[:, None]
-        hidden = self._forward(ids, (self.cache.lengths(count) + at)[:, None], allowed)
+        mask = self.cache.plan(at, self.dtype, self.device)
+        positions = (self.cache.lengths(len(self.rows)) + at)[:, None]
+        hidden = self.decoder(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                              attention_mask=mask, rows=self.cache, use_cache=False).last_hidden_state
         self._append(0, self._logits(hidden[:, -1]))
-
-    def _forward(self, ids, positions, allowed) -> torch.Tensor:
-        mask = torch.zeros(allowed.shape, dtype=self.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return self.decoder(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                            attention_mask=mask[:, None].to(self.device), rows=self.cache,
-                            use_cache=False).last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()

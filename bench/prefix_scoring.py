@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from edgebuild.bench import packed_attention
+from edgebuild.bench import packed_attention, softmax
 from edgebuild.bench.packed_attention import Packing
 from edgebuild.core.models import returned_cache
 
@@ -243,7 +243,7 @@ class PackedScorer:
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             top, best[start:start + len(logits)] = logits.max(dim=-1)
-            norm = (logits - top[:, None]).exp_().sum(dim=-1).log_() + top
+            norm = softmax.exp_(logits - top[:, None]).sum(dim=-1).log_() + top
             mine = ((inverse >= start) & (inverse < start + len(logits))).nonzero()[:, 0]
             local = inverse[mine] - start
             picked[mine] = logits[local, tokens[mine]] - norm[local]

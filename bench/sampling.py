@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from edgebuild.bench import softmax
+
 CANDIDATES = 256
 
 
@@ -45,7 +47,7 @@ def nucleus(logits: torch.Tensor, top_p: float | None,
     k = vocab if top_p is None else min(candidates, vocab)
     logits = logits.float()
     top, tokens = logits.topk(k, dim=-1) if k < vocab else logits.sort(dim=-1, descending=True)
-    probs = (top - logits.logsumexp(dim=-1, keepdim=True)).exp_()
+    probs = (top - softmax.logsumexp(logits, dim=-1, keepdim=True)).exp_()
     if top_p is None:
         return probs, tokens
     above = probs.cumsum(dim=-1) - probs          # mass of the candidates above each one

@@ -13,7 +13,11 @@ which switches a model to it for a block) attends to
   head over all its rows and query heads at once (nothing is copied), and
 - each row's own keys and values, which ``RowCache`` keeps in preallocated per-layer buffers:
   a decoding step writes its new keys/values there (at each row's own length) and attends to
-  the stored ones under the additive mask it is given (``[rows, 1, 1, stored keys]``),
+  the stored ones under the additive mask it is given (``[rows, 1, 1, block]``). Rows admitted
+  at different times have very different lengths; a step reads every row's buffer up to a
+  common ``block`` of positions in place, and only the rows that run past it have their
+  remaining positions gathered (``RowCache.plan`` picks the block: reading every row up to the
+  longest one read twice the keys that exist in the suite's generation),
 
 combined in one softmax. A forward pass without ``rows=`` (a ``RowCache``) runs PyTorch's
 scaled-dot-product attention, as the model had. Callers pass ``position_ids`` (rows start
@@ -26,6 +30,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from edgebuild.bench import softmax
 
 NAME = "edgebuild_shared_prefix"
 
@@ -40,11 +46,40 @@ class Span:
     at: torch.Tensor
 
 
+@dataclass
+class Tail:
+    """The rows of a step (``slots``, in span order) whose stored keys run past the common block,
+    and their additive mask ``[rows, 1, 1, width - block]`` over positions ``block...width-1``."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor
+
+
+GATHER_COST = 3     # a gathered key position costs about this many read in place (copy, then read)
+
+
+def split(lengths: list[int]) -> int:
+    """The common block for rows of ``lengths`` stored positions: the width that minimises the
+    positions read in place by every row plus, at ``GATHER_COST`` each, the gathered positions
+    of the rows that are longer (the longest row's width when no block reads less)."""
+    longest, count = max(lengths), len(lengths)
+    best, block = count * longest, longest
+    ordered = sorted(lengths, reverse=True)
+    for longer, width in enumerate(ordered[1:], start=1):
+        if width == ordered[longer - 1]:
+            continue
+        cost = count * width + GATHER_COST * longer * (longest - width)
+        if cost < best:
+            best, block = cost, width
+    return block
+
+
 class RowCache:
     """Keys and values of up to ``capacity`` rows, in slots ``0..capacity-1``, for every layer,
     each row after one of the shared ``prefixes`` (per prefix ``[(keys, values)]`` per layer,
     each ``[1, kv heads, prefix, dim]``, or None: no prefix). ``owner[slot]`` is the prefix of
-    the row in that slot. The caller sets ``span`` and ``width`` before each decoding step."""
+    the row in that slot. ``plan`` sets ``span``, ``width``, ``block`` and ``tail`` before each
+    decoding step."""
 
     def __init__(self, capacity: int, prefixes: list):
         self.capacity = capacity
@@ -54,6 +89,19 @@ class RowCache:
         self.values: dict[int, torch.Tensor] = {}
         self.span: Span | None = None
         self.width = 0          # stored positions the current step attends to
+        self.block = 0          # of which every row reads this many in place
+        self.tail: Tail | None = None
+
+    def plan(self, at: torch.Tensor, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        """Set up a decoding step of the rows in slots ``0..len(at)-1``, whose new tokens go to
+        positions ``at``; return their additive mask ``[rows, 1, 1, block]`` over the block."""
+        lengths = (at + 1).tolist()
+        self.span = Span(0, len(lengths), at.to(device))
+        self.width, self.block = max(lengths), split(lengths)
+        longer = torch.tensor([i for i, length in enumerate(lengths) if length > self.block], dtype=torch.long)
+        self.tail = None if not len(longer) else Tail(
+            longer.to(device), _mask(torch.arange(self.block, self.width), at[longer], dtype).to(device))
+        return _mask(torch.arange(self.block), at, dtype).to(device)
 
     def prefix_length(self, prefix: int) -> int:
         layers = self.prefixes[prefix]
@@ -86,15 +134,19 @@ class RowCache:
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         """Store the span's new ``key``/``value`` (``[rows, kv heads, 1, dim]``); return the
-        stored keys and values it attends to, as ``[rows * kv heads, width, dim]`` views."""
+        stored keys and values it attends to: the block, as ``[rows * kv heads, block, dim]``
+        views, and the tail rows' positions past it (gathered) or None."""
         span = self.span
         keys, values = self._buffers(layer, key, self.width)
         rows = slice(span.start, span.stop)
         index = torch.arange(span.start, span.stop, device=key.device)
         keys[index, :, span.at], values[index, :, span.at] = key[:, :, 0], value[:, :, 0]
-        count = (span.stop - span.start) * key.shape[1]
-        shape = (count, self.width, key.shape[3])
-        return (keys[rows, :, :self.width].reshape(shape), values[rows, :, :self.width].reshape(shape))
+        block = (keys[rows, :, :self.block], values[rows, :, :self.block])
+        tail = None
+        if self.tail is not None:
+            slots = self.tail.slots + span.start
+            tail = tuple(stored[:, :, self.block:self.width].index_select(0, slots) for stored in (keys, values))
+        return tuple(_flat(stored) for stored in block), tail and tuple(_flat(stored) for stored in tail)
 
     def keep(self, layer: int, key: torch.Tensor, value: torch.Tensor, *, start: int,
              spans: list[tuple[int, int]]) -> None:
@@ -125,33 +177,65 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
                                       dropout=dropout, **kwargs)
     if query.shape[2] != 1:
         raise ValueError("a RowCache takes one new token per row; prompts enter through RowCache.keep")
-    own_keys, own_values = rows.update(module.layer_idx, key, value)
-    return _step(module, query, own_keys, own_values, attention_mask, scaling, rows), None
+    block, tail = rows.update(module.layer_idx, key, value)
+    return _step(module, query, block, tail, attention_mask, scaling, rows), None
 
 
-def _step(module, query, own_keys, own_values, attention_mask, scaling: float, rows: RowCache):
-    """One new token per row: its attention over its prefix, in place, and its stored keys."""
-    count, heads, length, dim = query.shape
-    kv_heads = own_keys.shape[0] // count
-    groups = heads // kv_heads
-    q = query.reshape(count * kv_heads, groups, dim)
-    own = torch.bmm(q, own_keys.transpose(1, 2)).mul_(scaling)
-    own = own.view(count, kv_heads, groups, -1).add_(attention_mask)     # mask [count, 1, 1, keys]
-    top = own.amax(-1, keepdim=True)
-    shared = [(slots, _prefix_scores(q.view(count, kv_heads, groups, dim)[slots],
-                                     rows.prefixes[prefix][module.layer_idx][0], scaling), prefix)
-              for prefix, slots in rows.groups(count)]
-    for slots, scores, _ in shared:
+def _step(module, query, block, tail, attention_mask, scaling: float, rows: RowCache):
+    """One new token per row: one softmax over its prefix (in place), its stored keys in the
+    block (in place) and, for a tail row, its stored keys past the block."""
+    count, heads, _, dim = query.shape
+    kv_heads = block[0].shape[0] // count
+    q = query.reshape(count, kv_heads, heads // kv_heads, dim)
+    everyone = slice(None)
+    parts = [(everyone, _row_scores(q, block[0], attention_mask, scaling), block[1], _row_values)]
+    if tail is not None:
+        slots = rows.tail.slots
+        parts.append((slots, _row_scores(q[slots], tail[0], rows.tail.mask, scaling), tail[1], _row_values))
+    for prefix, slots in rows.groups(count):
+        keys, values = rows.prefixes[prefix][module.layer_idx]
+        parts.append((slots, _prefix_scores(q[slots], keys, scaling), values, _prefix_values))
+    return _softmax(parts, q).reshape(count, 1, heads, dim)
+
+
+def _softmax(parts: list, q: torch.Tensor) -> torch.Tensor:
+    """``[rows, kv heads, groups, dim]``: softmax attention over the union of ``parts``, each
+    ``(rows, scores, values, apply)`` (``apply(weights, values)`` gives their weighted sum)."""
+    top = parts[0][1].amax(-1, keepdim=True)
+    for slots, scores, _, _ in parts[1:]:
         top[slots] = torch.maximum(top[slots], scores.amax(-1, keepdim=True))
-    own = own.sub_(top).exp_()
-    total = own.sum(-1, keepdim=True)
-    out = torch.bmm(own.view(count * kv_heads, groups, -1), own_values).view(count, kv_heads, groups, dim)
-    for slots, scores, prefix in shared:
-        weights = (scores - top[slots]).exp_()
+    total, out = torch.zeros_like(top), torch.zeros_like(q)
+    for slots, scores, values, apply in parts:
+        weights = softmax.exp_(scores.sub_(top[slots]))
         total[slots] += weights.sum(-1, keepdim=True)
-        out[slots] += _prefix_values(weights, rows.prefixes[prefix][module.layer_idx][1])
-    out /= total
-    return out.reshape(count, 1, heads, dim)
+        out[slots] += apply(weights, values)
+    return out.div_(total)
+
+
+def _row_scores(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Scores ``[rows, kv heads, groups, keys]`` of queries ``[rows, kv heads, groups, dim]``
+    against each row's own keys ``[rows * kv heads, keys, dim]``, masked (``[rows, 1, 1, keys]``)."""
+    count, kv_heads, groups, dim = q.shape
+    scores = torch.bmm(q.reshape(count * kv_heads, groups, dim), keys.transpose(1, 2)).mul_(scaling)
+    return scores.view(count, kv_heads, groups, -1).add_(mask)
+
+
+def _row_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``weights [rows, kv heads, groups, keys]`` applied to each row's own values."""
+    count, kv_heads, groups, width = weights.shape
+    return torch.bmm(weights.reshape(count * kv_heads, groups, width), values).view(count, kv_heads, groups, -1)
+
+
+def _flat(stored: torch.Tensor) -> torch.Tensor:
+    """``[rows, kv heads, positions, dim]`` as ``[rows * kv heads, positions, dim]`` (a view
+    where the layout allows)."""
+    return stored.reshape(-1, stored.shape[2], stored.shape[3])
+
+
+def _mask(positions: torch.Tensor, at: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive mask ``[rows, 1, 1, positions]``: a row sees the stored positions up to its ``at``."""
+    allowed = positions[None, :] <= at[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None, None]
 
 
 def _prefix_scores(q: torch.Tensor, prefix_keys: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -340,8 +340,9 @@ def test_groups_decode_together_as_each_group_alone(model, monkeypatch):
 
 def test_prompt_pass_and_step_over_a_shared_prefix_equal_the_plain_cache_path(model):
     """Prompts of several lengths laid end to end after a shared prefix, their keys kept in a
-    RowCache, then one decoding step attending to the prefix in place: the hidden states of
-    each row run alone over an expanded cache."""
+    RowCache, then one decoding step attending to the prefix in place and to the long row's
+    positions past the common block gathered: the hidden states of each row run alone over an
+    expanded cache."""
     import functools
 
     from edgebuild.bench import packed_attention, shared_attention
@@ -351,7 +352,7 @@ def test_prompt_pass_and_step_over_a_shared_prefix_equal_the_plain_cache_path(mo
     lm_model, _ = model
     decoder = lm_model.get_decoder()
     torch.manual_seed(1)
-    prefix, lengths = 40, [9, 4, 7]
+    prefix, lengths = 40, [30, 4, 7, 5]
     layers = prefix_cache(decoder, torch.randint(10, 4000, (prefix,)).tolist(), "cpu")
     prompts = [torch.randint(10, 4000, (n,)).tolist() for n in lengths]
     following = torch.randint(10, 4000, (len(prompts), 1))
@@ -372,17 +373,27 @@ def test_prompt_pass_and_step_over_a_shared_prefix_equal_the_plain_cache_path(mo
             got = decoder(input_ids=torch.tensor([sum(prompts, [])]),
                           position_ids=torch.tensor([[prefix + i for p in prompts for i in range(len(p))]]),
                           packing=packing, use_cache=False).last_hidden_state[0]
-        at = torch.tensor(lengths)
-        rows.span, rows.width = shared_attention.Span(0, len(prompts), at), max(lengths) + 1
-        allowed = torch.arange(rows.width)[None, :] <= at[:, None]
-        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        mask = rows.plan(torch.tensor(lengths))
+        assert rows.tail is not None and rows.block < rows.width   # one row runs past the block
         with shared_attention.use(lm_model):
-            step = decoder(input_ids=following, position_ids=(prefix + at)[:, None],
-                           attention_mask=mask[:, None, None], rows=rows, use_cache=False).last_hidden_state
+            step = decoder(input_ids=following, position_ids=(prefix + torch.tensor(lengths))[:, None],
+                           attention_mask=mask, rows=rows, use_cache=False).last_hidden_state
     for (first, stop), want in zip(packing.spans, want_prompt):
         assert torch.allclose(got[first:stop], want, atol=1e-5)
     assert torch.allclose(step[:, 0], torch.stack(want_step), atol=1e-5)
     assert lm_model.config._attn_implementation not in (shared_attention.NAME, packed_attention.NAME)
+
+
+@pytest.mark.parametrize("lengths, block", [([10, 5, 8], 10), ([31, 5, 8, 6], 8), ([7], 7),
+                                            ([40, 39, 5, 5, 5, 5, 5, 5], 5), ([9, 9, 9], 9)])
+def test_the_block_reads_fewest_positions(lengths, block):
+    """Rows far longer than the rest read their extra positions gathered; similar rows share one
+    block as long as the longest."""
+    from edgebuild.bench.shared_attention import GATHER_COST, split
+
+    assert split(lengths) == block
+    cost = lambda b: len(lengths) * b + GATHER_COST * sum(n > b for n in lengths) * (max(lengths) - b)  # noqa: E731
+    assert all(cost(block) <= cost(b) for b in lengths)
 
 
 def test_cache_keyword_follows_the_installed_transformers(model):
