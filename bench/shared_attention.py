@@ -141,12 +141,12 @@ class RowCache:
         rows = slice(span.start, span.stop)
         index = torch.arange(span.start, span.stop, device=key.device)
         keys[index, :, span.at], values[index, :, span.at] = key[:, :, 0], value[:, :, 0]
-        block = (keys[rows, :, :self.block], values[rows, :, :self.block])
-        tail = None
-        if self.tail is not None:
-            slots = self.tail.slots + span.start
-            tail = tuple(stored[:, :, self.block:self.width].index_select(0, slots) for stored in (keys, values))
-        return tuple(_flat(stored) for stored in block), tail and tuple(_flat(stored) for stored in tail)
+        block = tuple(_flat(stored[rows, :, :self.block]) for stored in (keys, values))
+        if self.tail is None:
+            return block, None
+        slots = self.tail.slots + span.start
+        return block, tuple(_flat(stored[:, :, self.block:self.width].index_select(0, slots))
+                            for stored in (keys, values))
 
     def keep(self, layer: int, key: torch.Tensor, value: torch.Tensor, *, start: int,
              spans: list[tuple[int, int]]) -> None:

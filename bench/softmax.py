@@ -5,7 +5,8 @@ where the result falls under the smallest normal float32 (1.2e-38) or to zero, a
 slower for -inf: masked attention positions, tokens far below the best one and top-k-filtered
 logits all land there. ``exp_`` raises such arguments to ``FLOOR`` first. A raised term is at
 most 1.6e-38, so in a softmax sum, which holds a term of 1 (the maximum), it is below float32
-rounding: sums, log-sum-exps and attention outputs come out as before (the tests compare them).
+rounding: sums and log-sum-exps equal torch's (``tests/test_softmax.py``), and attention outputs
+those of the plain cache path.
 """
 from __future__ import annotations
 
