@@ -20,13 +20,16 @@ at a time on 2 cores, every step reading all of its weights, so generation sampl
 the generation tasks of a run decode together in one batch of up to 64 rows
 (``edgebuild.bench.decode.generate_groups``); the ``full`` profile runs everything. Few-shot
 prompts cost little beyond their first item: their shared examples are computed once per task
-(``edgebuild.bench.prefix_scoring``). The whole ``reduced`` suite (every core and expert benchmark,
-eudaimonia included) takes about 8.5 minutes on 2 CPU cores for the default model, of which about
-2 are generation. Its log-likelihood half computes about 220,000 tokens without padding (about
-46 TFLOP in float32 linear layers, 4.3 minutes at the 180 GFLOP/s that a large float32 matrix
-product reaches on such a machine), plus the attention of every token to its few-shot prefix;
-generation reads all weights, and every row's keys and values, at each step, at the speed of the
-memory. On 2 cores it cannot take much less than that in float32.
+(``edgebuild.bench.prefix_scoring``).
+
+The whole ``reduced`` suite (every core and expert benchmark, eudaimonia included) takes 7.5 to 10
+minutes on 2 CPU cores for the default model, depending on the machine: about 7 min 20 s where a
+2048-row float32 matrix product runs at 227 GFLOP/s, 9 to 10 minutes where it runs at 180-190.
+About 1.5 minutes of it are generation. Its log-likelihood half computes about 220,000 tokens
+without padding (about 46 TFLOP in float32 linear layers: 3.4 minutes at 227 GFLOP/s), plus the
+attention of every token to its few-shot prefix. Each generation step multiplies at most 64 rows
+by all the weights, where the matrix products run at about half that rate, and reads every row's
+keys and values. On 2 cores it cannot take much less than that in float32.
 """
 from __future__ import annotations
 
