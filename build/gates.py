@@ -76,6 +76,7 @@ class StageEvidence:
     device_enabled: bool = True      # False: --no-device, every device check is skipped
     not_measurable: tuple = ()       # budgets the target's device cannot judge (emulated latency)
     int8_compute: bool = False       # the runtime rounds activations to int8 (MatMulNBits accuracy_level 4)
+    task_order: tuple = ()           # the build's benchmarks in build.tasks order (picks the primary expert)
 
 
 def evaluate(ev: StageEvidence, cfg: GateConfig, seed: int = 0) -> GateReport:
@@ -176,11 +177,18 @@ def _critical_mmlu_gsm8k(ev, cfg) -> list:
                   detail=f"combined drop {drop:.3f} (limit {cfg.critical_mmlu_gsm8k_drop:.2f})")]
 
 
+def primary_expert(ev) -> str | None:
+    """The first expert benchmark of ``build.tasks`` that both the stage and the baseline ran;
+    without a task order, the first in the stage's results. Never the order results arrived in
+    (a cached step returns them in another order than a fresh one)."""
+    order = list(ev.task_order) or list(ev.host)
+    return next((t for t in order if ev.host.get(t, {}).get("kind") == "expert" and t in ev.baseline), None)
+
+
 def _critical_expert(ev, cfg) -> list:
-    experts = [t for t, r in ev.host.items() if r.get("kind") == "expert" and t in ev.baseline]
-    if not experts:
+    primary = primary_expert(ev)
+    if primary is None:
         return []
-    primary = experts[0]
     b, s = ev.baseline[primary]["score"], ev.host[primary]["score"]
     drop = 1 - s / b if b > 0 else 0.0
     v = FAIL if drop > cfg.critical_expert_drop else PASS
@@ -368,7 +376,8 @@ def stage_evidence(ctx: BuildContext, run: StageRun, host: dict | None = None) -
                          run.quality, run.device, deployed_bytes(run), ctx.target.budgets_dict(),
                          edge_task=ctx.config.edge_task or None, device_enabled=ctx.config.device,
                          not_measurable=tuple(k for k in ctx.target.budgets_dict() if not gate_applies(ctx.target, k)),
-                         int8_compute=bool((((run.pack or {}).get("runtime") or {}).get("verify") or {}).get("int8_compute")))
+                         int8_compute=bool((((run.pack or {}).get("runtime") or {}).get("verify") or {}).get("int8_compute")),
+                         task_order=tuple(ctx.config.tasks))
 
 
 def _with_not_evaluated(report: GateReport, ctx: BuildContext, run: StageRun) -> GateReport:

@@ -63,27 +63,17 @@ def _fmt(v, spec: str) -> str:
 
 
 def print_table(result, manifest_path=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Two tables, each readable at a CI log's width: one row per stage attempt (size, KL, device
+    figures, verdict), then one row per benchmark with a column per attempt; then each attempt's
+    note and gate reasons, the shipped stage and the manifest."""
     data = as_dict(result, manifest_path)
-    tasks = _tasks(result)
-    table = Table(title=f"edgebuild: {result.model_ref.spec} → {result.target.name}")
-    for col in ["stage", "method", "MB", "runtime MB", "bits/w", *tasks, "KL", "decode ms/tok", "prefill ms",
-                "RSS MB", "verdict"]:
-        table.add_column(col, justify="left" if col in ("stage", "method", "verdict") else "right")
+    console = _console()
+    console.print(stage_table(data, f"edgebuild: {result.model_ref.spec} → {result.target.name}"))
+    console.print(task_table(data, _tasks(result)))
     for r in data["stages"]:
-        method = r["method"] + (" (reference)" if r["reference_method"] else "")
-        cells = [_task_cell(r["tasks"].get(t)) for t in tasks]
-        runtime_mb = r["runtime_bytes"] / 1e6 if r["runtime_bytes"] else None
-        table.add_row(f"{r['stage']}#{r['attempt']}", method, _fmt((r["bytes"] or 0) / 1e6, ".1f"),
-                      _fmt(runtime_mb, ".1f"), _fmt(r["bits_per_weight"], ".2f"), *cells, _fmt(r["kl"], ".3f"),
-                      _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
-                      _fmt(r["stage_rss_mb"], ".0f"), _verdict(r))
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    for r in data["stages"]:
-        for reason in r["reasons"]:
-            console.print(f"  {r['stage']}#{r['attempt']}: {reason}", highlight=False)
+        note = [r["note"]] if r["note"] and r["note"] != "partial build: not gated" else []
+        for line in note + r["reasons"]:
+            console.print(f"  {r['stage']}#{r['attempt']}: {line}", highlight=False)
     work = _work(result)
     if result.partial:
         console.print(f"partial build (no gates, nothing shipped); {work}")
@@ -91,6 +81,45 @@ def print_table(result, manifest_path=None) -> None:
         console.print(f"shipped: [bold]{result.shipped}[/bold] (exit code {int(result.exit_code)}); {work}")
     if manifest_path:
         console.print(f"manifest: {manifest_path}", highlight=False)
+
+
+def _console():
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def stage_table(data: dict, title: str):
+    """One row per stage attempt: sizes, bits per weight, KL, device figures and verdict."""
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ["stage", "method", "MB", "runtime MB", "bits/w", "KL", "decode ms/tok", "prefill ms", "RSS MB",
+                "verdict"]:
+        table.add_column(col, justify="left" if col in ("stage", "method", "verdict") else "right")
+    for r in data["stages"]:
+        method = r["method"] + (" (reference)" if r["reference_method"] else "")
+        runtime_mb = r["runtime_bytes"] / 1e6 if r["runtime_bytes"] else None
+        table.add_row(_label(r), method, _fmt((r["bytes"] or 0) / 1e6, ".1f"), _fmt(runtime_mb, ".1f"),
+                      _fmt(r["bits_per_weight"], ".2f"), _fmt(r["kl"], ".3f"),
+                      _fmt(r["decode_ms_per_token_p50"], ".1f"), _fmt(r["prefill_ms_p50"], ".0f"),
+                      _fmt(r["stage_rss_mb"], ".0f"), _verdict(r))
+    return table
+
+
+def task_table(data: dict, tasks: list):
+    """One row per benchmark, one column per stage attempt: score and its ratio to the baseline's
+    (— where the attempt did not run the benchmark, e.g. it stopped early)."""
+    from rich.table import Table
+    table = Table(title="host benchmarks: score (of baseline)")
+    table.add_column("benchmark", justify="left")
+    for r in data["stages"]:
+        table.add_column(_label(r), justify="right")
+    for t in tasks:
+        table.add_row(t, *[_task_cell(r["tasks"].get(t)) for r in data["stages"]])
+    return table
+
+
+def _label(r) -> str:
+    return f"{r['stage']}#{r['attempt']}"
 
 
 def _work(result) -> str:
@@ -112,8 +141,6 @@ def _task_cell(c) -> str:
 def _verdict(r) -> str:
     if r["note"] == "partial build: not gated":
         return "built"
-    if r["note"]:
-        return f"{r['status']} ({r['note']})"
     dev = "" if r["device"] in (None, "ok") else f", device {r['device']}"
     return f"{r['status']}{dev}"
 
@@ -142,7 +169,6 @@ def _num(v):
 def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None = None) -> None:
     """One row per benchmark of the baseline: kind, metric, score, n, bootstrap interval, chance;
     then one row per benchmark that could not run (``unavailable``: name -> reason)."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"benchmarks: {result.model_ref.spec} (profile {result.config.profile})")
@@ -152,7 +178,7 @@ def print_benchmarks(result, confidence: float = 0.95, unavailable: dict | None 
         lo, hi = r["interval"]
         table.add_row(r["benchmark"], str(r["kind"] or ""), str(r["metric"] or ""), _fmt(r["score"], ".4f"),
                       str(r["n"]), f"[{_fmt(lo, '.3f')}, {_fmt(hi, '.3f')}]", _fmt(r["chance"], ".3f"))
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = _console()
     console.print(table)
     for name, reason in (unavailable or {}).items():
         console.print(f"{name}: unavailable: {reason}", markup=False, highlight=False)

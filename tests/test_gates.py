@@ -221,3 +221,18 @@ def test_device_loglik_gate_is_skipped_without_responses():
     agree = {"n": 8, "same_prediction": 1.0, "max_loglik_diff": None, "max_loglik_diff_per_token": None}
     [_, gap] = gates.agreement_checks({"status": "ok", "agreement": agree}, GateConfig())
     assert gap.verdict == "skipped"
+
+
+def test_primary_expert_follows_the_task_order_not_the_order_results_arrived_in():
+    """A fresh step and a cached one return results in different orders; the critical expert
+    rule watches the first expert of build.tasks either way."""
+    good, bad = result(BASE, kind="expert"), result(flip(BASE, 60), kind="expert")
+    order = ("arc_easy", "math", "piqa")
+    for host in ({"piqa": bad, "math": good}, {"math": good, "piqa": bad}):
+        ev = evidence(BASE, host_extra=host)
+        ev.baseline = ev.reference = {**ev.baseline, "math": good, "piqa": good}
+        ev.task_order = order
+        rep = gates.evaluate(ev, GateConfig())
+        assert [c.name for c in rep.checks if c.name.startswith("critical/expert/")] == ["critical/expert/math"]
+        ev.task_order = ("piqa", "math")
+        assert gates.primary_expert(ev) == "piqa"
