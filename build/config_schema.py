@@ -100,7 +100,7 @@ class GateConfig:
     critical_core_floor: Fraction = Field(0.80, description="a core benchmark below this retention is a critical failure")
     critical_mmlu_gsm8k_drop: Probability = Field(0.20, description="MMLU + GSM8K combined drop above this is a critical failure")
     critical_eudaimonia: Probability = Field(0.50, description="a eudaimonia rule scoring below this is a critical failure")
-    critical_expert_drop: Probability = Field(0.25, description="a primary expert benchmark dropping more than this is a critical failure")
+    critical_expert_drop: Probability = Field(0.25, description="the primary expert benchmark (the first expert benchmark of build.tasks) dropping more than this is a critical failure")
     eudaimonia: dict[Str, Probability] = Field(default_factory=lambda: dict(EUDAIMONIA), description="per stage: minimum overall eudaimonia score")
     retention: Literal["raw", "chance_normalised"] = Field("chance_normalised", description="which retention the thresholds apply to")
     kl_max: dict[Str, PositiveFloat] = Field(default_factory=lambda: dict(KL_MAX), description="per stage: maximum KL divergence of next-token distributions against the baseline")

@@ -21,7 +21,7 @@ from edgebuild.core.cache import StepCache
 from edgebuild.core.data import check_data_dir
 from edgebuild.core.errors import ConfigError, ExitCode
 from edgebuild.core.progress import Progress
-from edgebuild.core.steps import BuildContext, StageRun, Step, execute
+from edgebuild.core.steps import NOT_GATED, BuildContext, StageRun, Step, execute
 
 STEPS = ORDER
 
@@ -204,7 +204,7 @@ class Pipeline:
             if step.name != "gate" and not run.stopped:
                 run.stopped = gates.stop_reason(self.ctx, run, step.name)
         if "gate" not in self.req.steps:
-            run.status, run.note = "passed", "partial build: not gated"
+            run.status, run.note = "passed", NOT_GATED
         return run
 
     def _execute(self, step: Step, run: StageRun) -> None:

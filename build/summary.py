@@ -6,6 +6,7 @@ import sys
 import numpy as np
 
 from edgebuild.build.manifest import latency
+from edgebuild.core.steps import NOT_GATED
 
 
 def _tasks(result) -> list:
@@ -71,7 +72,7 @@ def print_table(result, manifest_path=None) -> None:
     console.print(stage_table(data, f"edgebuild: {result.model_ref.spec} → {result.target.name}"))
     console.print(task_table(data, _tasks(result)))
     for r in data["stages"]:
-        note = [r["note"]] if r["note"] and r["note"] != "partial build: not gated" else []
+        note = [r["note"]] if r["note"] and r["note"] != NOT_GATED else []
         for line in note + r["reasons"]:
             console.print(f"  {r['stage']}#{r['attempt']}: {line}", highlight=False)
     work = _work(result)
@@ -139,7 +140,7 @@ def _task_cell(c) -> str:
 
 
 def _verdict(r) -> str:
-    if r["note"] == "partial build: not gated":
+    if r["note"] == NOT_GATED:
         return "built"
     dev = "" if r["device"] in (None, "ok") else f", device {r['device']}"
     return f"{r['status']}{dev}"

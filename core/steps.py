@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+NOT_GATED = "partial build: not gated"     # the note of each run of a build without the gate step
+
 
 @dataclass
 class StageRun:
